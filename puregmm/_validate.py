@@ -1,0 +1,153 @@
+"""Input checks for the public entry points.
+
+Kernels (``log_prob``, ``loss``, ``step``, ``em_step``) call only the shape checks, which read
+static shapes and so work under ``vmap`` and ``torch.compile(fullgraph=True)``. Value checks
+(NaN/Inf, positivity) run eagerly in ``fit``, ``init``, ``init_state`` and ``from_moments``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from puregmm.families import Family
+    from puregmm.params import GMMParams
+
+
+def as_float_tensor(x: Any, name: str, dtype: torch.dtype | None = None) -> Tensor:
+    """``x`` as a floating tensor; integer and bool data become the default float dtype."""
+    if isinstance(x, Tensor):
+        t = x
+    elif isinstance(x, (np.ndarray, list, tuple, float, int)) or hasattr(x, "__array__"):
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be numeric array-like; got {type(x).__name__}") from err
+    else:
+        raise TypeError(f"{name} must be a tensor or array-like; got {type(x).__name__}")
+    if t.is_complex() or not (t.is_floating_point() or t.dtype in _INTEGER_DTYPES):
+        raise TypeError(f"{name} must hold real numbers; got dtype {t.dtype}")
+    if dtype is not None:
+        return t.to(dtype)
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+_INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def data(x: Any, name: str = "x", dtype: torch.dtype | None = None) -> Tensor:
+    """Checked 2-D, non-empty, finite float data [N, D]."""
+    t = as_float_tensor(x, name, dtype)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, D]; got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty; got shape {tuple(t.shape)}")
+    finite(t, name)
+    return t
+
+
+def finite(t: Tensor, name: str) -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.reshape(t.shape[0], -1).any(-1)).flatten()[:5].tolist() if t.dim() else []
+        where = f" (first bad rows: {rows})" if rows else ""
+        raise ValueError(f"{name} contains NaN or Inf{where}; drop or impute those values first")
+
+
+def n_components(k: Any, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"n_components must be an int; got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"n_components must be >= 1; got {k}")
+    if k > n:
+        raise ValueError(f"n_components={k} is more than the number of samples N={n}")
+    return int(k)
+
+
+def data_shape(params: GMMParams, x: Tensor, name: str = "x") -> None:
+    """Shape check used inside kernels: x [..., N, D] with the params' D and dtype."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be [N, D] (2-D); got shape {tuple(x.shape)}")
+    if x.shape[-1] != params.dim:
+        raise ValueError(
+            f"{name} has dimension D={x.shape[-1]} but the params have D={params.dim}; "
+            f"got {name} of shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point; got {x.dtype} (convert with x.to(params.dtype))")
+
+
+def sample_weight(w: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Checked non-negative finite weights [N], not all zero."""
+    t = as_float_tensor(w, "sample_weight").to(dtype=dtype, device=device)
+    if t.shape != (n,):
+        raise ValueError(f"sample_weight must have shape ({n},) to match x; got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("sample_weight contains NaN or Inf")
+    if bool((t < 0).any()):
+        raise ValueError("sample_weight must be non-negative; got negative entries")
+    if not bool((t > 0).any()):
+        raise ValueError("sample_weight is all zero; at least one sample needs positive weight")
+    return t
+
+
+def key(k: Any) -> Tensor:
+    """A key as a 0-d int64 tensor."""
+    if isinstance(k, Tensor):
+        if k.dtype != torch.int64 or k.dim() != 0:
+            raise TypeError(f"key must be an int or a 0-d int64 tensor; got {k.dtype} of shape {tuple(k.shape)}")
+        return k
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"key must be an int or a 0-d int64 tensor; got {type(k).__name__}")
+    return torch.tensor(int(k), dtype=torch.int64)
+
+
+def moments(weights: Any, means: Any, covariances: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked weights [K], means [K, D], covariances [K, D, D] with a common float dtype."""
+    mu = as_float_tensor(means, "means")
+    dtype = mu.dtype
+    w = as_float_tensor(weights, "weights", dtype).to(mu.device)
+    cov = as_float_tensor(covariances, "covariances", dtype).to(mu.device)
+    if mu.dim() != 2:
+        raise ValueError(f"means must be [K, D]; got shape {tuple(mu.shape)}")
+    k, d = mu.shape
+    if w.shape != (k,):
+        raise ValueError(f"weights must be [K]=({k},) to match means; got {tuple(w.shape)}")
+    if cov.shape != (k, d, d):
+        raise ValueError(f"covariances must be [K, D, D]=({k}, {d}, {d}); got {tuple(cov.shape)}")
+    for name, t in (("weights", w), ("means", mu), ("covariances", cov)):
+        finite(t.reshape(len(t), -1), name)
+    if bool((w <= 0).any()):
+        raise ValueError(f"weights must be positive; got {w.tolist()}")
+    if abs(float(w.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"weights must sum to 1 (within 1e-6); they sum to {float(w.sum())!r}")
+    scale = cov.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    if bool(((cov - cov.mT).abs() > 1e-8 * scale).any()):
+        raise ValueError("covariances must be symmetric (within 1e-8 relative)")
+    _, info = torch.linalg.cholesky_ex(cov)
+    if bool((info != 0).any()):
+        bad = torch.nonzero(info).flatten().tolist()
+        raise ValueError(f"covariances must be positive definite; components {bad} are not")
+    return w, mu, cov
+
+
+def covariance_structure(cov: Tensor, spec: Family) -> None:
+    """The covariances have the family's structure, within 1e-8 relative."""
+    scale = cov.abs().amax().clamp_min(torch.finfo(cov.dtype).tiny)
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        return bool(((a - b).abs() <= 1e-8 * scale).all())
+
+    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
+    if spec.scale_ndim < 2 and not close(cov, torch.diag_embed(diag)):
+        raise ValueError(f"family {spec.name!r} needs diagonal covariances; got off-diagonal entries")
+    if spec.scale_ndim == 0 and not close(diag, diag.mean(-1, keepdim=True).expand_as(diag)):
+        raise ValueError(f"family {spec.name!r} needs multiples of the identity; got unequal variances")
+    if not spec.per_component and not close(cov, cov[:1].expand_as(cov)):
+        raise ValueError(f"family {spec.name!r} needs the same covariance for every component")

@@ -1,0 +1,137 @@
+"""Covariance families, one table row each.
+
+Every family stores the precision of each component through an *unconstrained* factor
+``raw`` (the field ``GMMParams.scale``) so that any real value is a valid covariance:
+
+=========  ===============  ======================================================
+family     ``scale`` shape  precision of component k
+=========  ===============  ======================================================
+full       [K, D, D]        U_k U_kᵀ, U_k = triu(raw_k, 1) + diag(exp(diag raw_k))
+tied       [D, D]           U Uᵀ (the same U for every component)
+diagonal   [K, D]           diag(exp(2 raw_k))
+isotropic  [K]              exp(2 raw_k) · I
+shared     []               exp(2 raw) · I (one variance for all components)
+constant   []               exp(2 raw) · I, fixed: never learned by ``step``/EM
+=========  ===============  ======================================================
+
+U is scikit-learn's ``precisions_cholesky_`` (upper triangular, precision = U Uᵀ), so that
+``(x - μ) @ U`` whitens ``x``. ``raw`` is therefore minus the log standard deviation for the
+scalar and diagonal families.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FAMILIES = ("full", "tied", "diagonal", "isotropic", "shared", "constant")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Static description of one covariance family (see the module table)."""
+
+    name: str
+    scale_ndim: int  # dims of ``raw`` for one component: 2 matrix, 1 vector, 0 scalar
+    per_component: bool  # does ``raw`` carry a leading component axis?
+    learned: bool  # is ``raw`` updated by gradient descent and EM?
+
+    def scale_shape(self, k: int, d: int) -> tuple[int, ...]:
+        own = {2: (d, d), 1: (d,), 0: ()}[self.scale_ndim]
+        return ((k,) if self.per_component else ()) + own
+
+    def per_component_raw(self, raw: Tensor, k: int) -> Tensor:
+        """``raw`` with a leading component axis of length ``k`` (a view, no copy)."""
+        if self.per_component:
+            return raw
+        return raw.unsqueeze(0).expand((k,) + tuple(raw.shape))
+
+    # --- one component: used under ``vmap`` over components -----------------------------
+    def precision_factor(self, raw: Tensor, d: int) -> Tensor:
+        """U of one component as a dense [D, D] upper-triangular matrix."""
+        if self.scale_ndim == 2:
+            return torch.triu(raw, 1) + torch.diag_embed(torch.exp(torch.diagonal(raw)))
+        if self.scale_ndim == 1:
+            return torch.diag_embed(torch.exp(raw))
+        return torch.exp(raw) * torch.eye(d, dtype=raw.dtype, device=raw.device)
+
+    def whiten(self, raw: Tensor, diff: Tensor) -> Tensor:
+        """(x - μ) @ U for rows ``diff`` [N, D] of one component."""
+        if self.scale_ndim == 2:
+            return diff @ self.precision_factor(raw, diff.shape[-1])
+        return diff * torch.exp(raw)
+
+    def half_log_det_precision(self, raw: Tensor, d: int) -> Tensor:
+        """½ log det(precision) = Σ log diag(U) for one component."""
+        if self.scale_ndim == 2:
+            return torch.diagonal(raw).sum()
+        return raw.sum() if self.scale_ndim == 1 else raw * d
+
+    def log_min_variance(self, raw: Tensor) -> Tensor:
+        """A lower bound on log of the smallest variance of one component.
+
+        Exact for the diagonal and scalar families; for full/tied it uses
+        λ_max(UUᵀ) ≤ trace(UUᵀ) = ‖U‖²_F, so it can flag a component whose smallest
+        variance is up to D times the floor.
+        """
+        if self.scale_ndim == 2:
+            u = self.precision_factor(raw, raw.shape[-1])
+            return -torch.log(u.square().sum())
+        return -2.0 * (raw.max() if self.scale_ndim == 1 else raw)
+
+    # --- moments <-> raw (whole parameter, all components) --------------------------------
+    def raw_from_covariances(self, cov: Tensor) -> Tensor:
+        """``raw`` from covariances [K, D, D] already of this family's structure."""
+        if self.scale_ndim == 2:
+            c = cov if self.per_component else cov[0]
+            chol = torch.linalg.cholesky(c)
+            eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device).expand_as(c)
+            u = torch.linalg.solve_triangular(chol, eye, upper=False).mT
+            return torch.triu(u, 1) + torch.diag_embed(torch.log(torch.diagonal(u, dim1=-2, dim2=-1)))
+        var = torch.diagonal(cov, dim1=-2, dim2=-1)  # [K, D]
+        if self.scale_ndim == 1:
+            return -0.5 * torch.log(var)
+        var = var.mean(-1)  # [K]
+        return -0.5 * torch.log(var if self.per_component else var[0])
+
+    def covariances(self, raw: Tensor, k: int, d: int) -> Tensor:
+        """Covariances [K, D, D] from ``raw``."""
+        raw_k = self.per_component_raw(raw, k)
+        if self.scale_ndim == 2:
+            u = torch.triu(raw_k, 1) + torch.diag_embed(torch.exp(torch.diagonal(raw_k, dim1=-2, dim2=-1)))
+            eye = torch.eye(d, dtype=raw.dtype, device=raw.device).expand_as(u)
+            u_inv = torch.linalg.solve_triangular(u, eye, upper=True)
+            return u_inv.mT @ u_inv  # (U Uᵀ)⁻¹ = U⁻ᵀ U⁻¹
+        var = torch.exp(-2.0 * raw_k)
+        if self.scale_ndim == 0:
+            var = var.unsqueeze(-1).expand(k, d)
+        return torch.diag_embed(var)
+
+    def n_scale_parameters(self, k: int, d: int) -> int:
+        """Free covariance parameters (0 for the constant family)."""
+        if not self.learned:
+            return 0
+        per = {2: d * (d + 1) // 2, 1: d, 0: 1}[self.scale_ndim]
+        return per * (k if self.per_component else 1)
+
+
+_TABLE = {
+    "full": Family("full", 2, True, True),
+    "tied": Family("tied", 2, False, True),
+    "diagonal": Family("diagonal", 1, True, True),
+    "isotropic": Family("isotropic", 0, True, True),
+    "shared": Family("shared", 0, False, True),
+    "constant": Family("constant", 0, False, False),
+}
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def get_family(name: object) -> Family:
+    """The :class:`Family` called ``name``; ``ValueError`` listing the choices otherwise."""
+    if not isinstance(name, str) or name not in _TABLE:
+        raise ValueError(f"unknown family {name!r}; choose one of {FAMILIES}")
+    return _TABLE[name]

@@ -1,0 +1,168 @@
+"""Mixture parameters: a frozen dataclass registered as a pytree.
+
+The three tensor leaves are unconstrained (mixture logits, means, the family's precision
+factor ``scale``, see :mod:`puregmm.families`); ``family`` is static pytree metadata, so
+``torch.func.grad``/``vmap`` and ``torch.compile`` see three tensors and a constant string.
+Leaves may carry leading batch dimensions (stacked params for ``vmap`` or batched fits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from puregmm import _validate
+from puregmm.families import Family, get_family
+
+
+@dataclass(frozen=True)
+class GMMParams:
+    """Parameters of a Gaussian mixture with K components in D dimensions.
+
+    Attributes:
+        logits: [..., K] unnormalised log weights (weights = softmax(logits)).
+        means: [..., K, D] component means.
+        scale: the family's unconstrained precision factor (shape in :mod:`puregmm.families`).
+        family: one of :data:`puregmm.FAMILIES`; static, not a tensor leaf.
+    """
+
+    logits: Tensor
+    means: Tensor
+    scale: Tensor
+    family: str = "full"
+
+    @property
+    def spec(self) -> Family:
+        return get_family(self.family)
+
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[-2]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[-1]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.logits.shape[:-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.means.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    def to(self, *args: Any, **kwargs: Any) -> GMMParams:
+        """Move/cast every leaf, as ``Tensor.to`` does (device, dtype or both)."""
+        return pytree.tree_map(lambda t: t.to(*args, **kwargs), self)
+
+    def __repr__(self) -> str:
+        batch = f", batch={list(self.batch_shape)}" if self.batch_shape else ""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"GMMParams(family={self.family!r}, K={self.n_components}, D={self.dim}{batch}, "
+            f"dtype={dtype}, device={self.device})"
+        )
+
+
+def _flatten(p: GMMParams) -> tuple[list[Tensor], str]:
+    return [p.logits, p.means, p.scale], p.family
+
+
+def _unflatten(leaves: Any, family: str) -> GMMParams:
+    logits, means, scale = leaves
+    return GMMParams(logits, means, scale, family)
+
+
+def _flatten_with_keys(p: GMMParams) -> tuple[list[tuple[Any, Tensor]], str]:
+    names = ("logits", "means", "scale")
+    return [(pytree.GetAttrKey(n), getattr(p, n)) for n in names], p.family
+
+
+pytree.register_pytree_node(
+    GMMParams,
+    _flatten,
+    _unflatten,
+    serialized_type_name="puregmm.GMMParams",
+    flatten_with_keys_fn=_flatten_with_keys,
+)
+
+
+def replace(params: GMMParams, **changes: Any) -> GMMParams:
+    """A copy of ``params`` with some fields replaced (``dataclasses.replace``)."""
+    return dataclasses.replace(params, **changes)
+
+
+# --- moments ---------------------------------------------------------------------------------
+
+
+def from_moments(weights: Any, means: Any, covariances: Any, family: str = "full") -> GMMParams:
+    """Params from mixture weights [K], means [K, D] and covariances [K, D, D].
+
+    The covariances must already have the family's structure (diagonal for ``diagonal``,
+    equal across components for ``tied``/``shared``/``constant``, multiples of the identity
+    for ``isotropic``/``shared``/``constant``), within 1e-8 relative.
+
+    Raises:
+        ValueError: weights not positive or not summing to 1 (within 1e-6), covariances not
+            symmetric positive definite or not of the family's structure, or shapes that
+            disagree.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.zeros(2, 3),
+    ...                     torch.eye(3).expand(2, 3, 3), family="isotropic")
+    >>> p
+    GMMParams(family='isotropic', K=2, D=3, dtype=float32, device=cpu)
+    """
+    spec = get_family(family)
+    w, mu, cov = _validate.moments(weights, means, covariances)
+    _validate.covariance_structure(cov, spec)
+    logits = torch.log(w)
+    return GMMParams(logits, mu, spec.raw_from_covariances(cov), family)
+
+
+def weights(params: GMMParams) -> Tensor:
+    """Mixture weights [..., K] (softmax of the logits)."""
+    return torch.softmax(params.logits, dim=-1)
+
+
+def means(params: GMMParams) -> Tensor:
+    """Component means [..., K, D]."""
+    return params.means
+
+
+def covariances(params: GMMParams) -> Tensor:
+    """Component covariances [..., K, D, D], expanded to full matrices for every family."""
+    return _per_batch(params, lambda p: p.spec.covariances(p.scale, p.n_components, p.dim))
+
+
+def precision_cholesky(params: GMMParams) -> Tensor:
+    """Upper factors U [..., K, D, D] with precision = U Uᵀ (scikit-learn's
+    ``precisions_cholesky_``, expanded to full matrices for every family)."""
+
+    def one(p: GMMParams) -> Tensor:
+        raw = p.spec.per_component_raw(p.scale, p.n_components)
+        return torch.func.vmap(lambda r: p.spec.precision_factor(r, p.dim))(raw)
+
+    return _per_batch(params, one)
+
+
+def precisions(params: GMMParams) -> Tensor:
+    """Precision matrices [..., K, D, D] = U Uᵀ."""
+    u = precision_cholesky(params)
+    return u @ u.mT
+
+
+def _per_batch(params: GMMParams, fn: Any) -> Tensor:
+    """Apply ``fn`` to unbatched params, vmapping over any leading batch dimensions."""
+    for _ in params.batch_shape:
+        fn = torch.func.vmap(fn)
+    return fn(params)

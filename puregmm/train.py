@@ -1,0 +1,227 @@
+"""The pure gradient-descent step, with the singularity reset (Bishop PRML p. 433).
+
+``step(state, batch) -> state``: one optimiser update on the mean negative log-likelihood of
+``batch``, then a branch-free check that resets collapsed components. A component collapses
+when its mean sits on a data point and its variance shrinks towards zero: the likelihood
+goes to infinity, the parameters to Inf/NaN. After each update, a component is *bad* when any
+of its parameters is non-finite or its smallest variance fell below ``min_variance`` (which also
+covers a non-finite log-density normaliser). A bad component gets its mean set to a point of the
+batch drawn with ``(key, step, k)``, its covariance set to the batch's per-dimension spread,
+its weight to the mean of the good weights, and its optimiser moments zeroed. The original
+GMMPytorch behaviour (reset every component when any is bad) is ``reset="all"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from puregmm import _validate, keys
+from puregmm.density import loss as nll
+from puregmm.optim import Optimizer, apply_updates
+from puregmm.params import GMMParams
+
+RESETS = ("component", "all")
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Everything one gradient-descent step needs; a pytree (tensors are leaves).
+
+    Attributes:
+        params: current mixture params.
+        opt_state: the optimiser's state (pytree).
+        step: 0-d int64, steps taken.
+        key: 0-d int64, the run's key; randomness is drawn from ``(key, step)``.
+        n_resets: 0-d int64, components reset so far.
+        loss: 0-d, the batch loss at the params *before* the last step (NaN before any).
+        optimizer, min_variance, reset: static settings chosen at :func:`init_state`.
+    """
+
+    params: GMMParams
+    opt_state: Any
+    step: Tensor
+    key: Tensor
+    n_resets: Tensor
+    loss: Tensor
+    optimizer: Optimizer
+    min_variance: float = 1e-6
+    reset: str = "component"
+
+
+_LEAVES = ("params", "opt_state", "step", "key", "n_resets", "loss")
+_STATIC = ("optimizer", "min_variance", "reset")
+
+
+def _flatten(s: TrainState) -> tuple[list[Any], tuple[Any, ...]]:
+    return [getattr(s, f) for f in _LEAVES], tuple(getattr(s, f) for f in _STATIC)
+
+
+def _unflatten(leaves: Any, context: tuple[Any, ...]) -> TrainState:
+    return TrainState(*leaves, *context)
+
+
+def _flatten_with_keys(s: TrainState) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
+    return [(pytree.GetAttrKey(f), getattr(s, f)) for f in _LEAVES], tuple(getattr(s, f) for f in _STATIC)
+
+
+pytree.register_pytree_node(
+    TrainState, _flatten, _unflatten, serialized_type_name="puregmm.TrainState", flatten_with_keys_fn=_flatten_with_keys
+)
+
+
+def default_optimizer() -> Optimizer:
+    """Adam at 0.05 decaying (cosine) to 5e-4 over 2000 steps, then flat.
+
+    Suits standardised data (what :func:`puregmm.fit` feeds ``step``); the schedule depends on
+    the step count only.
+    """
+    from puregmm.optim import adam, cosine_decay
+
+    return adam(cosine_decay(0.05, 2000, alpha=0.01))
+
+
+def init_state(
+    params: GMMParams,
+    optimizer: Optimizer | None = None,
+    *,
+    key: Any = 0,
+    min_variance: float = 1e-6,
+    reset: str = "component",
+) -> TrainState:
+    """A fresh :class:`TrainState` for ``params``.
+
+    Args:
+        params: initial params (checked finite).
+        optimizer: an :class:`Optimizer`; ``None`` gives :func:`default_optimizer`.
+        key: int or 0-d int64 tensor; the source of all randomness in ``step``.
+        min_variance: the variance floor (data units) below which a component is reset.
+        reset: ``"component"`` resets only bad components; ``"all"`` resets every component
+            when any is bad (the original GMMPytorch behaviour).
+    """
+    if not isinstance(params, GMMParams):
+        raise TypeError(f"params must be GMMParams; got {type(params).__name__}")
+    if reset not in RESETS:
+        raise ValueError(f"reset must be one of {RESETS}; got {reset!r}")
+    if not min_variance > 0:
+        raise ValueError(f"min_variance must be positive; got {min_variance!r}")
+    for name in ("logits", "means", "scale"):
+        _validate.finite(getattr(params, name).reshape(1, -1), f"params.{name}")
+    optimizer = default_optimizer() if optimizer is None else optimizer
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a puregmm Optimizer (e.g. pg.adam()); got {type(optimizer).__name__}")
+    zero = torch.zeros((), dtype=torch.int64)
+    nan = torch.full((), float("nan"), dtype=params.dtype, device=params.device)
+    return TrainState(
+        params, optimizer.init(params), zero, _validate.key(key), zero, nan, optimizer, float(min_variance), reset
+    )
+
+
+def step(state: TrainState, batch: Tensor, sample_weight: Tensor | None = None) -> TrainState:
+    """One pure gradient step on the mean NLL of ``batch`` [N, D], then the singularity reset.
+
+    Never mutates its inputs, uses no global RNG, returns identical output for identical input.
+    Works under ``torch.func.vmap`` and ``torch.compile``.
+    """
+    _validate.data_shape(state.params, batch, "batch")
+    grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight)
+    updates, opt_state = state.optimizer.update(grads, state.opt_state, state.params)
+    params = apply_updates(state.params, updates)
+    params, opt_state, n_bad = reset_collapsed(
+        params, opt_state, batch, state.key, state.step, state.min_variance, state.reset
+    )
+    return dataclasses.replace(
+        state, params=params, opt_state=opt_state, step=state.step + 1, n_resets=state.n_resets + n_bad, loss=value
+    )
+
+
+def bad_components(params: GMMParams, min_variance: float) -> tuple[Tensor, Tensor]:
+    """Per-component flags [K] (non-finite or below the floor) and a 0-d flag for ``scale``
+    when it is shared by all components."""
+    spec, k = params.spec, params.n_components
+    log_floor = torch.log(torch.tensor(min_variance, dtype=params.dtype, device=params.device))
+
+    def scale_bad(raw: Tensor) -> Tensor:
+        finite = torch.isfinite(raw).all()
+        safe = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
+        return ~finite | (spec.log_min_variance(safe) < log_floor)
+
+    bad = ~torch.isfinite(params.logits) | ~torch.isfinite(params.means).all(-1)
+    if spec.per_component:
+        return bad | torch.func.vmap(scale_bad)(params.scale), torch.zeros((), dtype=torch.bool)
+    shared_bad = scale_bad(params.scale) if spec.learned else torch.zeros((), dtype=torch.bool)
+    return bad | shared_bad.expand(k), shared_bad
+
+
+def reset_collapsed(
+    params: GMMParams,
+    opt_state: Any,
+    batch: Tensor,
+    key: Tensor,
+    step_count: Tensor,
+    min_variance: float,
+    mode: str = "component",
+) -> tuple[GMMParams, Any, Tensor]:
+    """Reset bad components of ``params`` (and their optimiser moments) branch-free.
+
+    Returns the new params, the new optimiser state and the number of components reset.
+    """
+    spec, k, d = params.spec, params.n_components, params.dim
+    bad, shared_bad = bad_components(params, min_variance)
+    if mode == "all":
+        bad = bad.any().expand(k)
+        shared_bad = shared_bad | bad.any() if not spec.per_component and spec.learned else shared_bad
+    n = batch.shape[0]
+    finite_rows = torch.isfinite(batch).all(-1, keepdim=True)
+    x = torch.where(finite_rows, batch, torch.zeros_like(batch))  # NaN rows cannot poison the reset
+    w = finite_rows.to(x.dtype)
+    count = w.sum().clamp_min(1.0)
+    centre = (x * w).sum(0) / count
+    var = (((x - centre) * w).square().sum(0) / count).clamp_min(min_variance)  # [D]
+    picks = keys.index(key, step_count, torch.arange(k, device=x.device), n=n)  # [K]
+    new_means = torch.index_select(x, 0, picks)  # [K, D]
+    fresh = spec.raw_from_covariances(torch.diag_embed(_family_var(spec, var)).expand(k, d, d))
+
+    good = ~bad
+    log_w = torch.log_softmax(torch.where(good, params.logits, torch.zeros_like(params.logits)), -1)
+    n_good = good.sum().clamp_min(1)
+    mean_good = torch.where(good, log_w, torch.zeros_like(log_w)).sum() / n_good
+    new_logits = torch.where(bad, mean_good.expand(k), torch.where(good, params.logits, torch.zeros_like(params.logits)))
+
+    def mask_for(leaf: str) -> Tensor:
+        if leaf == "scale" and not spec.per_component:
+            return shared_bad
+        return bad
+
+    def fix(name: str, value: Tensor, replacement: Tensor) -> Tensor:
+        m = mask_for(name)
+        m = m.reshape(m.shape + (1,) * (value.dim() - m.dim()))
+        return torch.where(m, replacement, value)
+
+    new = GMMParams(
+        logits=new_logits,
+        means=fix("means", params.means, new_means),
+        scale=fix("scale", params.scale, fresh),
+        family=params.family,
+    )
+
+    def zero_moments(p: GMMParams) -> GMMParams:
+        z = {n: fix(n, getattr(p, n), torch.zeros_like(getattr(p, n))) for n in ("logits", "means", "scale")}
+        return GMMParams(family=p.family, **z)
+
+    opt_state = pytree.tree_map(
+        lambda t: zero_moments(t) if isinstance(t, GMMParams) else t,
+        opt_state,
+        is_leaf=lambda t: isinstance(t, GMMParams),
+    )
+    return new, opt_state, bad.sum()
+
+
+def _family_var(spec: Any, var: Tensor) -> Tensor:
+    """Per-dimension variances [D] cast to the family's structure (scalar families: their mean)."""
+    return var if spec.scale_ndim else var.mean().expand_as(var)
