@@ -14,6 +14,7 @@ GMMPytorch behaviour (reset every component when any is bad) is ``reset="all"``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,11 +76,12 @@ pytree.register_pytree_node(
 )
 
 
+@functools.cache
 def default_optimizer() -> Optimizer:
     """Adam at 0.05 decaying (cosine) to 5e-4 over 2000 steps, then flat.
 
     Suits standardised data (what :func:`puregmm.fit` feeds ``step``); the schedule depends on
-    the step count only.
+    the step count only. One shared instance, so states built separately stack into one pytree.
     """
     from puregmm.optim import adam, cosine_decay
 

@@ -1,0 +1,86 @@
+"""log_prob/loss against scipy, and under torch.func.grad, vmap and torch.compile."""
+
+import numpy as np
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+import puregmm as pg
+from tests.strategies import random_data, random_params
+
+
+def scipy_log_prob(params: pg.GMMParams, x: torch.Tensor) -> np.ndarray:
+    w = pg.weights(params).numpy()
+    mu, cov = pg.means(params).numpy(), pg.covariances(params).numpy()
+    per = [np.log(w[k]) + multivariate_normal(mu[k], cov[k]).logpdf(x.numpy()) for k in range(len(w))]
+    return logsumexp(np.stack(per).reshape(len(w), -1), axis=0)
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+@pytest.mark.parametrize("k,d", [(1, 1), (2, 3), (5, 4)])
+def test_log_prob_matches_scipy(family, k, d):
+    p = random_params(family, k, d, seed=k + d)
+    x = random_data(64, d, seed=3)
+    np.testing.assert_allclose(pg.log_prob(p, x).numpy(), scipy_log_prob(p, x), rtol=1e-8)
+    torch.testing.assert_close(pg.loss(p, x), -pg.log_prob(p, x).mean(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+def test_grad_equals_backward(family):
+    p = random_params(family, 3, 2, seed=5)
+    x = random_data(50, 2, seed=6)
+    g = torch.func.grad(pg.loss)(p, x)
+    leaves = [t.detach().clone().requires_grad_(True) for t in pytree.tree_leaves(p)]
+    pg.loss(pg.GMMParams(*leaves, family=family), x).backward()
+    for got, leaf in zip(pytree.tree_leaves(g), leaves):
+        expected = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad  # constant: no grad
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    if family == "constant":
+        assert torch.all(g.scale == 0), "the constant family's variance must not be learned"
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+def test_vmap_over_stacked_params_equals_loop(family):
+    ps = [random_params(family, 3, 2, seed=s) for s in range(4)]
+    stacked = pytree.tree_map(lambda *t: torch.stack(t), *ps)
+    x = random_data(30, 2)
+    got = torch.func.vmap(pg.loss, in_dims=(0, None))(stacked, x)
+    torch.testing.assert_close(got, torch.stack([pg.loss(p, x) for p in ps]), rtol=1e-12, atol=0)
+    # log_prob also takes the batch dims directly
+    torch.testing.assert_close(pg.log_prob(stacked, x), torch.stack([pg.log_prob(p, x) for p in ps]))
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal", "shared"])
+def test_compiled_loss_and_grad_equal_eager(family):
+    p = random_params(family, 3, 2, seed=7)
+    x = random_data(40, 2)
+    compiled = torch.compile(torch.func.grad_and_value(pg.loss), fullgraph=True)
+    g_c, v_c = compiled(p, x)
+    g_e, v_e = torch.func.grad_and_value(pg.loss)(p, x)
+    torch.testing.assert_close(v_c, v_e, rtol=1e-10, atol=0)
+    for a, b in zip(pytree.tree_leaves(g_c), pytree.tree_leaves(g_e)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_nan_row_gives_nan_for_that_row_only():
+    p = random_params("full", 2, 3)
+    x = random_data(5, 3)
+    x[2, 1] = float("nan")
+    lp = pg.log_prob(p, x)
+    assert torch.isnan(lp[2]) and torch.isfinite(lp[[0, 1, 3, 4]]).all()
+
+
+def test_shape_errors_are_value_errors():
+    p = random_params("diagonal", 2, 3)
+    with pytest.raises(ValueError, match="dimension D=2 but the params have D=3"):
+        pg.log_prob(p, torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2-D"):
+        pg.loss(p, torch.zeros(3, dtype=torch.float64))
+
+
+def test_float32_follows_input_dtype():
+    p = random_params("full", 2, 2).to(torch.float32)
+    x = random_data(10, 2, dtype=torch.float32)
+    assert pg.log_prob(p, x).dtype == torch.float32
