@@ -173,7 +173,7 @@ def reset_collapsed(
 
     Returns the new params, the new optimiser state and the number of components reset.
     """
-    spec, k, d = params.spec, params.n_components, params.dim
+    spec, k = params.spec, params.n_components
     bad, shared_bad = bad_components(params, min_variance)
     if mode == "all":
         bad = bad.any().expand(k)
@@ -187,13 +187,14 @@ def reset_collapsed(
     var = (((x - centre) * w).square().sum(0) / count).clamp_min(min_variance)  # [D]
     picks = keys.index(key, step_count, torch.arange(k, device=x.device), n=n)  # [K]
     new_means = torch.index_select(x, 0, picks)  # [K, D]
-    fresh = spec.raw_from_covariances(torch.diag_embed(_family_var(spec, var)).expand(k, d, d))
+    fresh = spec.raw_from_variances(var, k)
 
     good = ~bad
     log_w = torch.log_softmax(torch.where(good, params.logits, torch.zeros_like(params.logits)), -1)
     n_good = good.sum().clamp_min(1)
     mean_good = torch.where(good, log_w, torch.zeros_like(log_w)).sum() / n_good
-    new_logits = torch.where(bad, mean_good.expand(k), torch.where(good, params.logits, torch.zeros_like(params.logits)))
+    kept = torch.where(good, params.logits, torch.zeros_like(params.logits))
+    new_logits = torch.where(bad, mean_good.expand(k), kept)
 
     def mask_for(leaf: str) -> Tensor:
         if leaf == "scale" and not spec.per_component:
@@ -223,7 +224,3 @@ def reset_collapsed(
     )
     return new, opt_state, bad.sum()
 
-
-def _family_var(spec: Any, var: Tensor) -> Tensor:
-    """Per-dimension variances [D] cast to the family's structure (scalar families: their mean)."""
-    return var if spec.scale_ndim else var.mean().expand_as(var)
