@@ -1,8 +1,10 @@
 """puregmm: Gaussian mixture models in PyTorch as pure functions over pytrees."""
 
 from puregmm.density import component_log_prob, log_prob, loss
+from puregmm.em import EMInfo, Stats, combine, em_step, m_step, sufficient_stats
 from puregmm.families import FAMILIES
-from puregmm.fit import ConvergenceWarning, FitResult, fit
+from puregmm.fit import ConvergenceWarning, EMState, FitResult, em_state, fit
+from puregmm.infer import aic, bic, n_parameters, predict, predict_proba, sample, score, score_samples
 from puregmm.init import init, kmeans_plusplus
 from puregmm.optim import AdamState, Optimizer, SgdState, adam, apply_updates, cosine_decay, sgd
 from puregmm.params import (
@@ -20,30 +22,46 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FAMILIES",
-    "ConvergenceWarning",
-    "FitResult",
-    "fit",
-    "init",
-    "kmeans_plusplus",
     "AdamState",
+    "ConvergenceWarning",
+    "EMInfo",
+    "EMState",
+    "FitResult",
     "GMMParams",
     "Optimizer",
     "SgdState",
+    "Stats",
     "TrainState",
     "__version__",
     "adam",
+    "aic",
     "apply_updates",
+    "bic",
+    "combine",
     "component_log_prob",
     "cosine_decay",
     "covariances",
+    "em_state",
+    "em_step",
+    "fit",
     "from_moments",
+    "init",
     "init_state",
+    "kmeans_plusplus",
     "log_prob",
     "loss",
+    "m_step",
     "means",
+    "n_parameters",
     "precision_cholesky",
     "precisions",
+    "predict",
+    "predict_proba",
+    "sample",
+    "score",
+    "score_samples",
     "sgd",
     "step",
+    "sufficient_stats",
     "weights",
 ]

@@ -151,3 +151,35 @@ def covariance_structure(cov: Tensor, spec: Family) -> None:
         raise ValueError(f"family {spec.name!r} needs multiples of the identity; got unequal variances")
     if not spec.per_component and not close(cov, cov[:1].expand_as(cov)):
         raise ValueError(f"family {spec.name!r} needs the same covariance for every component")
+
+
+def reg_covar(v: Any) -> float:
+    """A finite, non-negative ``reg_covar``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        raise TypeError(f"reg_covar must be a non-negative float; got {type(v).__name__}")
+    if not 0 <= float(v) < float("inf"):
+        raise ValueError(f"reg_covar must be a finite non-negative float (e.g. 1e-6); got {v!r}")
+    return float(v)
+
+
+def means(m: Any, k: int, d: int, dtype: torch.dtype, device: torch.device, name: str = "means") -> Tensor:
+    """Checked finite initial means [K, D] in the data's dtype and device."""
+    t = as_float_tensor(m, name).to(dtype=dtype, device=device)
+    if t.shape != (k, d):
+        raise ValueError(f"{name} must be [K, D]=({k}, {d}) to match n_components and the data; got {tuple(t.shape)}")
+    finite(t, name)
+    return t
+
+
+def positive_int(v: Any, name: str) -> int:
+    """A positive ``int`` (bool refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be a positive int; got {v!r}")
+    return int(v)
+
+
+def non_negative(v: Any, name: str) -> float:
+    """A finite non-negative number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 <= v < float("inf"):
+        raise ValueError(f"{name} must be a finite non-negative number; got {v!r}")
+    return float(v)

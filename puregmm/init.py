@@ -1,37 +1,85 @@
-"""Initial params from data: k-means++ seeding (Arthur & Vassilvitskii, 2007).
+"""Initial params from data, as scikit-learn's ``GaussianMixture._initialize``: pick
+responsibilities, then run the one M-step (:func:`puregmm.em.m_step`) on them.
 
-All randomness comes from ``key`` through :mod:`puregmm.keys`: same key, same params.
+Methods (``method=``):
+
+=====================  ===================================================================
+``"kmeans++"``         k-means++ seeds (Arthur & Vassilvitskii, 2007), hard-assign each point
+                       to its nearest seed (the default)
+``"kmeans"``           k-means++ seeds, then Lloyd iterations until the labels settle
+                       (at most ``KMEANS_MAX_ITER``), hard-assign
+``"random"``           responsibilities uniform at random, normalised per row
+``"random_from_data"`` K distinct data points drawn uniformly as seeds, hard-assign
+=====================  ===================================================================
+
+``means=`` skips the seeding: points are hard-assigned to the given means, weights and
+covariances come from the M-step and the means are kept as given (scikit-learn's
+``means_init``). All randomness comes from ``key`` through :mod:`puregmm.keys`: same key, same
+params. Distances are computed on data centred by its mean, so a large common offset costs
+no accuracy.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from puregmm import _validate, keys
+from puregmm.em import m_step, responsibility_stats
 from puregmm.families import get_family
-from puregmm.params import GMMParams, from_moments
+from puregmm.params import GMMParams
 
-METHODS = ("kmeans++",)
+METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
+KMEANS_MAX_ITER = 100
 
 
-def kmeans_plusplus(x: Tensor, n_components: int, key: Any = 0) -> Tensor:
-    """k-means++ centres [K, D]: each new centre is a data point drawn with probability
-    proportional to its squared distance to the nearest centre chosen so far."""
+def kmeans_plusplus(x: Tensor, n_components: int, key: Any = 0, sample_weight: Tensor | None = None) -> Tensor:
+    """k-means++ centres [K, D]: the first a point drawn ∝ ω, each next one a point drawn with
+    probability ∝ ω·(squared distance to the nearest centre so far). Draw i uses
+    ``uniform(key, i)``."""
     key = _validate.key(key)
     n = x.shape[0]
-    first = keys.index(key, 0, n=n).to(x.device)
-    centres = [x[first]]
-    d2 = (x - centres[0]).square().sum(-1).to(torch.float64)
-    for i in range(1, n_components):
-        cum = torch.cumsum(d2, 0)
+    w = torch.ones(n, dtype=torch.float64, device=x.device) if sample_weight is None else sample_weight.double()
+    d2 = torch.ones_like(w)  # first draw: ∝ ω
+    centres = []
+    for i in range(n_components):
+        mass = w * d2
+        cum = torch.cumsum(mass, 0)
+        if not bool(cum[-1] > 0):  # every weighted point already is a centre: draw ∝ ω
+            cum = torch.cumsum(w, 0)
         u = keys.uniform(key, i).to(x.device) * cum[-1]
-        pick = torch.searchsorted(cum, u.reshape(1), right=True).clamp_max(n - 1)[0]
-        centres.append(x[pick])
-        d2 = torch.minimum(d2, (x - x[pick]).square().sum(-1).to(torch.float64))
+        pick = torch.searchsorted(cum, u.reshape(1), right=True).clamp_max(n - 1)
+        centres.append(x.index_select(0, pick)[0])
+        d2_new = (x - centres[-1]).square().sum(-1).to(torch.float64)
+        d2 = d2_new if i == 0 else torch.minimum(d2, d2_new)
     return torch.stack(centres)
+
+
+def _nearest(x: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+    """Labels [N] of the nearest centre and the squared distances [N] to it."""
+    dist = torch.cdist(x, centres, compute_mode="donot_use_mm_for_euclid_dist")  # [N, K]
+    d, labels = dist.min(-1)
+    return labels, d.square()
+
+
+def lloyd(x: Tensor, centres: Tensor, sample_weight: Tensor | None = None, max_iter: int = KMEANS_MAX_ITER) -> Tensor:
+    """Lloyd's k-means iterations from ``centres`` [K, D] until the labels stop changing.
+    An empty cluster keeps its centre."""
+    k = centres.shape[0]
+    w = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if sample_weight is None else sample_weight
+    labels = None
+    for _ in range(max_iter):
+        new_labels, _ = _nearest(x, centres)
+        if labels is not None and bool((new_labels == labels).all()):
+            break
+        labels = new_labels
+        counts = torch.zeros(k, dtype=x.dtype, device=x.device).index_add(0, labels, w)
+        sums = torch.zeros_like(centres).index_add(0, labels, x * w.unsqueeze(-1))
+        centres = torch.where((counts > 0).unsqueeze(-1), sums / counts.clamp_min(1e-300).unsqueeze(-1), centres)
+    return centres
 
 
 def init(
@@ -42,60 +90,89 @@ def init(
     key: Any = 0,
     method: str = "kmeans++",
     variance: float | None = None,
+    means: Any = None,
+    reg_covar: float = 1e-6,
+    sample_weight: Any = None,
 ) -> GMMParams:
-    """Initial params: k-means++ means, equal weights, each component's covariance from the
-    points nearest to its mean (floored at 1e-6 of the data variance).
+    """Initial params: responsibilities from ``method`` (module table), then the M-step.
 
     Args:
         data: [N, D] array-like (integers are converted to floats).
         n_components: K, at most N.
         family: one of :data:`puregmm.FAMILIES`.
         key: int or 0-d int64 tensor.
-        method: ``"kmeans++"``.
+        method: ``"kmeans++"`` (default), ``"kmeans"``, ``"random"`` or ``"random_from_data"``.
         variance: the fixed variance of the ``constant`` family; defaults to the data's mean
             per-dimension variance. Ignored by other families.
+        means: optional initial means [K, D]; replaces the seeding (``method`` is ignored).
+        reg_covar: added to the diagonal of the initial covariances.
+        sample_weight: optional [N] non-negative weights (seeding ∝ ω, weighted M-step).
 
     Raises:
-        ValueError: bad data (not 2-D, empty, NaN/Inf), K > N, unknown family or method.
+        ValueError: bad data (not 2-D, empty, NaN/Inf), K > N, unknown family or method, bad
+            ``means``/``variance``/weights, or the constant family on data of zero variance
+            without ``variance=``.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.cat([torch.randn(50, 2), torch.randn(50, 2) + 8])
+    >>> pg.init(x, 2, "diagonal", key=1, method="kmeans")
+    GMMParams(family='diagonal', K=2, D=2, dtype=float32, device=cpu)
     """
     spec = get_family(family)
     x = _validate.data(data, "data")
-    k = _validate.n_components(n_components, x.shape[0])
+    n, d = x.shape
+    k = _validate.n_components(n_components, n)
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; choose one of {METHODS}")
-    centres = kmeans_plusplus(x, k, key)
-    labels = torch.cdist(x, centres).argmin(-1)  # [N]
-    return _from_labels(x, labels, k, spec.name, variance)
+    reg_covar = _validate.reg_covar(reg_covar)
+    w = None if sample_weight is None else _validate.sample_weight(sample_weight, n, x.dtype, x.device)
+    given = None if means is None else _validate.means(means, k, d, x.dtype, x.device)
+    key = _validate.key(key)
+
+    wn = torch.ones(n, dtype=x.dtype, device=x.device) if w is None else w
+    offset = (wn.unsqueeze(-1) * x).sum(0) / wn.sum()  # the data's (weighted) mean
+    xc = x - offset
+    if given is None and method == "random":
+        resp = keys.uniform(key, 0, torch.arange(n)[:, None], torch.arange(k)).to(dtype=x.dtype, device=x.device)
+        resp = resp / resp.sum(-1, keepdim=True)  # [N, K]
+        centres = torch.zeros(k, d, dtype=x.dtype, device=x.device)
+        score = -xc.square().sum(-1)
+    else:
+        if given is not None:
+            centres = given - offset
+        elif method == "random_from_data":
+            u = keys.uniform(key, 0, torch.arange(n)).to(x.device)
+            u = torch.where(wn > 0, u, torch.full_like(u, 2.0))  # zero-weight rows last
+            centres = xc.index_select(0, torch.argsort(u, stable=True)[:k])
+        else:
+            centres = kmeans_plusplus(xc, k, key, w)
+            if method == "kmeans":
+                centres = lloyd(xc, centres, w)
+        labels, dist2 = _nearest(xc, centres)
+        resp = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # [N, K]
+        score = -dist2
+
+    if spec.learned:
+        scale = torch.zeros(spec.scale_shape(k, d), dtype=x.dtype, device=x.device)
+    else:
+        scale = -0.5 * torch.log(torch.tensor(_constant_variance(xc, wn, variance), dtype=x.dtype, device=x.device))
+    start = GMMParams(torch.zeros(k, dtype=x.dtype, device=x.device), centres, scale, spec.name)
+    stats = responsibility_stats(xc, resp, centres, spec.name, w, score)
+    params = m_step(stats, start, reg_covar=reg_covar)
+    new_means = (given - offset) if given is not None else params.means
+    return GMMParams(params.logits, new_means + offset, params.scale, spec.name)
 
 
-def _from_labels(x: Tensor, labels: Tensor, k: int, family: str, variance: float | None) -> GMMParams:
-    """Moments of a hard partition, cast to the family's structure."""
-    spec = get_family(family)
-    n, d = x.shape
-    resp = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # [N, K]
-    counts = resp.sum(0)  # [K]
-    centre = x.mean(0)
-    xc = x - centre
-    means = (resp.mT @ xc) / counts.clamp_min(1).unsqueeze(-1)  # [K, D]
-    diff = xc.unsqueeze(0) - means.unsqueeze(1)  # [K, N, D]
-    cov = torch.einsum("nk,kni,knj->kij", resp, diff, diff) / counts.clamp_min(1)[:, None, None]
-    cov = 0.5 * (cov + cov.mT)
-    data_var = xc.square().mean(0)  # [D]
-    floor = 1e-6 * data_var.mean().clamp_min(torch.finfo(x.dtype).tiny)
-    empty = counts < 2
-    cov = torch.where(empty[:, None, None], torch.diag_embed(data_var).expand_as(cov), cov)
-    cov = cov + floor * torch.eye(d, dtype=x.dtype)
-    if not spec.per_component:  # tied/shared/constant: pooled covariance
-        cov = ((counts[:, None, None] * cov).sum(0) / n).expand_as(cov)
-    if spec.scale_ndim < 2:
-        var = torch.diagonal(cov, dim1=-2, dim2=-1)
-        if spec.scale_ndim == 0:
-            var = var.mean(-1, keepdim=True).expand_as(var)
-        if spec.name == "constant":
-            value = float(data_var.mean()) if variance is None else float(variance)
-            if not value > 0:
-                raise ValueError(f"variance must be positive; got {variance!r}")
-            var = torch.full_like(var, value)
-        cov = torch.diag_embed(var)
-    weights = (counts + 1e-3) / (counts + 1e-3).sum()
-    return from_moments(weights, means + centre, cov, family=spec.name)
+def _constant_variance(xc: Tensor, w: Tensor, variance: float | None) -> float:
+    """The constant family's variance: ``variance`` or the mean per-dimension variance."""
+    if variance is not None:
+        if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not 0 < variance < math.inf:
+            raise ValueError(f"variance must be a positive number; got {variance!r}")
+        return float(variance)
+    value = float((w.unsqueeze(-1) * xc.square()).sum(0).mean() / w.sum())
+    if not value > 0:
+        raise ValueError(
+            "the constant family fixes the variance at the data's variance, which is 0 here "
+            "(all points identical); pass variance=<positive float>"
+        )
+    return value

@@ -1,0 +1,359 @@
+"""Expectation-maximisation as sufficient statistics plus an M-step (Bishop PRML §9.2.2).
+
+One EM iteration is ``m_step(sufficient_stats(params, x), params)``:
+
+* **E-step statistics.** With responsibilities r_nk = softmax_k(log w_k + log N(x_n | μ_k, Σ_k))
+  (log space, ``logsumexp``) and sample weights ω_n, accumulate over row chunks of ``x``
+
+      n_k = Σ ω r,  X_k = Σ ω r (x - c_k),  S_k = Σ ω r (x - c_k)(x - c_k)ᵀ  (or its diagonal / trace),
+
+  about the *current* means c_k = μ_k (detached). The centres come from the params, not the
+  data, so every chunk, shard or rank uses the same ones without communication; and because
+  they are per-component, the one-pass update below keeps float32 accurate both for data with
+  a large common offset and for clusters far apart (the error is ~eps·‖Δμ‖²/σ², with Δμ the
+  step of the mean, not its distance from an origin).
+* **M-step.** scikit-learn's update (``sklearn/mixture/_gaussian_mixture.py``), written in
+  centred coordinates: n'_k = n_k + 10·eps, d_k = X_k / n'_k, μ_k ← c_k + d_k,
+  w_k ← n'_k / Σ n', Σ_k ← S_k / n'_k - d_k d_kᵀ + reg·I (tied: Σ_k n'_k Σ_k / Σ n';
+  diagonal/isotropic: the diagonal / its mean; shared: the pooled isotropic variance
+  Σ_k (tr S_k - n'_k‖d_k‖²) / (D Σ n') + reg; constant: the variance is kept).
+
+Only the data term needs the whole data set; everything in :class:`Stats` is a sum (or a
+K-smallest merge) over rows, so ``combine`` folds chunks, shards or ranks together in any
+order, and a distributed fit all-reduces the sums and min-merges the two ``worst_*`` fields.
+
+Kernels here check static shapes only: no ``.item()``, no value-dependent branches, no boolean
+indexing, so ``torch.func.vmap`` (over stacked params and data) and ``torch.compile`` work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from puregmm import _validate
+from puregmm.density import component_log_prob
+from puregmm.families import Family, get_family
+from puregmm.params import GMMParams
+
+CHUNK_ELEMENTS = 2**22  # default chunk: about this many elements in a [K, chunk, D] temporary
+MAX_COMPILED_CHUNKS = 8  # under torch.compile the chunk loop is unrolled: at most this many
+
+
+class Stats(NamedTuple):
+    """Sufficient statistics of one E-step, taken about the centres c_k = the params' means.
+
+    How fields combine across chunks/shards/ranks (see :func:`combine`):
+
+    ========================  ==================  =================================  ========
+    field                     shape               value                              combine
+    ========================  ==================  =================================  ========
+    ``resp_sum``              [K]                 n_k = Σ ω r_nk                     sum
+    ``x_sum``                 [K, D]              Σ ω r_nk (x_n - c_k)               sum
+    ``xx_sum``                family              Σ ω r_nk (x_n - c_k)(x_n - c_k)ᵀ   sum
+    ``log_lik_sum``           []                  Σ ω log p(x_n)                     sum
+    ``weight_sum``            []                  Σ ω                                sum
+    ``worst_log_lik``         [K]                 the K lowest log p(x_n), ascending K-min
+    ``worst_x``               [K, D]              the points holding them            K-min
+    ========================  ==================  =================================  ========
+
+    ``xx_sum`` is [K, D, D] for full/tied, its diagonal [K, D] for diagonal, its trace [K] for
+    isotropic/shared/constant. Rows with zero weight never enter ``worst_*`` (padding: +inf
+    log-likelihood, zero point). The worst points re-seed empty components in :func:`m_step`.
+    """
+
+    resp_sum: Tensor
+    x_sum: Tensor
+    xx_sum: Tensor
+    log_lik_sum: Tensor
+    weight_sum: Tensor
+    worst_log_lik: Tensor
+    worst_x: Tensor
+
+
+class EMInfo(NamedTuple):
+    """Per-step report of :func:`em_step`.
+
+    Attributes:
+        log_likelihood: 0-d, mean (weighted) log-likelihood of the E-step, at the params
+            *before* the update (scikit-learn's ``lower_bound_``).
+        n_resets: 0-d int64, components re-seeded (empty) or repaired (covariance not
+            positive definite) in this step.
+    """
+
+    log_likelihood: Tensor
+    n_resets: Tensor
+
+
+def default_chunk_size(n: int, k: int, d: int) -> int:
+    """Rows per chunk from static shapes: about ``CHUNK_ELEMENTS`` in a [K, chunk, D] block."""
+    return max(1, min(n, max(256, CHUNK_ELEMENTS // max(1, k * d))))
+
+
+def combine(a: Stats, b: Stats) -> Stats:
+    """Statistics of the union of two disjoint row sets (order-independent up to rounding).
+
+    Sums add; the ``worst_*`` pair keeps the K lowest log-likelihoods of both (a stable sort,
+    so ties prefer ``a``).
+    """
+    k = a.worst_log_lik.shape[-1]
+    vals = torch.cat([a.worst_log_lik, b.worst_log_lik], -1)  # [2K]
+    pts = torch.cat([a.worst_x, b.worst_x], -2)  # [2K, D]
+    order = torch.sort(vals, stable=True).indices[..., :k]  # [K]
+    return Stats(
+        a.resp_sum + b.resp_sum,
+        a.x_sum + b.x_sum,
+        a.xx_sum + b.xx_sum,
+        a.log_lik_sum + b.log_lik_sum,
+        a.weight_sum + b.weight_sum,
+        torch.gather(vals, -1, order),
+        pts.index_select(-2, order),
+    )
+
+
+def _accumulate(spec: Family, x: Tensor, resp: Tensor, score: Tensor, w: Tensor | None, centres: Tensor) -> Stats:
+    """Stats of one chunk: x [c, D], resp [c, K], score [c] (log p, or any "badness" to rank
+    points by), w [c] or None, centres [K, D]."""
+    k = centres.shape[0]
+    c = x.shape[0]
+    r = resp if w is None else resp * w.unsqueeze(-1)  # [c, K]
+    rt = r.mT  # [K, c]
+    diff = x.unsqueeze(0) - centres.unsqueeze(1)  # [K, c, D]
+    resp_sum = rt.sum(-1)  # [K]
+    x_sum = (rt.unsqueeze(1) @ diff).squeeze(1)  # [K, D]
+    if spec.scale_ndim == 2:
+        xx_sum = (diff * rt.unsqueeze(-1)).mT @ diff  # [K, D, D]
+    elif spec.scale_ndim == 1:
+        xx_sum = (rt.unsqueeze(1) @ diff.square()).squeeze(1)  # [K, D]
+    else:
+        xx_sum = (rt * diff.square().sum(-1)).sum(-1)  # [K]
+    if w is None:
+        log_lik_sum = score.sum()
+        weight_sum = torch.full((), float(c), dtype=x.dtype, device=x.device)
+        ranked = score
+    else:
+        log_lik_sum = (score * w).sum()
+        weight_sum = w.sum()
+        ranked = torch.where(w > 0, score, torch.full_like(score, float("inf")))
+    m = min(k, c)  # static
+    order = torch.sort(ranked, stable=True).indices[:m]  # [m], lowest first
+    worst_ll = torch.gather(ranked, 0, order)
+    worst_x = x.index_select(0, order)
+    if m < k:
+        worst_ll = torch.cat([worst_ll, worst_ll.new_full((k - m,), float("inf"))])
+        worst_x = torch.cat([worst_x, worst_x.new_zeros((k - m, x.shape[1]))])
+    return Stats(resp_sum, x_sum, xx_sum, log_lik_sum, weight_sum, worst_ll, worst_x)
+
+
+def _chunks(n: int, chunk_size: int | None, k: int, d: int) -> list[tuple[int, int]]:
+    size = default_chunk_size(n, k, d) if chunk_size is None else int(chunk_size)
+    if size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    if chunk_size is None and torch.compiler.is_compiling():  # the loop unrolls: cap the chunks
+        size = max(size, -(-n // MAX_COMPILED_CHUNKS))
+    return [(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def sufficient_stats(
+    params: GMMParams, x: Tensor, sample_weight: Tensor | None = None, *, chunk_size: int | None = None
+) -> Stats:
+    """E-step statistics of unbatched ``params`` on ``x`` [N, D] (see :class:`Stats`).
+
+    Rows are processed in chunks of ``chunk_size`` (default from static shapes,
+    :func:`default_chunk_size`) by a static Python loop; at most [chunk, K] responsibilities
+    and a [K, chunk, D] block exist at a time. Responsibilities come from
+    :func:`puregmm.component_log_prob` in log space. ``sample_weight`` [N] (non-negative, not
+    checked here) weights rows as counts. Use ``torch.func.vmap`` for stacked params/data.
+    """
+    if x.dim() != 2 or x.shape[-1] != params.dim:
+        raise ValueError(f"x must be [N, D] with D={params.dim}; got shape {tuple(x.shape)}")
+    if sample_weight is not None and sample_weight.shape != x.shape[:1]:
+        raise ValueError(f"sample_weight must be [N]=({x.shape[0]},); got shape {tuple(sample_weight.shape)}")
+    spec, k = params.spec, params.n_components
+    centres = params.means.detach()
+    total: Stats | None = None
+    for start, stop in _chunks(x.shape[0], chunk_size, k, params.dim):
+        xs = x[start:stop]
+        ws = None if sample_weight is None else sample_weight[start:stop]
+        log_joint = component_log_prob(params, xs)  # [c, K]
+        log_norm = torch.logsumexp(log_joint, -1)  # [c]
+        resp = torch.exp(log_joint - log_norm.unsqueeze(-1))  # [c, K]
+        part = _accumulate(spec, xs, resp, log_norm, ws, centres)
+        total = part if total is None else combine(total, part)
+    assert total is not None
+    return total
+
+
+def responsibility_stats(
+    x: Tensor,
+    resp: Tensor,
+    centres: Tensor,
+    family: str,
+    sample_weight: Tensor | None = None,
+    score: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> Stats:
+    """:class:`Stats` of given responsibilities ``resp`` [N, K] (hard or soft), about ``centres``
+    [K, D]; used by :func:`puregmm.init` so that initial covariances come from :func:`m_step`.
+
+    ``score`` [N] ranks points for re-seeding empty components (lowest first; default: minus
+    the squared distance to the nearest centre) and fills ``log_lik_sum``.
+    """
+    spec = get_family(family)
+    k, d = centres.shape
+    if score is None:
+        score = -torch.cdist(x, centres, compute_mode="donot_use_mm_for_euclid_dist").square().amin(-1)
+    total: Stats | None = None
+    for start, stop in _chunks(x.shape[0], chunk_size, k, d):
+        ws = None if sample_weight is None else sample_weight[start:stop]
+        part = _accumulate(spec, x[start:stop], resp[start:stop], score[start:stop], ws, centres)
+        total = part if total is None else combine(total, part)
+    assert total is not None
+    return total
+
+
+def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_info: bool = False) -> Any:
+    """New params (same family) from :class:`Stats` taken about ``params``' means.
+
+    Matches scikit-learn's M-step (module docstring). Then, branch-free:
+
+    * an *empty* component (n_k ≤ eps·Σω: all responsibilities underflowed) is re-seeded at
+      the j-th lowest-likelihood point (j-th empty component, j-th point), gets the pooled
+      covariance of the non-empty components and their mean count n';
+    * a covariance that is not positive definite (rounding, ``reg_covar=0`` on degenerate
+      data) gets ``10·D·eps·max diag`` added to its diagonal, or failing that is replaced by
+      its floored diagonal; variances are floored at sqrt(tiny).
+
+    Both are counted. Never divides by zero. The constant family's ``scale`` is not updated.
+
+    Args:
+        stats: from :func:`sufficient_stats` with the same (unbatched) ``params``.
+        params: the params of the E-step.
+        reg_covar: added to the diagonal of every covariance (scikit-learn's ``reg_covar``).
+        return_info: also return the 0-d int64 count of re-seeded/repaired components.
+
+    Returns:
+        new params, or ``(params, n_resets)`` with ``return_info``.
+    """
+    spec, k, d = params.spec, params.n_components, params.dim
+    finfo = torch.finfo(params.dtype)
+    eps, floor = finfo.eps, finfo.tiny**0.5
+    empty = stats.resp_sum <= eps * stats.weight_sum  # [K]
+    good = ~empty
+    nk = stats.resp_sum + 10 * eps  # [K], scikit-learn's guard
+    shift = stats.x_sum / nk.unsqueeze(-1)  # [K, D], new mean - centre
+    means = params.means.detach() + shift
+    rank = (torch.cumsum(empty.to(torch.int64), 0) - 1).clamp_min(0)  # j-th empty -> j-th worst
+    means = torch.where(empty.unsqueeze(-1), stats.worst_x.index_select(0, rank), means)
+
+    goodf = good.to(nk.dtype)
+    n_good = goodf.sum().clamp_min(1.0)
+    nk_good = nk * goodf
+    pool = nk_good / nk_good.sum().clamp_min(finfo.tiny)  # [K], pooling weights of the good ones
+
+    n_fixed = torch.zeros((), dtype=torch.int64, device=nk.device)
+    if not spec.learned:
+        scale = params.scale
+    elif spec.scale_ndim == 2:
+        cov = stats.xx_sum / nk[:, None, None] - shift.unsqueeze(-1) * shift.unsqueeze(-2)  # [K, D, D]
+        if spec.per_component:
+            pooled = (pool[:, None, None] * cov).sum(0)
+            cov = torch.where(empty[:, None, None], pooled.expand_as(cov), cov)
+        else:  # tied: Σ_k n'_k Σ_k / Σ n'
+            cov = (nk[:, None, None] * cov).sum(0) / nk.sum()
+        cov = 0.5 * (cov + cov.mT) + reg_covar * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        scale, n_fixed = _raw_from_cov(cov, eps, floor)
+    else:
+        if spec.scale_ndim == 1:
+            var = (stats.xx_sum / nk.unsqueeze(-1) - shift.square()).clamp_min(0.0)  # [K, D]
+            var = torch.where(empty.unsqueeze(-1), (pool.unsqueeze(-1) * var).sum(0).expand_as(var), var)
+        else:
+            var = ((stats.xx_sum / nk - shift.square().sum(-1)) / d).clamp_min(0.0)  # [K]
+            if spec.per_component:
+                var = torch.where(empty, (pool * var).sum().expand_as(var), var)
+            else:  # shared: one variance pooled over components
+                var = (nk * var).sum() / nk.sum()
+        var = var + reg_covar
+        small = var < floor
+        n_fixed = small.reshape(k if spec.per_component else 1, -1).any(-1).sum()
+        scale = -0.5 * torch.log(torch.where(small, torch.full_like(var, floor), var))
+
+    nk = torch.where(empty, (nk_good.sum() / n_good).expand_as(nk), nk)
+    logits = torch.log(nk) - torch.log(nk.sum())
+    new = GMMParams(logits, means, scale, params.family)
+    if return_info:
+        return new, empty.sum() + n_fixed
+    return new
+
+
+def _raw_from_cov(cov: Tensor, eps: float, floor: float) -> tuple[Tensor, Tensor]:
+    """The matrix families' ``raw`` (see :mod:`puregmm.families`) from covariances [..., D, D],
+    repairing (and counting) the ones whose Cholesky factorisation fails."""
+    d = cov.shape[-1]
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    diag = torch.diagonal(cov, dim1=-2, dim2=-1)  # [..., D]
+    chol, info = torch.linalg.cholesky_ex(cov)
+    jitter = 10 * d * eps * diag.amax(-1).clamp_min(floor) + floor  # [...]
+    chol2, info2 = torch.linalg.cholesky_ex(cov + jitter[..., None, None] * eye)
+    chol3 = torch.diag_embed(diag.clamp_min(floor).sqrt())
+    bad, bad2 = (info != 0)[..., None, None], (info2 != 0)[..., None, None]
+    chol = torch.where(bad, torch.where(bad2, chol3, chol2), chol)
+    u = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).mT  # U = L⁻ᵀ
+    raw = torch.triu(u, 1) + torch.diag_embed(torch.log(torch.diagonal(u, dim1=-2, dim2=-1)))
+    return raw, (info != 0).sum()
+
+
+def em_step(
+    params: GMMParams,
+    x: Tensor,
+    *,
+    reg_covar: float = 1e-6,
+    sample_weight: Tensor | None = None,
+    return_info: bool = False,
+    chunk_size: int | None = None,
+) -> Any:
+    """One EM iteration: ``m_step(sufficient_stats(params, x, sample_weight), params)``.
+
+    Pure and branch-free: works under ``torch.func.vmap`` and ``torch.compile``. Equals
+    scikit-learn's ``GaussianMixture`` EM iteration for iteration (full/tied/diagonal/isotropic
+    = its full/tied/diag/spherical); shared and constant use the M-step derived in the module
+    docstring (EM, so the log-likelihood never decreases, up to ``reg_covar``).
+
+    Args:
+        params: mixture params, optionally with leading batch dims ``B...``.
+        x: data [N, D] (shared by the batch) or [B..., N, D].
+        reg_covar: non-negative value added to every variance (not checked here).
+        sample_weight: [N] or [B..., N] non-negative weights acting as counts (not checked).
+        return_info: also return an :class:`EMInfo`.
+        chunk_size: rows per E-step chunk (default from static shapes).
+
+    Returns:
+        new params, or ``(params, info)``.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(100, 2, dtype=torch.float64)
+    >>> p = pg.init(x, 2, "diagonal")
+    >>> p, info = pg.em_step(p, x, return_info=True)
+    >>> info.n_resets
+    tensor(0)
+    """
+    _validate.data_shape(params, x)
+
+    def one(p: GMMParams, xs: Tensor, ws: Tensor | None) -> tuple[GMMParams, EMInfo]:
+        stats = sufficient_stats(p, xs, ws, chunk_size=chunk_size)
+        new, n_resets = m_step(stats, p, reg_covar=reg_covar, return_info=True)
+        return new, EMInfo(stats.log_lik_sum / stats.weight_sum, n_resets)
+
+    fn: Any = one
+    batch = params.batch_shape
+    x_batched = x.dim() > 2
+    if x_batched and tuple(x.shape[:-2]) != batch:
+        raise ValueError(f"x has batch dims {tuple(x.shape[:-2])} but the params have batch dims {batch}")
+    w_batched = sample_weight is not None and sample_weight.dim() > 1
+    for _ in batch:
+        fn = torch.func.vmap(fn, in_dims=(0, 0 if x_batched else None, 0 if w_batched else None))
+    new, info = fn(params, x, sample_weight)
+    return (new, info) if return_info else new

@@ -1,0 +1,138 @@
+"""Inference on fitted params, with scikit-learn's names and definitions.
+
+``score_samples``/``score``/``predict_proba``/``predict`` are thin wrappers over
+:func:`puregmm.component_log_prob` (the one density implementation); ``bic``/``aic`` follow
+``sklearn/mixture/_gaussian_mixture.py`` (with ``sample_weight`` the sample size is Σω, as if
+rows were repeated); ``sample`` draws labels then points with counter-based randomness from
+:mod:`puregmm.keys`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from puregmm import _validate, keys
+from puregmm.density import component_log_prob, log_prob
+from puregmm.params import GMMParams, precision_cholesky, weights
+
+
+def _data(params: GMMParams, x: Any) -> Tensor:
+    """``x`` as a tensor of the params' dtype/device (array-likes converted), shape-checked."""
+    if not isinstance(x, Tensor):
+        x = _validate.as_float_tensor(x, "x", params.dtype).to(params.device)
+    _validate.data_shape(params, x)
+    return x
+
+
+def _per_batch(params: GMMParams, x: Tensor, fn: Callable[[GMMParams, Tensor], Tensor]) -> Tensor:
+    """``fn`` on unbatched params, vmapped over the params' batch dims (x shared or batched)."""
+    x_batched = x.dim() > 2
+    for _ in params.batch_shape:
+        fn = torch.func.vmap(fn, in_dims=(0, 0 if x_batched else None))
+    return fn(params, x)
+
+
+def score_samples(params: GMMParams, x: Any) -> Tensor:
+    """log p(x_n) [..., N]; the same as :func:`puregmm.log_prob`."""
+    return log_prob(params, _data(params, x))
+
+
+def _weights(params: GMMParams, x: Tensor, sample_weight: Any) -> Tensor | None:
+    if sample_weight is None:
+        return None
+    return _validate.sample_weight(sample_weight, x.shape[-2], x.dtype, x.device)
+
+
+def _log_lik_and_count(params: GMMParams, x: Any, sample_weight: Any) -> tuple[Tensor, Tensor]:
+    """Σ ω log p(x) [...] and Σ ω (or N)."""
+    x = _data(params, x)
+    w = _weights(params, x, sample_weight)
+    lp = log_prob(params, x)  # [..., N]
+    if w is None:
+        return lp.sum(-1), torch.tensor(float(x.shape[-2]), dtype=lp.dtype)
+    return (lp * w).sum(-1), w.sum()
+
+
+def score(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
+    """Mean (weighted) log-likelihood, 0-d (or [B...] for batched params) = -loss.
+
+    Args:
+        params: mixture params.
+        x: data [N, D].
+        sample_weight: optional [N] non-negative weights, not all zero (checked).
+    """
+    total, count = _log_lik_and_count(params, x, sample_weight)
+    return total / count
+
+
+def predict_proba(params: GMMParams, x: Any) -> Tensor:
+    """Responsibilities p(k | x_n) [..., N, K] = softmax_k(log w_k + log N(x_n | μ_k, Σ_k))."""
+    return _per_batch(params, _data(params, x), lambda p, xs: torch.softmax(component_log_prob(p, xs), -1))
+
+
+def predict(params: GMMParams, x: Any) -> Tensor:
+    """Most probable component [..., N] (int64), argmax_k of :func:`predict_proba`."""
+    return _per_batch(params, _data(params, x), lambda p, xs: component_log_prob(p, xs).argmax(-1))
+
+
+def n_parameters(params: GMMParams) -> int:
+    """Free parameters: (K - 1) weights + K·D means + the family's covariance parameters
+    (full K·D(D+1)/2, tied D(D+1)/2, diagonal K·D, isotropic K, shared 1, constant 0)."""
+    k, d = params.n_components, params.dim
+    return params.spec.n_scale_parameters(k, d) + k * d + k - 1
+
+
+def bic(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
+    """Bayesian information criterion, -2 Σ ω log p(x) + p·log(Σ ω) (lower is better).
+
+    Without weights Σ ω = N: scikit-learn's ``bic``. (Schwarz 1978.)
+    """
+    total, count = _log_lik_and_count(params, x, sample_weight)
+    return -2.0 * total + n_parameters(params) * torch.log(count)
+
+
+def aic(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
+    """Akaike information criterion, -2 Σ ω log p(x) + 2p (lower is better; Akaike 1974)."""
+    total, _ = _log_lik_and_count(params, x, sample_weight)
+    return -2.0 * total + 2.0 * n_parameters(params)
+
+
+def sample(params: GMMParams, n: int, *, key: Any) -> tuple[Tensor, Tensor]:
+    """``n`` draws from the mixture: labels z_i ~ Categorical(w), then x_i = μ_z + U_z⁻ᵀ ε_i.
+
+    Rows come in random order (labels are i.i.d., not grouped). Labels use the inverse CDF of
+    the weights at u_i = uniform(key, 0, i); ε_i [D] are standard normals by Box–Muller from
+    uniform(key, 1, i, j) and uniform(key, 2, i, j) (32-bit uniforms, so |ε| ≤ 6.7).
+    Same key, same output. The params must be unbatched.
+
+    Returns:
+        x [n, D] in the params' dtype and labels [n] int64.
+    """
+    if not isinstance(params, GMMParams):
+        raise TypeError(f"params must be GMMParams; got {type(params).__name__}")
+    if params.batch_shape:
+        raise ValueError(f"sample needs unbatched params; got batch dims {params.batch_shape}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (the number of samples); got {n!r}")
+    key = _validate.key(key)
+    k, d, dev, dt = params.n_components, params.dim, params.device, params.dtype
+    rows = torch.arange(n, device=dev)
+    u = keys.uniform(key, 0, rows).to(dev)  # [n] in [0, 1)
+    cdf = torch.cumsum(weights(params).detach().to(torch.float64), 0)  # [K]
+    labels = torch.searchsorted(cdf / cdf[-1], u, right=True).clamp_max(k - 1)  # [n]
+    cols = torch.arange(d, device=dev)
+    u1 = 1.0 - keys.uniform(key, 1, rows[:, None], cols).to(dev)  # (0, 1]
+    u2 = keys.uniform(key, 2, rows[:, None], cols).to(dev)
+    eps = (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dt)  # [n, D]
+    u_fac = precision_cholesky(params).detach()  # [K, D, D], precision = U Uᵀ
+    eye = torch.eye(d, dtype=dt, device=dev).expand_as(u_fac)
+    a = torch.linalg.solve_triangular(u_fac, eye, upper=True)  # U⁻¹: x - μ = ε U⁻¹ (rows)
+    x = params.means.detach().index_select(0, labels)  # [n, D]
+    for j in range(k):  # static loop; one [n, D] product per component, no [n, D, D] gather
+        x = x + torch.where((labels == j).unsqueeze(-1), eps @ a[j], torch.zeros_like(eps))
+    return x, labels
