@@ -6,6 +6,7 @@ from puregmm.families import FAMILIES
 from puregmm.fit import ConvergenceWarning, EMState, FitResult, em_state, fit
 from puregmm.infer import aic, bic, n_parameters, predict, predict_proba, sample, score, score_samples
 from puregmm.init import init, kmeans_plusplus
+from puregmm.io import load, load_tree, save, save_tree
 from puregmm.optim import AdamState, Optimizer, SgdState, adam, apply_updates, cosine_decay, sgd
 from puregmm.params import (
     GMMParams,
@@ -48,6 +49,8 @@ __all__ = [
     "init",
     "init_state",
     "kmeans_plusplus",
+    "load",
+    "load_tree",
     "log_prob",
     "loss",
     "m_step",
@@ -58,6 +61,8 @@ __all__ = [
     "predict",
     "predict_proba",
     "sample",
+    "save",
+    "save_tree",
     "score",
     "score_samples",
     "sgd",

@@ -1,0 +1,343 @@
+"""Saving and loading params (and any pytree of tensors) as safetensors files.
+
+Design decisions:
+
+* **No pickle.** Files are `safetensors <https://github.com/huggingface/safetensors>`_: a JSON
+  header and raw tensor bytes, so loading never runs code.
+* **Self-describing.** The header's string metadata holds the library name, a ``kind``
+  (``"params"`` for :func:`save`; a checkpoint writer picks its own), a format version, the
+  tensors' names, shapes and dtypes, and for params the family, K, D and dtype.
+* **Validated.** A SHA-256 checksum over the metadata and every tensor's name, dtype, shape and
+  bytes is stored too, so a truncated, tampered (flipped bytes anywhere) or foreign file raises a
+  ``ValueError`` that says what is wrong, never a ``SafetensorError`` or a silently wrong model.
+* **Atomic.** Writes go to a temporary file in the target's folder, are flushed and fsynced, then
+  renamed over the target with :func:`os.replace`: a process killed mid-save leaves the previous
+  file intact (and at worst a stray ``.<name>.*.tmp`` file beside it).
+
+Two layers: :func:`save_tree`/:func:`load_tree` write and read any pytree whose leaves are
+tensors (a ``TrainState``, a fit history, an EM loop state...) with caller metadata;
+:func:`save`/:func:`load` are the params-specific wrappers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple, Union
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from puregmm.families import get_family
+from puregmm.params import GMMParams
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+LIBRARY = "puregmm"
+FORMAT_VERSION = 1
+PARAMS_KIND = "params"
+_PARAM_LEAVES = ("logits", "means", "scale")
+# Keys of the metadata that the writer owns; callers of save_tree may not set them.
+RESERVED = ("library", "kind", "format_version", "puregmm_version", "torch_version", "tensors", "checksum")
+
+
+class TreeFile(NamedTuple):
+    """What :func:`load_tree` returns: the tree (or a name -> tensor dict) and the caller's metadata."""
+
+    tree: Any
+    metadata: dict[str, str]
+
+
+# --- public API ------------------------------------------------------------------------------
+
+
+def save(params: GMMParams, path: PathLike) -> None:
+    """Save ``params`` to ``path`` (a safetensors file; atomic: the old file survives a crash).
+
+    The metadata holds the family, K, D, dtype, batch shape and the format version; a checksum
+    guards the contents. Tensors are written from the CPU; :func:`load` gives them back exactly.
+
+    Raises:
+        TypeError: ``params`` is not :class:`puregmm.GMMParams`.
+        ValueError: ``params`` holds NaN or Inf (nothing is written).
+
+    >>> import tempfile, os, torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.3, 0.7]), torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2))
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+    >>> pg.save(p, path); pg.load(path)
+    GMMParams(family='full', K=2, D=2, dtype=float32, device=cpu)
+    """
+    if not isinstance(params, GMMParams):
+        raise TypeError(f"params must be GMMParams (e.g. from pg.fit(...).params); got {type(params).__name__}")
+    for name in _PARAM_LEAVES:
+        if not bool(torch.isfinite(getattr(params, name)).all()):
+            raise ValueError(f"params.{name} holds NaN or Inf; refusing to save a broken model to {os.fspath(path)!r}")
+    meta = {
+        "family": params.family,
+        "n_components": str(params.n_components),
+        "dim": str(params.dim),
+        "dtype": _dtype_name(params.dtype),
+        "batch_shape": json.dumps(list(params.batch_shape)),
+    }
+    save_tree(params, path, meta, kind=PARAMS_KIND)
+
+
+def load(path: PathLike, *, device: Any = None) -> GMMParams:
+    """Load params written by :func:`save`.
+
+    Args:
+        path: the file.
+        device: where to put the tensors (default CPU).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is truncated or corrupted, was modified after writing, is not a
+            puregmm params file (another library's tensors, a checkpoint), comes from a newer
+            format version, or holds shapes/dtypes that disagree with its family, K and D.
+    """
+    tensors, meta = _read(path, PARAMS_KIND)
+    where = f"{os.fspath(path)!r}"
+    try:
+        spec = get_family(meta.get("family"))
+        k, d = int(meta["n_components"]), int(meta["dim"])
+        batch = tuple(int(b) for b in json.loads(meta["batch_shape"]))
+        dtype = _DTYPES[meta["dtype"]]
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"{where} has bad params metadata ({err}); it was not written by pg.save") from err
+    like = GMMParams(
+        torch.empty((*batch, k), dtype=dtype),
+        torch.empty((*batch, k, d), dtype=dtype),
+        torch.empty((*batch, *spec.scale_shape(k, d)), dtype=dtype),
+        spec.name,
+    )
+    params = _unflatten_like(tensors, like, where)
+    for name in _PARAM_LEAVES:
+        if not bool(torch.isfinite(getattr(params, name)).all()):
+            raise ValueError(f"{where}: params.{name} holds NaN or Inf")
+    return params if device is None else params.to(device)
+
+
+def save_tree(tree: Any, path: PathLike, metadata: dict[str, str] | None = None, *, kind: str = "tree") -> None:
+    """Atomically save a pytree of tensors with string ``metadata`` (the layer under :func:`save`).
+
+    Leaves are named by their pytree path (``params.means``, ``opt_state.mu.scale``, ...), so a
+    reader can rebuild the tree from a template (:func:`load_tree` with ``like=``).
+
+    Args:
+        tree: a pytree whose leaves are all tensors (registered dataclasses, NamedTuples,
+            dicts, lists...). Static pytree context (e.g. a params' family) is not stored:
+            put what the reader needs into ``metadata``.
+        path: target file; its folder must exist.
+        metadata: extra ``str -> str`` entries; the keys in :data:`RESERVED` are the writer's.
+        kind: what the file holds (e.g. ``"params"``, ``"checkpoint"``); readers check it.
+
+    Raises:
+        TypeError: a leaf is not a tensor, or metadata is not ``str -> str``.
+        ValueError: metadata uses a reserved key.
+    """
+    tensors = _flatten(tree)
+    meta = dict(metadata or {})
+    for key, value in meta.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str to str; got {key!r}: {type(value).__name__} (use json.dumps)")
+        if key in RESERVED:
+            raise ValueError(f"metadata key {key!r} is reserved by puregmm.io; choose another name")
+    meta.update(
+        library=LIBRARY,
+        kind=str(kind),
+        format_version=str(FORMAT_VERSION),
+        puregmm_version=_version(),
+        torch_version=torch.__version__,
+        tensors=json.dumps({n: [_dtype_name(t.dtype), list(t.shape)] for n, t in tensors.items()}, sort_keys=True),
+    )
+    meta["checksum"] = _checksum(tensors, meta)
+    from safetensors.torch import save as to_bytes
+
+    write_atomic(path, to_bytes(tensors, metadata=meta))
+
+
+def load_tree(path: PathLike, like: Any = None, *, kind: str = "tree") -> TreeFile:
+    """Read a file written by :func:`save_tree`, checking library, kind, version and checksum.
+
+    Args:
+        path: the file.
+        like: a template pytree of the same structure (e.g. a fresh ``TrainState``); the tensors
+            are checked against its names, shapes and dtypes and put into its structure. ``None``
+            returns a ``{name: tensor}`` dict instead.
+        kind: the ``kind`` the file must have been written with.
+
+    Returns:
+        :class:`TreeFile` ``(tree, metadata)``; ``metadata`` holds the caller's entries and the
+        writer's (:data:`RESERVED`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: truncated, corrupted, modified, foreign, other kind, newer version, or not
+            matching ``like``.
+    """
+    tensors, meta = _read(path, kind)
+    if like is None:
+        return TreeFile(tensors, meta)
+    return TreeFile(_unflatten_like(tensors, like, repr(os.fspath(path))), meta)
+
+
+def write_atomic(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {str(folder)!r} for {str(target)!r} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+# --- internals -------------------------------------------------------------------------------
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _version() -> str:
+    from puregmm import __version__
+
+    return __version__
+
+
+def _flatten(tree: Any) -> dict[str, Tensor]:
+    """``{path name: contiguous CPU copy}`` for every leaf of ``tree``."""
+    leaves, _ = pytree.tree_flatten_with_path(tree)
+    out: dict[str, Tensor] = {}
+    for key_path, leaf in leaves:
+        name = pytree.keystr(key_path).lstrip(".") or "leaf"
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"every leaf must be a torch.Tensor; leaf {name!r} is {type(leaf).__name__} (wrap it)")
+        if _dtype_name(leaf.dtype) not in _DTYPES:
+            raise TypeError(f"leaf {name!r} has dtype {leaf.dtype}; supported: {sorted(_DTYPES)}")
+        out[name] = leaf.detach().to("cpu", copy=True).contiguous()  # a copy: no shared storage
+    return out
+
+
+def _checksum(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(json.dumps([name, _dtype_name(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _header_metadata(blob: bytes) -> dict[str, Any]:
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    return header.get("__metadata__") or {}
+
+
+def _read(path: PathLike, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a checked puregmm file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as from_bytes
+
+    where = repr(os.fspath(path))
+    blob = Path(path).read_bytes()
+    try:
+        tensors = from_bytes(blob)
+        meta = _header_metadata(blob)
+    except (SafetensorError, ValueError, UnicodeDecodeError, struct.error) as err:
+        raise ValueError(
+            f"{where} is not a readable safetensors file (truncated or corrupted?): {err}; re-create it with pg.save"
+        ) from err
+    if meta.get("library") != LIBRARY:
+        raise ValueError(
+            f"{where} is a safetensors file but not a puregmm one (no library='puregmm' in its metadata; "
+            f"it holds tensors {sorted(tensors)[:6]}); load puregmm models written by pg.save"
+        )
+    version = meta.get("format_version", "")
+    if not version.isdigit():
+        raise ValueError(f"{where} has a bad format_version {version!r}; the file was modified or corrupted")
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(
+            f"{where} uses puregmm file format {version}, newer than this puregmm reads ({FORMAT_VERSION}); "
+            "upgrade puregmm"
+        )
+    if meta.get("checksum") != _checksum(tensors, meta):
+        raise ValueError(f"{where} fails its checksum: the file was modified or corrupted after it was written")
+    if meta.get("kind") != kind:
+        raise ValueError(f"{where} holds a puregmm {meta.get('kind')!r} file, not {kind!r}; use the matching loader")
+    return tensors, meta
+
+
+def _unflatten_like(tensors: dict[str, Tensor], like: Any, where: str) -> Any:
+    """Put ``tensors`` into the structure of ``like``, checking names, shapes and dtypes."""
+    expected = _flatten_shapes(like)
+    if set(tensors) != set(expected):
+        raise ValueError(
+            f"{where} holds tensors {sorted(tensors)}, expected {sorted(expected)}; "
+            "it was written for a different structure"
+        )
+    for name, (dtype, shape) in expected.items():
+        t = tensors[name]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(
+                f"{where}: tensor {name!r} is {_dtype_name(t.dtype)} {tuple(t.shape)}, "
+                f"expected {_dtype_name(dtype)} {shape}"
+            )
+    leaves, spec = pytree.tree_flatten_with_path(like)
+    values = [tensors[pytree.keystr(p).lstrip(".") or "leaf"] for p, _ in leaves]
+    return pytree.tree_unflatten(values, spec)
+
+
+def _flatten_shapes(tree: Any) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    leaves, _ = pytree.tree_flatten_with_path(tree)
+    out = {}
+    for key_path, leaf in leaves:
+        name = pytree.keystr(key_path).lstrip(".") or "leaf"
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"like must have tensor leaves; leaf {name!r} is {type(leaf).__name__}")
+        out[name] = (leaf.dtype, tuple(leaf.shape))
+    return out
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

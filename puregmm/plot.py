@@ -1,0 +1,302 @@
+"""Pictures of a fit: data with 1-, 2-, 3-sigma ellipses, the loss curve, a BIC/AIC curve.
+
+matplotlib is optional (``pip install 'puregmm[plot]'``) and imported only when a function
+draws. Nothing here touches ``pyplot`` or the global backend: without ``ax=`` the functions
+draw on a fresh :class:`matplotlib.figure.Figure` with an Agg canvas, so they work headless
+and leave a notebook's backend alone. Pass ``ax=`` to draw into your own axes instead.
+
+The n-sigma ellipse of a component is the contour at Mahalanobis distance n,
+(x - μ)ᵀ Σ⁻¹ (x - μ) = n² (in 2-D it holds 39%, 86% and 99% of the component's mass for
+n = 1, 2, 3). For D > 2 the data and the components are projected on the first two principal
+components of the data (V: [D, 2]); a projected component is N(Vᵀ(μ - c), Vᵀ Σ V), its exact
+marginal. For D = 1 the plot is a histogram with the weighted component densities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from puregmm.density import component_log_prob
+from puregmm.params import GMMParams, covariances, weights
+
+
+class Projection(NamedTuple):
+    """Data and components in plotting coordinates (see :func:`project`)."""
+
+    points: Tensor  # [M, 2] the (sub-sampled) data, projected
+    means: Tensor  # [K, 2]
+    covariances: Tensor  # [K, 2, 2]
+    labels: tuple[str, str]  # axis labels
+
+
+def ellipse_points(mean: Any, cov: Any, n_sigma: float = 1.0, n_points: int = 121) -> Tensor:
+    """Points [n_points, 2] on the n-sigma ellipse of N(mean [2], cov [2, 2]).
+
+    p(t) = μ + n L [cos t, sin t] with Σ = L Lᵀ, so (p - μ)ᵀ Σ⁻¹ (p - μ) = n² exactly.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    cov = torch.as_tensor(cov, dtype=torch.float64)
+    if mean.shape != (2,) or cov.shape != (2, 2):
+        raise ValueError(f"mean must be [2] and cov [2, 2]; got {tuple(mean.shape)} and {tuple(cov.shape)}")
+    t = torch.linspace(0.0, 2.0 * math.pi, n_points, dtype=torch.float64)
+    circle = torch.stack([torch.cos(t), torch.sin(t)], -1)  # [n_points, 2]
+    chol = torch.linalg.cholesky(0.5 * (cov + cov.mT))
+    return mean + n_sigma * circle @ chol.mT
+
+
+def project(params: GMMParams, x: Any = None, max_points: int = 5000) -> Projection:
+    """Data (every ⌈N/max_points⌉-th row) and components in 2-D plotting coordinates.
+
+    D = 2: unchanged. D > 2: the first two principal components of ``x`` (of the mixture's
+    own covariance when ``x`` is None), centred at the data mean.
+    """
+    _check_params(params)
+    mu = params.means.detach().to(torch.float64)  # [K, D]
+    cov = covariances(params).detach().to(torch.float64)  # [K, D, D]
+    d = params.dim
+    pts = _subsample(x, d, max_points)  # [M, D]
+    if d == 2:
+        return Projection(pts, mu, cov, ("x1", "x2"))
+    if d < 2:
+        raise ValueError(f"project needs D >= 2; got D={d} (plot_fit draws 1-D data as a histogram)")
+    if x is not None:
+        xt = torch.as_tensor(np.asarray(x)).to(torch.float64)
+        centre = xt.mean(0)
+        total = torch.cov(xt.mT)  # [D, D]
+    else:
+        w = weights(params).detach().to(torch.float64)
+        centre = w @ mu
+        diff = mu - centre
+        total = (w[:, None, None] * (cov + diff[:, :, None] * diff[:, None, :])).sum(0)
+    evals, evecs = torch.linalg.eigh(total)  # ascending
+    v = evecs[:, [-1, -2]]  # [D, 2] leading principal axes
+    share = (evals[[-1, -2]] / evals.sum().clamp_min(1e-300) * 100).tolist()
+    labels = (f"PC1 ({share[0]:.0f}% of variance)", f"PC2 ({share[1]:.0f}% of variance)")
+    return Projection((pts - centre) @ v, (mu - centre) @ v, v.mT @ cov @ v, labels)
+
+
+def plot_fit(
+    params: GMMParams,
+    x: Any = None,
+    *,
+    ax: Any = None,
+    sigmas: Sequence[float] = (1.0, 2.0, 3.0),
+    max_points: int = 5000,
+    title: str | None = None,
+) -> Any:
+    """Data coloured by most likely component, with each component's n-sigma ellipses.
+
+    Args:
+        params: unbatched params.
+        x: data [N, D] or None (ellipses only).
+        ax: matplotlib axes to draw into; None makes a new Figure (Agg canvas).
+        sigmas: the Mahalanobis radii of the ellipses.
+        max_points: at most this many points are drawn (every ⌈N/max_points⌉-th row).
+        title: axes title; None gives one naming the family and K.
+
+    Returns:
+        The matplotlib Axes.
+    """
+    ax = _axes(ax)
+    _check_params(params)
+    colors = _colors(params.n_components)
+    title = f"{params.family}, K={params.n_components}" if title is None else title
+    if params.dim == 1:
+        _plot_1d(params, x, ax, colors, max_points)
+        ax.set_title(title)
+        return ax
+    proj = project(params, x, max_points)
+    if proj.points.shape[0]:
+        labels = _labels(params, x, max_points)
+        ax.scatter(proj.points[:, 0], proj.points[:, 1], s=4, c=[colors[i] for i in labels], alpha=0.35, lw=0)
+    for k in range(params.n_components):
+        for j, n in enumerate(sigmas):
+            e = ellipse_points(proj.means[k], proj.covariances[k], n)
+            ax.plot(e[:, 0], e[:, 1], color=colors[k], lw=1.6 - 0.4 * j, alpha=0.9)
+        ax.plot(proj.means[k, 0], proj.means[k, 1], "x", color="black", ms=6, mew=1.5)
+    ax.set_xlabel(proj.labels[0])
+    ax.set_ylabel(proj.labels[1])
+    ax.set_aspect("equal", adjustable="datalim")
+    sig = ", ".join(f"{n:g}" for n in sigmas)
+    ax.set_title(f"{title} ({sig}-sigma ellipses)")
+    return ax
+
+
+def plot_loss(history: Any, *, ax: Any = None, title: str = "loss (mean negative log-likelihood)") -> Any:
+    """The loss per step (``FitResult.history``). Returns the Axes."""
+    ax = _axes(ax)
+    h = torch.as_tensor(history).detach().to(torch.float64).reshape(-1)
+    ax.plot(np.arange(1, h.numel() + 1), h.numpy(), lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def plot_criterion(table: Any, *, criterion: str = "bic", ax: Any = None) -> Any:
+    """BIC (or AIC) against K, one line per family, the best marked; for ``pg.select``'s table.
+
+    ``table`` may be a list of rows (dicts, NamedTuples or objects with attributes), a dict
+    of columns, or a pandas DataFrame; columns are found case-insensitively: ``family``,
+    ``K`` or ``n_components``, and ``criterion``.
+    """
+    ax = _axes(ax)
+    rows = _rows(table)
+    if not rows:
+        raise ValueError("table is empty; pass the table of pg.select(...)")
+    by_family: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        family = str(_field(row, ("family",), "full"))
+        k = int(_field(row, ("k", "n_components")))
+        by_family.setdefault(family, []).append((k, float(_field(row, (criterion.lower(),)))))
+    best = min(((v, k, f) for f, pts in by_family.items() for k, v in pts))
+    for family, pts in by_family.items():
+        pts.sort()
+        ax.plot([k for k, _ in pts], [v for _, v in pts], "o-", ms=4, label=family)
+    ax.plot(best[1], best[0], "*", color="black", ms=12, label=f"best: {best[2]}, K={best[1]}")
+    ax.set_xlabel("K (components)")
+    ax.set_ylabel(criterion.upper())
+    ax.set_title(f"{criterion.upper()} by K (lower is better)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def fit_figure(
+    params: GMMParams,
+    x: Any = None,
+    history: Any = None,
+    table: Any = None,
+    *,
+    criterion: str = "bic",
+    max_points: int = 5000,
+) -> Any:
+    """One Figure: :func:`plot_fit`, then :func:`plot_loss` if ``history`` and
+    :func:`plot_criterion` if ``table`` are given, side by side."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = _mpl_figure()
+    panels = 1 + (history is not None) + (table is not None)
+    fig = figure.Figure(figsize=(5.0 * panels, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    plot_fit(params, x, ax=axes[0], max_points=max_points)
+    i = 1
+    if history is not None:
+        plot_loss(history, ax=axes[i])
+        i += 1
+    if table is not None:
+        plot_criterion(table, criterion=criterion, ax=axes[i])
+    return fig
+
+
+def save_figure(fig: Any, path: Any, dpi: int = 80) -> None:
+    """Write ``fig`` as an image (format from the suffix, e.g. ``.png``)."""
+    fig.savefig(path, dpi=dpi)
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+def _mpl_figure() -> Any:
+    try:
+        import matplotlib.figure
+    except ImportError as err:
+        raise ImportError(
+            "puregmm's plots need matplotlib, which is not installed; "
+            "run `pip install 'puregmm[plot]'` (or `pip install matplotlib`)"
+        ) from err
+    return matplotlib.figure
+
+
+def _axes(ax: Any) -> Any:
+    if ax is not None:
+        return ax
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = _mpl_figure().Figure(figsize=(5.5, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig.add_subplot()
+
+
+def _check_params(params: GMMParams) -> None:
+    if not isinstance(params, GMMParams):
+        raise TypeError(f"params must be GMMParams; got {type(params).__name__}")
+    if params.batch_shape:
+        raise ValueError(f"plots need unbatched params; got batch shape {params.batch_shape} (index one fit: p[i])")
+
+
+def _subsample(x: Any, d: int, max_points: int) -> Tensor:
+    if x is None:
+        return torch.zeros(0, d, dtype=torch.float64)
+    xt = torch.as_tensor(np.asarray(x))
+    if xt.dim() != 2 or xt.shape[1] != d:
+        raise ValueError(f"x must be [N, {d}] to match the params; got shape {tuple(xt.shape)}")
+    stride = max(1, math.ceil(xt.shape[0] / max_points))
+    return xt[::stride].to(torch.float64)
+
+
+def _labels(params: GMMParams, x: Any, max_points: int) -> list[int]:
+    pts = _subsample(x, params.dim, max_points).to(params.dtype)
+    with torch.no_grad():
+        return component_log_prob(params, pts).argmax(-1).tolist()
+
+
+def _colors(k: int) -> list[Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return [cmap(i % 10) for i in range(k)]
+
+
+def _plot_1d(params: GMMParams, x: Any, ax: Any, colors: list[Any], max_points: int) -> None:
+    mu = params.means.detach().to(torch.float64)[:, 0]
+    sd = covariances(params).detach().to(torch.float64)[:, 0, 0].sqrt()
+    w = weights(params).detach().to(torch.float64)
+    lo, hi = float((mu - 4 * sd).min()), float((mu + 4 * sd).max())
+    if x is not None:
+        pts = _subsample(x, 1, max_points)[:, 0]
+        ax.hist(pts.numpy(), bins=60, density=True, color="0.8")
+        lo, hi = min(lo, float(pts.min())), max(hi, float(pts.max()))
+    grid = torch.linspace(lo, hi, 400, dtype=torch.float64)
+    dens = w * torch.exp(-0.5 * ((grid[:, None] - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))  # [G, K]
+    for k in range(params.n_components):
+        ax.plot(grid.numpy(), dens[:, k].numpy(), color=colors[k])
+    ax.plot(grid.numpy(), dens.sum(-1).numpy(), color="black", lw=1.5)
+    ax.set_xlabel("x")
+    ax.set_ylabel("density")
+
+
+def _rows(table: Any) -> list[Any]:
+    if hasattr(table, "to_dict") and hasattr(table, "columns"):  # pandas DataFrame
+        return list(table.to_dict("records"))
+    if isinstance(table, Mapping):
+        cols = list(table)
+        return [dict(zip(cols, vals)) for vals in zip(*(table[c] for c in cols))]
+    if isinstance(table, Iterable):
+        return list(table)
+    raise TypeError(f"table must be rows, a dict of columns or a DataFrame; got {type(table).__name__}")
+
+
+_MISSING = object()
+
+
+def _field(row: Any, names: tuple[str, ...], default: Any = _MISSING) -> Any:
+    if hasattr(row, "_asdict"):
+        row = row._asdict()
+    if not isinstance(row, Mapping):
+        row = {k: getattr(row, k) for k in dir(row) if not k.startswith("_")}
+    lower = {str(k).lower(): v for k, v in row.items()}
+    for n in names:
+        if n in lower:
+            return lower[n]
+    if default is not _MISSING:
+        return default
+    raise ValueError(f"table rows need a column {names[0]!r}; got columns {sorted(lower)}")
