@@ -214,12 +214,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} exists and is not a folder; pass a folder name")
-    fit_kwargs = _checkpoint_kwargs(out, args.resume)
-    x = _tensor(load_data(args.data), args.dtype)
     if args.components == "auto" and not hasattr(pg, "select"):
         raise UsageError(
             "--components auto is not yet available: this puregmm has no pg.select; pass a number, e.g. --components 5"
         )
+    fit_kwargs = _checkpoint_kwargs(out, args.resume)
+    x = _tensor(load_data(args.data), args.dtype)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

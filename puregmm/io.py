@@ -234,12 +234,23 @@ def _version() -> str:
     return __version__
 
 
+def _leaf_name(key_path: Any) -> str:
+    """``params.means``, ``opt_state.mu.scale``, ``history.0``: a leaf's pytree path, dotted."""
+    parts = []
+    for k in key_path:
+        part = getattr(k, "name", getattr(k, "key", getattr(k, "idx", None)))
+        parts.append(str(part if part is not None else k))
+    return ".".join(parts) or "leaf"
+
+
 def _flatten(tree: Any) -> dict[str, Tensor]:
     """``{path name: contiguous CPU copy}`` for every leaf of ``tree``."""
     leaves, _ = pytree.tree_flatten_with_path(tree)
     out: dict[str, Tensor] = {}
     for key_path, leaf in leaves:
-        name = pytree.keystr(key_path).lstrip(".") or "leaf"
+        name = _leaf_name(key_path)
+        if name in out:
+            raise ValueError(f"two leaves are both named {name!r}; rename a key (dots in dict keys clash)")
         if not isinstance(leaf, Tensor):
             raise TypeError(f"every leaf must be a torch.Tensor; leaf {name!r} is {type(leaf).__name__} (wrap it)")
         if _dtype_name(leaf.dtype) not in _DTYPES:
@@ -314,7 +325,7 @@ def _unflatten_like(tensors: dict[str, Tensor], like: Any, where: str) -> Any:
                 f"expected {_dtype_name(dtype)} {shape}"
             )
     leaves, spec = pytree.tree_flatten_with_path(like)
-    values = [tensors[pytree.keystr(p).lstrip(".") or "leaf"] for p, _ in leaves]
+    values = [tensors[_leaf_name(p)] for p, _ in leaves]
     return pytree.tree_unflatten(values, spec)
 
 
@@ -322,7 +333,7 @@ def _flatten_shapes(tree: Any) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]
     leaves, _ = pytree.tree_flatten_with_path(tree)
     out = {}
     for key_path, leaf in leaves:
-        name = pytree.keystr(key_path).lstrip(".") or "leaf"
+        name = _leaf_name(key_path)
         if not isinstance(leaf, Tensor):
             raise TypeError(f"like must have tensor leaves; leaf {name!r} is {type(leaf).__name__}")
         out[name] = (leaf.dtype, tuple(leaf.shape))

@@ -133,6 +133,8 @@ def plot_loss(history: Any, *, ax: Any = None, title: str = "loss (mean negative
     ax = _axes(ax)
     h = torch.as_tensor(history).detach().to(torch.float64).reshape(-1)
     ax.plot(np.arange(1, h.numel() + 1), h.numpy(), lw=1.2)
+    ax.yaxis.get_major_formatter().set_useOffset(False)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -180,12 +182,8 @@ def fit_figure(
 ) -> Any:
     """One Figure: :func:`plot_fit`, then :func:`plot_loss` if ``history`` and
     :func:`plot_criterion` if ``table`` are given, side by side."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    figure = _mpl_figure()
     panels = 1 + (history is not None) + (table is not None)
-    fig = figure.Figure(figsize=(5.0 * panels, 4.6), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _new_figure((5.0 * panels, 4.6))
     axes = fig.subplots(1, panels, squeeze=False)[0]
     plot_fit(params, x, ax=axes[0], max_points=max_points)
     i = 1
@@ -205,25 +203,23 @@ def save_figure(fig: Any, path: Any, dpi: int = 80) -> None:
 # --- internals -------------------------------------------------------------------------------
 
 
-def _mpl_figure() -> Any:
+def _new_figure(size: tuple[float, float]) -> Any:
+    """A matplotlib Figure on an Agg canvas (no pyplot, no global backend change)."""
     try:
-        import matplotlib.figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
             "puregmm's plots need matplotlib, which is not installed; "
             "run `pip install 'puregmm[plot]'` (or `pip install matplotlib`)"
         ) from err
-    return matplotlib.figure
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _axes(ax: Any) -> Any:
-    if ax is not None:
-        return ax
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig = _mpl_figure().Figure(figsize=(5.5, 4.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig.add_subplot()
+    return ax if ax is not None else _new_figure((5.5, 4.6)).add_subplot()
 
 
 def _check_params(params: GMMParams) -> None:

@@ -1,0 +1,252 @@
+"""Persistence: exact round trips, validated reads (truncated, tampered, foreign), atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import puregmm as pg
+from puregmm import io as pgio
+from tests.strategies import random_params
+
+LEAVES = ("logits", "means", "scale")
+
+
+def assert_same_params(a: pg.GMMParams, b: pg.GMMParams) -> None:
+    assert a.family == b.family
+    for name in LEAVES:
+        ta, tb = getattr(a, name), getattr(b, name)
+        assert ta.dtype == tb.dtype and ta.shape == tb.shape, name
+        assert torch.equal(ta, tb), f"leaf {name} differs"
+
+
+def header(path: Path) -> tuple[int, dict]:
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    return n, json.loads(blob[8 : 8 + n])
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_round_trip_is_exact(tmp_path: Path, family: str, dtype: torch.dtype) -> None:
+    p = random_params(family, 3, 4, seed=1, dtype=dtype)
+    path = tmp_path / "m.safetensors"
+    pg.save(p, path)
+    q = pg.load(path)
+    assert_same_params(p, q)
+    x = torch.randn(5, 4, dtype=dtype)
+    assert torch.equal(pg.log_prob(p, x), pg.log_prob(q, x))
+
+
+def test_round_trip_batched_params_and_device(tmp_path: Path) -> None:
+    ps = [random_params("diagonal", 2, 3, seed=s) for s in range(3)]
+    stacked = torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *ps)
+    pg.save(stacked, tmp_path / "b.safetensors")
+    q = pg.load(tmp_path / "b.safetensors", device="cpu")
+    assert q.batch_shape == (3,)
+    assert_same_params(stacked, q)
+
+
+def test_metadata_says_what_is_inside(tmp_path: Path) -> None:
+    p = random_params("tied", 3, 2, dtype=torch.float32)
+    path = tmp_path / "m.safetensors"
+    pg.save(p, path)
+    _, head = header(path)
+    meta = head["__metadata__"]
+    assert meta["library"] == "puregmm" and meta["kind"] == "params"
+    assert meta["format_version"] == str(pgio.FORMAT_VERSION)
+    assert meta["family"] == "tied" and meta["dtype"] == "float32"
+    assert (meta["n_components"], meta["dim"]) == ("3", "2")
+    shapes = json.loads(meta["tensors"])
+    assert shapes == {"logits": ["float32", [3]], "means": ["float32", [3, 2]], "scale": ["float32", [2, 2]]}
+    assert meta["checksum"].startswith("sha256:")
+    assert pgio.load_tree(path, kind="params").metadata["family"] == "tied"
+
+
+def test_truncated_file_is_a_value_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    pg.save(random_params("full", 2, 3), path)
+    blob = path.read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    for size in sorted({0, 3, 8, 20, len(blob) // 2, len(blob) - 1}):
+        bad.write_bytes(blob[:size])
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            pg.load(bad)
+    bad.write_bytes(blob + b"\0")  # trailing garbage
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        pg.load(bad)
+
+
+def test_every_flipped_header_byte_is_caught(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    pg.save(random_params("full", 2, 2), path)
+    blob = path.read_bytes()
+    n, _ = header(path)
+    bad = tmp_path / "bad.safetensors"
+    for i in range(8 + n):  # the length prefix and every byte of the JSON header
+        for mask in (0x01, 0xFF) if i % 5 == 0 else (0x01,):
+            flipped = bytearray(blob)
+            flipped[i] ^= mask
+            bad.write_bytes(bytes(flipped))
+            with pytest.raises(ValueError):
+                pg.load(bad)
+
+
+def test_flipped_tensor_bytes_fail_the_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    pg.save(random_params("full", 2, 2), path)
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x10
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="checksum"):
+        pg.load(path)
+
+
+def test_foreign_safetensors_file(tmp_path: Path) -> None:
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.ones(2, 2), "bias": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match=r"not a puregmm one .*bias"):
+        pg.load(path)
+    save_file({"logits": torch.ones(2)}, path, metadata={"library": "puregmm", "format_version": "1"})
+    with pytest.raises(ValueError, match="checksum"):
+        pg.load(path)
+
+
+def test_other_kind_and_newer_version(tmp_path: Path) -> None:
+    state = pg.init_state(random_params("diagonal", 2, 2, dtype=torch.float32))
+    path = tmp_path / "ckpt.safetensors"
+    pg.save_tree(state, path, {"note": "x"}, kind="checkpoint")
+    with pytest.raises(ValueError, match="holds a puregmm 'checkpoint' file, not 'params'"):
+        pg.load(path)
+    # A well-formed file from a future format version (valid checksum) is refused clearly.
+    tensors = {n: getattr(random_params("full", 2, 2), n).contiguous() for n in LEAVES}
+    meta = {"library": "puregmm", "kind": "params", "format_version": str(pgio.FORMAT_VERSION + 1)}
+    meta["checksum"] = pgio._checksum(tensors, meta)
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="newer than this puregmm reads"):
+        pg.load(path)
+
+
+def test_save_refuses_bad_input(tmp_path: Path) -> None:
+    p = random_params("full", 2, 2)
+    with pytest.raises(TypeError, match="params must be GMMParams"):
+        pg.save({"means": p.means}, tmp_path / "m.safetensors")
+    broken = pg.GMMParams(p.logits, p.means * float("nan"), p.scale, "full")
+    with pytest.raises(ValueError, match=r"params.means holds NaN"):
+        pg.save(broken, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    with pytest.raises(FileNotFoundError):
+        pg.load(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pg.save(p, tmp_path / "no" / "such" / "m.safetensors")
+
+
+def test_save_tree_round_trips_a_train_state(tmp_path: Path) -> None:
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    state = pg.init_state(pg.init(x, 3, "full", key=1), key=7)
+    for _ in range(3):
+        state = pg.step(state, x)
+    path = tmp_path / "state.safetensors"
+    pg.save_tree(state, path, {"history": json.dumps([1.5, 1.25])}, kind="checkpoint")
+    template = pg.init_state(pg.init(x, 3, "full"))
+    loaded, meta = pg.load_tree(path, like=template, kind="checkpoint")
+    assert isinstance(loaded, pg.TrainState) and json.loads(meta["history"]) == [1.5, 1.25]
+    for (_, a), (_, b) in zip(
+        torch.utils._pytree.tree_flatten_with_path(state)[0], torch.utils._pytree.tree_flatten_with_path(loaded)[0]
+    ):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # The restored state steps exactly like the original (static settings come from the template).
+    assert torch.equal(pg.step(loaded, x).params.means, pg.step(state, x).params.means)
+    flat, _ = pg.load_tree(path, kind="checkpoint")
+    assert set(flat) >= {"params.means", "opt_state.mu.scale", "step", "key", "n_resets"}
+
+    wrong = pg.init_state(pg.init(x, 2, "full"))
+    with pytest.raises(ValueError, match=r"tensor 'params.logits' is float32 \(3,\), expected float32 \(2,\)"):
+        pg.load_tree(path, like=wrong, kind="checkpoint")
+    with pytest.raises(ValueError, match="expected"):
+        pg.load_tree(path, like={"a": torch.zeros(1)}, kind="checkpoint")
+    pg.save_tree({"a": [torch.zeros(1), torch.ones(2)]}, path)
+    assert set(pg.load_tree(path).tree) == {"a.0", "a.1"}
+    with pytest.raises(ValueError, match=r"both named 'a\.b'"):
+        pg.save_tree({"a.b": torch.zeros(1), "a": {"b": torch.zeros(1)}}, path)
+
+
+def test_save_tree_checks_its_arguments(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(TypeError, match="leaf 'b' is int"):
+        pg.save_tree({"a": torch.zeros(1), "b": 3}, path)
+    with pytest.raises(ValueError, match="reserved"):
+        pg.save_tree({"a": torch.zeros(1)}, path, {"checksum": "x"})
+    with pytest.raises(TypeError, match="str to str"):
+        pg.save_tree({"a": torch.zeros(1)}, path, {"n": 3})  # type: ignore[dict-item]
+    assert not path.exists()
+    shared = torch.arange(6.0)
+    pg.save_tree({"a": shared[:3], "b": shared.reshape(2, 3).T}, path)  # views and non-contiguous leaves
+    tree, _ = pg.load_tree(path)
+    assert torch.equal(tree["b"], shared.reshape(2, 3).T)
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.safetensors"
+    old = random_params("full", 2, 2, seed=0)
+    pg.save(old, path)
+
+    def boom(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pgio.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        pg.save(random_params("full", 2, 2, seed=1), path)
+    monkeypatch.undo()
+    assert_same_params(old, pg.load(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch, puregmm as pg
+    from tests.strategies import random_params
+    path = sys.argv[1]
+    models = [random_params("full", 40, 48, seed=s, dtype=torch.float32) for s in (0, 1)]
+    i = 0
+    while True:
+        pg.save(models[i % 2], path)
+        i += 1
+        print(i, flush=True)
+    """
+)
+
+
+def test_killed_writer_leaves_a_loadable_file(tmp_path: Path) -> None:
+    """SIGKILL a process in a save loop at several moments: the target always loads intact."""
+    path = tmp_path / "m.safetensors"
+    expected = [random_params("full", 40, 48, seed=s, dtype=torch.float32) for s in (0, 1)]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env, cwd=root
+    )
+    try:
+        assert proc.stdout is not None
+        for _ in range(5):  # wait for a few complete saves
+            assert proc.stdout.readline(), "writer died"
+        time.sleep(0.013)  # land somewhere inside a later save
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    loaded = pg.load(path)
+    assert any(torch.equal(loaded.scale, e.scale) and torch.equal(loaded.means, e.means) for e in expected)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.safetensors"]
+    assert all(n.startswith(".m.safetensors.") and n.endswith(".tmp") for n in leftovers), leftovers
