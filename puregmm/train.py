@@ -135,7 +135,7 @@ def step(state: TrainState, batch: Tensor, sample_weight: Tensor | None = None) 
     updates, opt_state = state.optimizer.update(grads, state.opt_state, state.params)
     params = apply_updates(state.params, updates)
     params, opt_state, n_bad = reset_collapsed(
-        params, opt_state, batch, state.key, state.step, state.min_variance, state.reset
+        params, opt_state, batch, state.key, state.step, state.min_variance, state.reset, sample_weight
     )
     return dataclasses.replace(
         state, params=params, opt_state=opt_state, step=state.step + 1, n_resets=state.n_resets + n_bad, loss=value
@@ -168,8 +168,11 @@ def reset_collapsed(
     step_count: Tensor,
     min_variance: float,
     mode: str = "component",
+    sample_weight: Tensor | None = None,
 ) -> tuple[GMMParams, Any, Tensor]:
     """Reset bad components of ``params`` (and their optimiser moments) branch-free.
+
+    New means are rows of ``batch`` that are finite and have positive ``sample_weight``.
 
     Returns the new params, the new optimiser state and the number of components reset.
     """
@@ -178,14 +181,18 @@ def reset_collapsed(
     if mode == "all":
         bad = bad.any().expand(k)
         shared_bad = shared_bad | bad.any() if not spec.per_component and spec.learned else shared_bad
-    n = batch.shape[0]
     finite_rows = torch.isfinite(batch).all(-1, keepdim=True)
     x = torch.where(finite_rows, batch, torch.zeros_like(batch))  # NaN rows cannot poison the reset
-    w = finite_rows.to(x.dtype)
+    valid = finite_rows.squeeze(-1) if sample_weight is None else finite_rows.squeeze(-1) & (sample_weight > 0)
+    w = valid.to(x.dtype).unsqueeze(-1)
     count = w.sum().clamp_min(1.0)
     centre = (x * w).sum(0) / count
     var = (((x - centre) * w).square().sum(0) / count).clamp_min(min_variance)  # [D]
-    picks = keys.index(key, step_count, torch.arange(k, device=x.device), n=n)  # [K]
+    # a uniformly drawn valid row (finite, positive weight) per component: inverse CDF of a 0/1 mass
+    cum = torch.cumsum(valid.to(torch.int64), 0)  # [N]
+    u = keys.uniform(key, step_count, torch.arange(k, device=x.device))  # [K]
+    target = (u * cum[-1].to(u.dtype)).floor().to(torch.int64) + 1
+    picks = torch.searchsorted(cum, target).clamp_max(x.shape[0] - 1)  # [K]
     new_means = torch.index_select(x, 0, picks)  # [K, D]
     fresh = spec.raw_from_variances(var, k)
 
