@@ -248,7 +248,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"{PROG} fit: warning: {m}", file=sys.stderr)
 
     pg.save(params, out / "model.safetensors")
-    report = _report(args, x, params, fitted, seconds, messages)
+    report = _report(args, x, params, fitted, table, seconds, messages)
     pgio.write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     wrote = ["model.safetensors", "report.json"]
     if not args.no_plot:
@@ -400,8 +400,18 @@ def _checkpoint_kwargs(out: Path, resume: bool) -> dict[str, Any]:
 
 def _fit_auto(x: torch.Tensor, args: argparse.Namespace) -> tuple[pg.GMMParams, Any, Any]:
     """Pick K by BIC with pg.select; returns (params, None, table)."""
+    select = pg.select  # type: ignore[attr-defined]
     k_max = min(args.max_components, x.shape[0])
-    table, params = pg.select(  # type: ignore[attr-defined]
+    optional = {  # forwarded only where pg.select accepts them
+        "method": args.method,
+        "max_steps": args.max_steps,
+        "tol": args.tol,
+        "batch_size": args.batch_size,
+        "reg_covar": args.reg_covar,
+    }
+    accepted = inspect.signature(select).parameters
+    extra = {k: v for k, v in optional.items() if k in accepted and v is not None}
+    table, params = select(
         x,
         n_components=range(1, k_max + 1),
         families=(args.family,),
@@ -409,18 +419,40 @@ def _fit_auto(x: torch.Tensor, args: argparse.Namespace) -> tuple[pg.GMMParams, 
         n_init=args.n_init,
         key=args.seed,
         progress=not args.quiet,
+        **extra,
     )
     return params, None, table
 
 
+def _selection(table: Any) -> list[dict[str, Any]]:
+    """The selection table as JSON-ready rows."""
+    from puregmm.plot import table_rows
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (torch.Tensor, np.generic, np.ndarray)):
+            v = v.tolist()
+        return _finite_or_none(v) if isinstance(v, float) else v
+
+    out = []
+    for row in table_rows(table):
+        d = row._asdict() if hasattr(row, "_asdict") else dict(row) if isinstance(row, dict) else vars(row)
+        out.append({str(k): plain(v) for k, v in d.items()})
+    return out
+
+
 def _report(
-    args: argparse.Namespace, x: torch.Tensor, params: pg.GMMParams, fitted: Any, seconds: float, messages: list[str]
+    args: argparse.Namespace,
+    x: torch.Tensor,
+    params: pg.GMMParams,
+    fitted: Any,
+    table: Any,
+    seconds: float,
+    messages: list[str],
 ) -> dict[str, Any]:
     with torch.no_grad():
         loss = float(pg.loss(params, x)) if fitted is None else float(fitted.loss)
-    with torch.no_grad():
         bic, aic = float(pg.bic(params, x)), float(pg.aic(params, x))
-    return {
+    report = {
         "family": params.family,
         "K": params.n_components,
         "D": params.dim,
@@ -441,6 +473,18 @@ def _report(
         "warnings": messages,
         "versions": _versions(),
     }
+    if table is not None:
+        report["selection"] = _selection(table)
+        best = [r for r in report["selection"] if _row_k(r) == params.n_components]
+        for key in ("n_steps", "converged", "n_resets"):
+            if best and key in best[0]:
+                report[key] = best[0][key]
+    return report
+
+
+def _row_k(row: dict[str, Any]) -> Any:
+    lower = {k.lower(): v for k, v in row.items()}
+    return lower.get("k", lower.get("n_components"))
 
 
 def _finite_or_none(v: float) -> float | None:

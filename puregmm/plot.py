@@ -150,14 +150,14 @@ def plot_criterion(table: Any, *, criterion: str = "bic", ax: Any = None) -> Any
     ``K`` or ``n_components``, and ``criterion``.
     """
     ax = _axes(ax)
-    rows = _rows(table)
+    rows = table_rows(table)
     if not rows:
         raise ValueError("table is empty; pass the table of pg.select(...)")
     by_family: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
-        family = str(_field(row, ("family",), "full"))
-        k = int(_field(row, ("k", "n_components")))
-        by_family.setdefault(family, []).append((k, float(_field(row, (criterion.lower(),)))))
+        family = str(field(row, ("family",), "full"))
+        k = int(field(row, ("k", "n_components")))
+        by_family.setdefault(family, []).append((k, float(field(row, (criterion.lower(),)))))
     best = min(((v, k, f) for f, pts in by_family.items() for k, v in pts))
     for family, pts in by_family.items():
         pts.sort()
@@ -270,7 +270,8 @@ def _plot_1d(params: GMMParams, x: Any, ax: Any, colors: list[Any], max_points: 
     ax.set_ylabel("density")
 
 
-def _rows(table: Any) -> list[Any]:
+def table_rows(table: Any) -> list[Any]:
+    """Rows of a table given as rows, a dict of columns or a pandas DataFrame."""
     if hasattr(table, "to_dict") and hasattr(table, "columns"):  # pandas DataFrame
         return list(table.to_dict("records"))
     if isinstance(table, Mapping):
@@ -284,7 +285,8 @@ def _rows(table: Any) -> list[Any]:
 _MISSING = object()
 
 
-def _field(row: Any, names: tuple[str, ...], default: Any = _MISSING) -> Any:
+def field(row: Any, names: tuple[str, ...], default: Any = _MISSING) -> Any:
+    """The first of ``names`` (case-insensitive) in a row (dict, NamedTuple or object)."""
     if hasattr(row, "_asdict"):
         row = row._asdict()
     if not isinstance(row, Mapping):
