@@ -97,7 +97,7 @@ def fit(
     n_init: int = 1,
     reg_covar: float = 1e-6,
     init_params: GMMParams | Any | None = None,
-    init_method: str = "kmeans++",
+    init_method: str = "kmeans",
     sample_weight: Any = None,
     optimizer: Any = None,
     key: Any = 0,
@@ -123,7 +123,8 @@ def fit(
         init_params: start from these params instead of :func:`puregmm.init`, or from these
             means [K, D] only (weights and covariances from the points nearest to them, as
             scikit-learn's ``means_init``).
-        init_method: :func:`puregmm.init`'s ``method`` when ``init_params`` is not given.
+        init_method: :func:`puregmm.init`'s ``method`` when ``init_params`` is not given; the
+            default ``"kmeans"`` (k-means++ seeds, then Lloyd) is scikit-learn's default.
         sample_weight: [N] non-negative weights (not all zero); a weighted fit equals a fit on
             rows repeated by integer weights.
         optimizer: a :class:`puregmm.Optimizer` for ``"gd"``; ``None``: the default Adam.
@@ -270,8 +271,10 @@ def _fit_gd(
     max_steps = GD_MAX_STEPS if max_steps is None else int(max_steps)
     tol = GD_TOL if tol is None else float(tol)
     n, d = x.shape
-    shift = x.mean(0)
-    s = float(x.sub(shift).square().mean().sqrt().clamp_min(torch.finfo(x.dtype).tiny))
+    wn = torch.ones_like(x[:, 0]) if w is None else w  # weighted moments: rows act as counts
+    wn = wn / wn.sum()
+    shift = (wn.unsqueeze(-1) * x).sum(0)
+    s = float((wn.unsqueeze(-1) * x.sub(shift).square()).sum(0).mean().sqrt().clamp_min(torch.finfo(x.dtype).tiny))
     z = (x - shift) / s
     log_jac = d * math.log(s)
     state = init_state(_affine(start, 1.0 / s, -shift / s), optimizer, key=key)
@@ -326,4 +329,3 @@ def _progress(enabled: bool, total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="fit", unit="step")
-

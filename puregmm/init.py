@@ -4,8 +4,8 @@ responsibilities, then run the one M-step (:func:`puregmm.em.m_step`) on them.
 Methods (``method=``):
 
 =====================  ===================================================================
-``"kmeans++"``         k-means++ seeds (Arthur & Vassilvitskii, 2007), hard-assign each point
-                       to its nearest seed (the default)
+``"kmeans++"``         greedy k-means++ seeds (Arthur & Vassilvitskii, 2007), hard-assign each
+                       point to its nearest seed (the default)
 ``"kmeans"``           k-means++ seeds, then Lloyd iterations until the labels settle
                        (at most ``KMEANS_MAX_ITER``), hard-assign
 ``"random"``           responsibilities uniform at random, normalised per row
@@ -36,25 +36,38 @@ METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
 KMEANS_MAX_ITER = 100
 
 
-def kmeans_plusplus(x: Tensor, n_components: int, key: Any = 0, sample_weight: Tensor | None = None) -> Tensor:
-    """k-means++ centres [K, D]: the first a point drawn ∝ ω, each next one a point drawn with
-    probability ∝ ω·(squared distance to the nearest centre so far). Draw i uses
-    ``uniform(key, i)``."""
+def kmeans_plusplus(
+    x: Tensor, n_components: int, key: Any = 0, sample_weight: Tensor | None = None, n_local_trials: int | None = None
+) -> Tensor:
+    """k-means++ centres [K, D] (Arthur & Vassilvitskii, 2007), greedy as scikit-learn's.
+
+    The first centre is a point drawn ∝ ω. Each next one: draw ``n_local_trials`` candidates
+    (default 2 + ⌊log K⌋, scikit-learn's; 1 is the plain algorithm) with probability
+    ∝ ω·(squared distance to the nearest centre so far) and keep the one that lowers the
+    weighted potential Σ ω·d² most. Draw j of centre i uses ``uniform(key, i, j)``.
+    """
     key = _validate.key(key)
-    n = x.shape[0]
+    n, k = x.shape[0], n_components
+    trials = 2 + int(math.log(k)) if n_local_trials is None else max(1, int(n_local_trials))
     w = torch.ones(n, dtype=torch.float64, device=x.device) if sample_weight is None else sample_weight.double()
-    d2 = torch.ones_like(w)  # first draw: ∝ ω
-    centres = []
-    for i in range(n_components):
-        mass = w * d2
+
+    def draw(mass: Tensor, i: int, m: int) -> Tensor:
         cum = torch.cumsum(mass, 0)
         if not bool(cum[-1] > 0):  # every weighted point already is a centre: draw ∝ ω
             cum = torch.cumsum(w, 0)
-        u = keys.uniform(key, i).to(x.device) * cum[-1]
-        pick = torch.searchsorted(cum, u.reshape(1), right=True).clamp_max(n - 1)
-        centres.append(x.index_select(0, pick)[0])
-        d2_new = (x - centres[-1]).square().sum(-1).to(torch.float64)
-        d2 = d2_new if i == 0 else torch.minimum(d2, d2_new)
+        u = keys.uniform(key, i, torch.arange(m)).to(x.device) * cum[-1]
+        return torch.searchsorted(cum, u, right=True).clamp_max(n - 1)  # [m]
+
+    first = draw(w, 0, 1)
+    centres = [x.index_select(0, first)[0]]
+    d2 = (x - centres[0]).square().sum(-1).to(torch.float64)  # [N]
+    for i in range(1, k):
+        cand = draw(w * d2, i, trials)  # [L]
+        cd2 = torch.stack([(x - x[c]).square().sum(-1) for c in cand.tolist()]).double()  # [L, N]
+        new_d2 = torch.minimum(d2, cd2)  # [L, N]
+        best = int((new_d2 * w).sum(-1).argmin())
+        centres.append(x[cand[best]])
+        d2 = new_d2[best]
     return torch.stack(centres)
 
 

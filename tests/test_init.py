@@ -48,7 +48,7 @@ def test_covariances_are_sklearns_m_step_on_the_hard_partition(family: str) -> N
 def test_kmeans_lloyd_lowers_the_kmeans_objective_and_finds_blobs() -> None:
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
-    x = (centres.repeat_interleave(50, 0) + 0.5 * torch.randn(200, 2, generator=g, dtype=torch.float64))
+    x = centres.repeat_interleave(50, 0) + 0.5 * torch.randn(200, 2, generator=g, dtype=torch.float64)
 
     def objective(means: torch.Tensor) -> float:
         return float(torch.cdist(x, means).amin(-1).square().sum())

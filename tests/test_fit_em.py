@@ -1,0 +1,207 @@
+"""fit(method="em"): scikit-learn's loop and quality, restarts, warm starts, weights,
+degenerate data, float32, resuming."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import puregmm as pg
+from puregmm import keys
+from puregmm.fit import _fit_em
+from tests.oracles import SK_TYPE, random_params, sk_covariances_full, sklearn_em, to_np
+
+SK_FAMILIES = tuple(SK_TYPE)
+
+
+def blobs(side: float, seed: int = 0, n: int = 240) -> torch.Tensor:
+    """Three 2-D Gaussians with distinct covariances at the corners of a triangle."""
+    rng = np.random.default_rng(seed)
+    means = side * np.array([[0.0, 0.0], [1.0, 0.0], [0.5, 0.87]])
+    covs = [[[1.0, 0.5], [0.5, 1.0]], [[2.0, 0.0], [0.0, 0.5]], [[0.7, -0.3], [-0.3, 1.2]]]
+    labels = rng.integers(0, 3, n)
+    return torch.as_tensor(np.stack([rng.multivariate_normal(means[j], covs[j]) for j in labels]))
+
+
+def quiet_fit(*args, **kwargs) -> pg.FitResult:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pg.ConvergenceWarning)
+        return pg.fit(*args, **kwargs)
+
+
+@pytest.mark.parametrize("side", [8.0, 2.5], ids=["separated", "overlapping"])
+@pytest.mark.parametrize("family", SK_FAMILIES)
+def test_n_init_5_reaches_sklearns_likelihood(side: float, family: str) -> None:
+    from sklearn.mixture import GaussianMixture
+
+    x = blobs(side)
+    result = pg.fit(x, 3, family, method="em", n_init=5, key=0)
+    gm = GaussianMixture(3, covariance_type=SK_TYPE[family], n_init=5, random_state=0).fit(to_np(x))
+    assert -float(result.loss) >= gm.score(to_np(x)) - 1e-3
+    assert result.converged
+
+
+@pytest.mark.parametrize("family", SK_FAMILIES)
+def test_loop_from_given_params_is_sklearns(family: str) -> None:
+    """Same start, tol and max_steps: the same number of steps, convergence and params."""
+    x = blobs(2.5, seed=1)
+    p0 = random_params(family, 3, 2, seed=3, spread=2.0)
+    p0 = pg.GMMParams(p0.logits, p0.means + x.mean(0), p0.scale, family)
+    result = pg.fit(x, 3, family, method="em", init_params=p0)
+    gm = sklearn_em(p0, x, 100)
+    gm_tol = type(gm)(**{**gm.get_params(), "tol": 1e-3}).fit(to_np(x))
+    assert result.n_steps == gm_tol.n_iter_ and result.converged == gm_tol.converged_
+    np.testing.assert_allclose(-to_np(result.history), gm_tol.lower_bounds_, rtol=1e-8)
+    np.testing.assert_allclose(to_np(result.params.means), gm_tol.means_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(to_np(pg.covariances(result.params)), sk_covariances_full(gm_tol, 3, 2), rtol=1e-6)
+    torch.testing.assert_close(result.loss, pg.loss(result.params, x))
+    assert result.history.shape == (result.n_steps,)
+    assert bool((result.history.diff() <= 1e-12).all())  # EM: loss never increases
+
+
+def test_defaults_warning_and_truthful_counts() -> None:
+    x = blobs(2.5, seed=2)
+    with pytest.warns(pg.ConvergenceWarning, match="max_steps=2"):
+        r = pg.fit(x, 3, "full", method="em", max_steps=2, tol=0.0)
+    assert r.n_steps == 2 and not r.converged and r.history.shape == (2,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pg.ConvergenceWarning)
+        r = pg.fit(x, 3, "full", method="em")  # tol=1e-3, max_steps=100
+    assert r.converged and 1 < r.n_steps < 100
+    assert abs(float(r.history[-1] - r.history[-2])) < 1e-3 <= abs(float(r.history[-2] - r.history[-3]))
+
+
+def test_n_init_keeps_the_best_restart() -> None:
+    x = blobs(2.5, seed=3)
+    best = pg.fit(x, 3, "diagonal", method="em", n_init=3, key=11)
+    runs = [pg.fit(x, 3, "diagonal", method="em", key=keys.fold_in(torch.tensor(11), r)) for r in range(3)]
+    assert float(best.loss) == min(float(r.loss) for r in runs)
+
+
+def test_init_params_means_only() -> None:
+    x = blobs(8.0, seed=4)
+    means = torch.tensor([[0.0, 0.0], [8.0, 0.0], [4.0, 7.0]], dtype=x.dtype)
+    r = quiet_fit(x, 3, "full", method="em", init_params=means, max_steps=1)
+    start = pg.init(x, 3, "full", means=means)
+    torch.testing.assert_close(start.means, means)
+    expected = pg.em_step(start, x)
+    torch.testing.assert_close(r.params.means, expected.means)
+    with pytest.raises(ValueError, match=r"init_params must be \[K, D\]"):
+        pg.fit(x, 3, "full", method="em", init_params=means[:2])
+    with pytest.raises(ValueError, match="init_params is GMMParams"):
+        pg.fit(x, 3, "diagonal", method="em", init_params=start)
+
+
+def test_argument_errors() -> None:
+    x = blobs(8.0)
+    for kwargs, match in [
+        ({"reg_covar": -1.0}, "reg_covar"),
+        ({"tol": -1.0}, "tol"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"batch_size": 10}, "method='gd' only"),
+        ({"sample_weight": -torch.ones(240)}, "non-negative"),
+        ({"sample_weight": torch.zeros(240)}, "all zero"),
+        ({"sample_weight": torch.full((240,), float("nan"))}, "NaN"),
+        ({"method": "lbfgs"}, "unknown method"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            pg.fit(x, 3, **{"method": "em", **kwargs})
+
+
+# --- sample weights -------------------------------------------------------------------------
+
+
+def test_weighted_fit_equals_repeated_rows_em_and_gd() -> None:
+    x = blobs(2.5, seed=5, n=90)
+    counts = torch.arange(90) % 3
+    rep = x.repeat_interleave(counts, 0)
+    p0 = pg.init(rep, 3, "full", key=1)
+    a = pg.fit(x, 3, "full", method="em", init_params=p0, sample_weight=counts.double())
+    b = pg.fit(rep, 3, "full", method="em", init_params=p0)
+    assert a.n_steps == b.n_steps
+    torch.testing.assert_close(a.loss, b.loss)
+    for f in ("logits", "means", "scale"):
+        torch.testing.assert_close(getattr(a.params, f), getattr(b.params, f), rtol=1e-8, atol=1e-10)
+    g1 = quiet_fit(x, 3, "full", method="gd", init_params=p0, sample_weight=counts.double(), max_steps=20)
+    g2 = quiet_fit(rep, 3, "full", method="gd", init_params=p0, max_steps=20)
+    torch.testing.assert_close(g1.loss, g2.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g1.params.means, g2.params.means, rtol=1e-5, atol=1e-6)
+
+
+# --- degenerate data ------------------------------------------------------------------------
+
+
+def _finite(r: pg.FitResult) -> bool:
+    return bool(torch.isfinite(r.loss)) and all(
+        bool(torch.isfinite(getattr(r.params, f)).all()) for f in ("logits", "means", "scale")
+    )
+
+
+@pytest.mark.parametrize("family", ["full", "tied", "diagonal", "isotropic", "shared"])
+def test_identical_points_fit_finitely(family: str) -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64).expand(40, 3)
+    r = quiet_fit(x, 2, family, method="em")
+    assert _finite(r)
+    torch.testing.assert_close(r.params.means, x[:2])
+    with pytest.raises(ValueError, match="constant features"):
+        pg.fit(x, 2, family, method="em", reg_covar=0.0)
+    with pytest.raises(ValueError, match="all points identical"):
+        pg.fit(x, 2, "constant", method="em")
+
+
+def test_line_constant_feature_and_wide_data() -> None:
+    t = torch.linspace(-3, 3, 60, dtype=torch.float64)
+    line = torch.stack([t, 2 * t + 1, -t], -1)  # rank one in 3-D
+    r = quiet_fit(line, 2, "full", method="em")
+    assert _finite(r) and float(torch.linalg.eigvalsh(pg.covariances(r.params)).min()) > 0
+    const = torch.cat([torch.randn(50, 2, dtype=torch.float64), torch.full((50, 1), 7.0, dtype=torch.float64)], -1)
+    for family in ("full", "diagonal"):
+        r = quiet_fit(const, 2, family, method="em")
+        assert _finite(r)
+        torch.testing.assert_close(pg.covariances(r.params)[:, 2, 2], torch.full((2,), 1e-6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"constant features \(columns \[2\]\)"):
+        pg.fit(const, 2, "full", method="em", reg_covar=0.0)
+    wide = torch.randn(5, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # D > N
+    for family in ("diagonal", "full"):
+        assert _finite(quiet_fit(wide, 2, family, method="em"))
+    line_no_reg = quiet_fit(line, 2, "full", method="em", reg_covar=0.0)  # repaired, counted, finite
+    assert _finite(line_no_reg) and line_no_reg.n_resets > 0
+
+
+# --- float32 and resuming -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal"])
+def test_float32_with_offset_matches_float64(family: str) -> None:
+    x64 = blobs(6.0, seed=6) + 1e4
+    p0 = pg.init(x64, 3, family, key=2)
+    r64 = quiet_fit(x64, 3, family, method="em", init_params=p0, tol=0.0, max_steps=15)
+    r32 = quiet_fit(x64.float(), 3, family, method="em", init_params=p0.to(torch.float32), tol=0.0, max_steps=15)
+    assert r32.params.dtype == torch.float32
+    assert abs(float(r32.loss) - float(r64.loss)) < 1e-4
+    c64 = pg.covariances(r64.params)
+    assert float((pg.covariances(r32.params).double() - c64).abs().max()) < 1e-3 * float(c64.abs().max())
+    assert float((r32.params.means.double() - r64.params.means).abs().max()) < 5e-3
+
+
+def test_resumed_run_equals_uninterrupted() -> None:
+    x = blobs(2.5, seed=7)
+    p0 = pg.init(x, 3, "full", key=3)
+    whole = _fit_em(x, pg.em_state(p0, 3), None, 40, 1e-6, 1e-6, False)
+    part = _fit_em(x, pg.em_state(p0, 3), None, 5, 1e-6, 1e-6, False)  # "interrupted" at step 5
+    state = pg.EMState(part.params, torch.tensor(part.n_steps), part.history[-1], torch.tensor(part.n_resets), 3)
+    rest = _fit_em(x, state, None, 40, 1e-6, 1e-6, False)
+    assert rest.n_steps == whole.n_steps and rest.converged == whole.converged
+    torch.testing.assert_close(rest.params.means, whole.params.means, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([part.history, rest.history]), whole.history, rtol=0, atol=0)
+
+
+def test_gd_path_still_fits() -> None:
+    x = blobs(8.0, seed=8, n=120)
+    r = quiet_fit(x, 3, "diagonal", max_steps=50)
+    assert _finite(r) and r.n_steps <= 50 and r.history.shape == (r.n_steps,)
+    em = pg.fit(x, 3, "diagonal", method="em")
+    assert float(r.loss) < float(em.loss) + 2.0
