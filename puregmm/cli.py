@@ -220,7 +220,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     fit_kwargs = _checkpoint_kwargs(out, args.resume)
     x = _tensor(load_data(args.data), args.dtype)
-    out.mkdir(parents=True, exist_ok=True)
+    if fit_kwargs:  # the checkpoint needs the folder; otherwise bad input leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -247,6 +248,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for m in messages:
         print(f"{PROG} fit: warning: {m}", file=sys.stderr)
 
+    out.mkdir(parents=True, exist_ok=True)
     pg.save(params, out / "model.safetensors")
     report = _report(args, x, params, fitted, table, seconds, messages)
     pgio.write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())

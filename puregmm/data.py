@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,11 @@ def _read_text(p: Path, delimiter: str) -> np.ndarray:
         header = not all(_is_number(v) for v in first)
     names = [v.strip() for v in first] if header else [f"column {i}" for i in range(len(first))]
     try:
-        arr = np.loadtxt(p, delimiter=delimiter, skiprows=int(header), ndmin=2, dtype=np.float64, encoding="utf-8-sig")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
+            arr = np.loadtxt(
+                p, delimiter=delimiter, skiprows=int(header), ndmin=2, dtype=np.float64, encoding="utf-8-sig"
+            )
     except ValueError:  # quoted numbers, or a bad field: parse row by row to say which
         arr = _parse_text_slow(p, delimiter, names, header)
     if arr.shape[0] == 0:
