@@ -194,14 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Generate 2-D data from five Gaussian clusters, fit a mixture by gradient descent,\n"
             "print the final loss and save a PNG of the data with 1/2/3-sigma ellipses.\n"
-            "Runs on one thread unless --threads says otherwise (the problem is tiny)."
+            "Runs on one thread unless --threads says otherwise (the problem is tiny).\n"
+            "--save-data writes the points too, to try `puregmm fit` on them."
         ),
-        epilog="example:\n  puregmm demo --family diagonal --components 5 --out demo.png",
+        epilog=(
+            "examples:\n  puregmm demo --family diagonal --components 5 --out demo.png\n"
+            "  puregmm demo --save-data points.csv && puregmm fit points.csv -k 5 --out run/"
+        ),
     )
     p.add_argument("--family", default="full", choices=FAMILIES, help="covariance family (default: full)")
     p.add_argument("--components", "-k", type=_positive_int, default=5, metavar="K", help="components (default 5)")
     p.add_argument("--seed", type=int, default=0, help="random seed for data and fit (default 0)")
     p.add_argument("--out", default="demo.png", metavar="PNG", help="picture to write (default demo.png)")
+    p.add_argument("--save-data", metavar="PATH", help="also write the points (.csv or .npy), e.g. for `puregmm fit`")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_demo)
     return parser
@@ -315,7 +320,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_demo(args.family, args.components, args.out, seed=args.seed, progress=not args.quiet)
+        run_demo(
+            args.family, args.components, args.out, seed=args.seed, progress=not args.quiet, save_data=args.save_data
+        )
     for w in caught:
         print(f"{PROG} demo: warning: {w.message}", file=sys.stderr)
     return 0

@@ -46,10 +46,17 @@ def run_demo(
     *,
     seed: int = 0,
     progress: bool = False,
+    save_data: str | os.PathLike[str] | None = None,
     **fit_kwargs: Any,
 ) -> FitResult:
-    """Fit the demo data, print the final loss, save the picture to ``out`` (None: no picture)."""
+    """Fit the demo data, print the final loss, save the picture to ``out`` (None: no picture).
+
+    ``save_data`` also writes the points (``.csv`` with a header, or ``.npy``), e.g. to try
+    ``puregmm fit`` on them.
+    """
     x = demo_data(seed=seed)
+    if save_data is not None:
+        write_points(x, save_data)
     result = fit(x, n_components, family, key=seed, progress=progress, **fit_kwargs)
     print(
         f"demo: {x.shape[0]} points, family={family}, K={n_components}: final loss {float(result.loss):.6f} "
@@ -61,3 +68,18 @@ def run_demo(
         save_figure(fit_figure(result.params, x, result.history), out)
         print(f"demo: wrote {os.fspath(out)}")
     return result
+
+
+def write_points(x: Tensor, path: str | os.PathLike[str]) -> None:
+    """Write points [N, D] as ``.npy`` or as ``.csv`` with a header ``x1,x2,...``."""
+    import numpy as np
+
+    suffix = os.fspath(path).lower().rsplit(".", 1)[-1]
+    if suffix == "npy":
+        np.save(path, x.numpy())
+    elif suffix == "csv":
+        header = ",".join(f"x{i + 1}" for i in range(x.shape[1]))
+        np.savetxt(path, x.numpy(), delimiter=",", header=header, comments="", fmt="%.9g")
+    else:
+        raise ValueError(f"save_data must end in .csv or .npy; got {os.fspath(path)!r}")
+    print(f"demo: wrote the points to {os.fspath(path)}")
