@@ -141,6 +141,12 @@ def fit(
 
     Warns:
         ConvergenceWarning: the best run stopped at ``max_steps`` before meeting ``tol``.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.cat([torch.randn(100, 2), torch.randn(100, 2) + 6])
+    >>> em = pg.fit(x, 2, "full", method="em", n_init=3)
+    >>> em.converged, em.n_steps < 100
+    (True, True)
     """
     spec = get_family(family)
     x = _validate.data(data, "data")

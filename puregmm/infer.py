@@ -112,6 +112,14 @@ def sample(params: GMMParams, n: int, *, key: Any) -> tuple[Tensor, Tensor]:
 
     Returns:
         x [n, D] in the params' dtype and labels [n] int64.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> x, labels = pg.sample(p, 4, key=0)
+    >>> x.shape, labels.dtype
+    (torch.Size([4, 1]), torch.int64)
+    >>> pg.n_parameters(p)  # 1 weight + 2 means + 2 variances
+    5
     """
     if not isinstance(params, GMMParams):
         raise TypeError(f"params must be GMMParams; got {type(params).__name__}")
