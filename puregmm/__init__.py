@@ -17,6 +17,7 @@ from puregmm.params import (
     precisions,
     weights,
 )
+from puregmm.plot import plot_criterion, plot_fit, plot_loss
 from puregmm.train import TrainState, init_state, step
 
 __version__ = "0.1.0"
@@ -56,6 +57,9 @@ __all__ = [
     "m_step",
     "means",
     "n_parameters",
+    "plot_criterion",
+    "plot_fit",
+    "plot_loss",
     "precision_cholesky",
     "precisions",
     "predict",

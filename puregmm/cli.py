@@ -331,46 +331,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+def _number(cast: Any, low: float, strict: bool, what: str) -> Any:
+    """An argparse ``type=``: ``cast(value)``, finite, above ``low`` (or at least, if not strict)."""
+
+    def parse(value: str) -> Any:
+        try:
+            v = cast(value)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v) or v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"expected {what}; got {value!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _number(int, 0, True, "a positive integer")
+_positive_float = _number(float, 0.0, True, "a positive number")
+_non_negative_float = _number(float, 0.0, False, "a non-negative number")
+
+
 def _components(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        k = int(value)
-    except ValueError:
+        return _positive_int(value)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto'; got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto'; got {value!r}")
-    return k
-
-
-def _positive_int(value: str) -> int:
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value!r}")
-    return k
-
-
-def _positive_float(value: str) -> float:
-    try:
-        t = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {value!r}") from None
-    if not (t > 0 and math.isfinite(t)):
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {value!r}")
-    return t
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        t = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number; got {value!r}") from None
-    if not (t >= 0 and math.isfinite(t)):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number; got {value!r}")
-    return t
 
 
 def _tensor(arr: np.ndarray, dtype: str | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 import puregmm as pg
 from puregmm import cli
 from puregmm.data import load_data
+from puregmm.demo import CLUSTERS, demo_data, write_points
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,7 +48,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model fitted by the CLI on ``two_blobs()``, shared by the score/sample tests."""
     root = tmp_path_factory.mktemp("model")
     data = write_csv(root / "data.csv", two_blobs())
-    assert cli.main(["fit", str(data), "-k", "2", "--max-steps", "40", "--out", str(root / "run"), "--quiet"]) == 0
+    assert (
+        cli.main(["fit", str(data), "-k", "2", "--max-steps", "40", "--out", str(root / "run"), "-q", "--no-plot"]) == 0
+    )
     return root / "run" / "model.safetensors"
 
 
@@ -318,10 +321,25 @@ def test_help_for_every_command(capsys) -> None:
 
 
 def test_demo_in_a_subprocess(tmp_path: Path) -> None:
-    done = run_cli("demo", "--out", str(tmp_path / "demo.png"), "--quiet")
+    done = run_cli("demo", "--out", str(tmp_path / "demo.png"), "--save-data", str(tmp_path / "p.csv"), "--quiet")
     assert done.returncode == 0, done.stderr
     assert "final loss" in done.stdout
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
+    points = load_data(tmp_path / "p.csv")
+    assert points.shape == (1500, 2)
+    np.testing.assert_allclose(points, demo_data().numpy(), rtol=1e-6)
+
+
+def test_demo_data_is_five_clusters(tmp_path: Path) -> None:
+    x = demo_data(n_per_cluster=2000, seed=1, dtype=torch.float64)
+    for i, (centre, sd, _) in enumerate(CLUSTERS):
+        part = x[i * 2000 : (i + 1) * 2000]
+        torch.testing.assert_close(part.mean(0), torch.tensor(centre, dtype=torch.float64), atol=0.1, rtol=0)
+        evals = torch.linalg.eigvalsh(torch.cov(part.T))
+        torch.testing.assert_close(evals.sqrt(), torch.tensor(sorted(sd), dtype=torch.float64), rtol=0.06, atol=0)
+    assert torch.equal(demo_data(seed=3), demo_data(seed=3))
+    with pytest.raises(ValueError, match=r"must end in \.csv or \.npy"):
+        write_points(x, tmp_path / "p.txt")
 
 
 def test_console_script_fit_then_tampered_model(tmp_path: Path, csv_data) -> None:

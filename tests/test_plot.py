@@ -132,10 +132,11 @@ def test_missing_matplotlib_is_a_clear_import_error(monkeypatch: pytest.MonkeyPa
         plot.plot_fit(random_params("full", 2, 2))
 
 
-def test_plots_never_import_pyplot(tmp_path: Path) -> None:
+def test_matplotlib_is_lazy_and_pyplot_never_imported(tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""
         import sys, torch, puregmm as pg
+        assert "matplotlib" not in sys.modules, "import puregmm imported matplotlib"
         from puregmm import plot
         p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0., 0.], [3., 3.]]), torch.eye(2).expand(2, 2, 2))
         plot.save_figure(plot.fit_figure(p, torch.randn(20, 2), torch.ones(3)), {str(tmp_path / "a.png")!r})
