@@ -110,13 +110,16 @@ def load(path: PathLike, *, device: Any = None) -> GMMParams:
         dtype = _DTYPES[meta["dtype"]]
     except (KeyError, ValueError, TypeError) as err:
         raise ValueError(f"{where} has bad params metadata ({err}); it was not written by pg.save") from err
-    like = GMMParams(
-        torch.empty((*batch, k), dtype=dtype),
-        torch.empty((*batch, k, d), dtype=dtype),
-        torch.empty((*batch, *spec.scale_shape(k, d)), dtype=dtype),
-        spec.name,
+    _check_tensors(
+        tensors,
+        {
+            "logits": (dtype, (*batch, k)),
+            "means": (dtype, (*batch, k, d)),
+            "scale": (dtype, (*batch, *spec.scale_shape(k, d))),
+        },
+        where,
     )
-    params = _unflatten_like(tensors, like, where)
+    params = GMMParams(tensors["logits"], tensors["means"], tensors["scale"], spec.name)
     for name in _PARAM_LEAVES:
         if not bool(torch.isfinite(getattr(params, name)).all()):
             raise ValueError(f"{where}: params.{name} holds NaN or Inf")
@@ -314,7 +317,16 @@ def _read(path: PathLike, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]
 
 def _unflatten_like(tensors: dict[str, Tensor], like: Any, where: str) -> Any:
     """Put ``tensors`` into the structure of ``like``, checking names, shapes and dtypes."""
-    expected = _flatten_shapes(like)
+    _check_tensors(tensors, _flatten_shapes(like), where)
+    leaves, spec = pytree.tree_flatten_with_path(like)
+    values = [tensors[_leaf_name(p)] for p, _ in leaves]
+    return pytree.tree_unflatten(values, spec)
+
+
+def _check_tensors(
+    tensors: dict[str, Tensor], expected: dict[str, tuple[torch.dtype, tuple[int, ...]]], where: str
+) -> None:
+    """The file's tensors have exactly the expected names, dtypes and shapes."""
     if set(tensors) != set(expected):
         raise ValueError(
             f"{where} holds tensors {sorted(tensors)}, expected {sorted(expected)}; "
@@ -327,9 +339,6 @@ def _unflatten_like(tensors: dict[str, Tensor], like: Any, where: str) -> Any:
                 f"{where}: tensor {name!r} is {_dtype_name(t.dtype)} {tuple(t.shape)}, "
                 f"expected {_dtype_name(dtype)} {shape}"
             )
-    leaves, spec = pytree.tree_flatten_with_path(like)
-    values = [tensors[_leaf_name(p)] for p, _ in leaves]
-    return pytree.tree_unflatten(values, spec)
 
 
 def _flatten_shapes(tree: Any) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

@@ -250,3 +250,32 @@ def test_killed_writer_leaves_a_loadable_file(tmp_path: Path) -> None:
     assert any(torch.equal(loaded.scale, e.scale) and torch.equal(loaded.means, e.means) for e in expected)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.safetensors"]
     assert all(n.startswith(".m.safetensors.") and n.endswith(".tmp") for n in leftovers), leftovers
+
+
+def forge(path: Path, tensors: dict[str, torch.Tensor], **meta: str) -> None:
+    """A file with the given metadata and a valid checksum (as a careless writer might produce)."""
+    meta = {"library": "puregmm", "kind": "params", "format_version": "1", **meta}
+    meta["checksum"] = pgio._checksum(tensors, meta)
+    save_file(tensors, path, metadata=meta)
+
+
+def test_metadata_that_disagrees_with_the_tensors(tmp_path: Path) -> None:
+    p = random_params("full", 3, 2, dtype=torch.float32)
+    tensors = {n: getattr(p, n).contiguous() for n in LEAVES}
+    good = {"family": "full", "n_components": "3", "dim": "2", "dtype": "float32", "batch_shape": "[]"}
+    path = tmp_path / "f.safetensors"
+    forge(path, tensors, **good)
+    assert_same_params(p, pg.load(path))
+    for change, message in (
+        ({"n_components": "10000000000"}, r"tensor 'logits' is float32 \(3,\), expected float32 \(10000000000,\)"),
+        ({"family": "diagonal"}, r"tensor 'scale' is float32 \(3, 2, 2\), expected float32 \(3, 2\)"),
+        ({"dtype": "float64"}, "expected float64"),
+        ({"family": "round"}, "bad params metadata"),
+        ({"batch_shape": "oops"}, "bad params metadata"),
+    ):
+        forge(path, tensors, **{**good, **change})
+        with pytest.raises(ValueError, match=message):
+            pg.load(path)
+    forge(path, {**tensors, "extra": torch.zeros(1)}, **good)
+    with pytest.raises(ValueError, match="holds tensors"):
+        pg.load(path)
