@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -215,10 +214,20 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: p
 
 WRITER = textwrap.dedent(
     """
-    import sys, torch, puregmm as pg
+    import os, sys, time, torch, puregmm as pg
     from tests.strategies import random_params
-    path = sys.argv[1]
-    models = [random_params("full", 40, 48, seed=s, dtype=torch.float32) for s in (0, 1)]
+    path, stall_at = sys.argv[1], int(sys.argv[2])
+    models = [random_params("full", 8, 16, seed=s, dtype=torch.float32) for s in (0, 1)]
+    real_fsync, calls = os.fsync, [0]
+
+    def fsync(fd):  # the data is in the temp file; stall before the rename on save number stall_at
+        calls[0] += 1
+        real_fsync(fd)
+        if calls[0] == stall_at:
+            print("stalled", flush=True)
+            time.sleep(60)
+
+    os.fsync = fsync
     i = 0
     while True:
         pg.save(models[i % 2], path)
@@ -228,28 +237,29 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_killed_writer_leaves_a_loadable_file(tmp_path: Path) -> None:
-    """SIGKILL a process in a save loop at several moments: the target always loads intact."""
+def test_killed_writer_leaves_the_previous_file_intact(tmp_path: Path) -> None:
+    """SIGKILL a process in a save loop in the middle of its 5th save: the 4th save loads intact."""
     path = tmp_path / "m.safetensors"
-    expected = [random_params("full", 40, 48, seed=s, dtype=torch.float32) for s in (0, 1)]
+    expected = [random_params("full", 8, 16, seed=s, dtype=torch.float32) for s in (0, 1)]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    # Each save fsyncs the temp file, then the folder: the 9th fsync is inside the 5th save.
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env, cwd=root
+        [sys.executable, "-c", WRITER, str(path), "9"], stdout=subprocess.PIPE, text=True, env=env, cwd=root
     )
     try:
         assert proc.stdout is not None
-        for _ in range(5):  # wait for a few complete saves
-            assert proc.stdout.readline(), "writer died"
-        time.sleep(0.013)  # land somewhere inside a later save
+        lines = [proc.stdout.readline().strip() for _ in range(5)]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+    assert lines == ["1", "2", "3", "4", "stalled"]
     assert proc.returncode == -signal.SIGKILL
-    loaded = pg.load(path)
-    assert any(torch.equal(loaded.scale, e.scale) and torch.equal(loaded.means, e.means) for e in expected)
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.safetensors"]
-    assert all(n.startswith(".m.safetensors.") and n.endswith(".tmp") for n in leftovers), leftovers
+    assert_same_params(expected[1], pg.load(path))  # the 4th save (models[3 % 2])
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "m.safetensors"]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".m.safetensors.") and leftovers[0].suffix == ".tmp"
+    os.replace(leftovers[0], path)  # the stalled temp file was complete: it holds the 5th save
+    assert_same_params(expected[0], pg.load(path))
 
 
 def forge(path: Path, tensors: dict[str, torch.Tensor], **meta: str) -> None:
