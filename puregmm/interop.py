@@ -1,0 +1,250 @@
+"""Conversions to and from ``torch.distributions`` and scikit-learn's ``GaussianMixture``.
+
+Each pair is exact up to rounding: the converted object gives the same log-density.
+
+* :func:`to_distribution` returns ``MixtureSameFamily(Categorical, MultivariateNormal)`` for
+  full/tied params and ``MixtureSameFamily(Categorical, Independent(Normal, 1))`` for the
+  diagonal and scalar families (cheaper, and it keeps the axis-aligned structure). Batched
+  params become a distribution with ``batch_shape == params.batch_shape``.
+* :func:`to_sklearn` maps full → ``"full"``, tied → ``"tied"``, diagonal → ``"diag"`` and
+  isotropic/shared/constant → ``"spherical"``. For shared/constant the spherical variances are
+  all equal, so nothing is lost, and ``from_sklearn(gm, family="shared")`` reads them back
+  (with a check).
+* scikit-learn is optional: it is imported inside the functions that need it.
+
+What is not kept: the learned/fixed distinction (``constant`` comes back as whatever
+``family=`` says), and scikit-learn's fit settings and history (``n_iter_`` is 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    MultivariateNormal,
+    Normal,
+)
+
+from puregmm.families import get_family
+from puregmm.params import GMMParams, covariances, from_moments, precision_cholesky, weights
+
+_TO_SKLEARN = {
+    "full": "full",
+    "tied": "tied",
+    "diagonal": "diag",
+    "isotropic": "spherical",
+    "shared": "spherical",
+    "constant": "spherical",
+}
+_FROM_SKLEARN = {"full": "full", "tied": "tied", "diag": "diagonal", "spherical": "isotropic"}
+
+
+def _check_params(params: Any) -> GMMParams:
+    if not isinstance(params, GMMParams):
+        raise TypeError(f"params must be puregmm GMMParams; got {type(params).__name__}")
+    return params
+
+
+# --- torch.distributions ---------------------------------------------------------------------
+
+
+def to_distribution(params: GMMParams) -> MixtureSameFamily:
+    """The mixture as a ``torch.distributions.MixtureSameFamily`` with the same ``log_prob``.
+
+    Args:
+        params: mixture params, optionally batched (leaves ``[B..., ...]``).
+
+    Returns:
+        ``d`` with ``d.batch_shape == B...`` and ``d.event_shape == (D,)``:
+        ``d.log_prob(x)`` equals ``pg.log_prob(params, x)`` for ``x [N, D]`` (or ``[N, B..., D]``,
+        torch's sample-first layout, against ``pg.log_prob``'s ``[B..., N, D]``).
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.3, 0.7]), torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2))
+    >>> d = pg.to_distribution(p); x = torch.randn(4, 2)
+    >>> torch.allclose(d.log_prob(x), pg.log_prob(p, x))
+    True
+    """
+    params = _check_params(params)
+    mix = Categorical(logits=params.logits)  # [B..., K]
+    u = precision_cholesky(params)  # [B..., K, D, D], precision = U Uᵀ
+    comp: Distribution
+    if params.spec.scale_ndim == 2:
+        eye = torch.eye(params.dim, dtype=u.dtype, device=u.device).expand_as(u)
+        scale_tril = torch.linalg.solve_triangular(u, eye, upper=True).mT  # U⁻ᵀ: Σ = U⁻ᵀU⁻¹
+        comp = MultivariateNormal(params.means, scale_tril=scale_tril)
+    else:
+        std = 1.0 / torch.diagonal(u, dim1=-2, dim2=-1)  # [B..., K, D], U = diag(1/σ)
+        comp = Independent(Normal(params.means, std), 1)
+    return MixtureSameFamily(mix, comp)
+
+
+def from_distribution(d: Any, family: str | None = None) -> GMMParams:
+    """Params from a ``MixtureSameFamily`` of Gaussians (the inverse of :func:`to_distribution`).
+
+    Args:
+        d: ``MixtureSameFamily`` whose components are ``MultivariateNormal``,
+            ``Independent(Normal, 1)`` or a univariate ``Normal`` (read as D = 1).
+        family: the family to build; ``None`` means ``"full"`` for ``MultivariateNormal`` and
+            ``"diagonal"`` otherwise. The covariances must have its structure (checked as in
+            :func:`puregmm.from_moments`).
+
+    Returns:
+        :class:`GMMParams` with ``batch_shape == d.batch_shape``.
+
+    Raises:
+        TypeError: ``d`` is not a mixture of Gaussians of these kinds.
+        ValueError: the covariances lack the structure of ``family``, or zero weights.
+    """
+    if not isinstance(d, MixtureSameFamily):
+        raise TypeError(f"d must be a torch.distributions.MixtureSameFamily; got {type(d).__name__}")
+    comp = d.component_distribution
+    if isinstance(comp, MultivariateNormal):
+        mean, cov, default = comp.mean, comp.covariance_matrix, "full"
+    elif isinstance(comp, Independent) and isinstance(comp.base_dist, Normal) and comp.reinterpreted_batch_ndims == 1:
+        mean, cov, default = comp.mean, torch.diag_embed(comp.variance), "diagonal"
+    elif isinstance(comp, Normal):
+        mean, cov, default = comp.mean.unsqueeze(-1), comp.variance[..., None, None], "diagonal"
+    else:
+        raise TypeError(
+            "d.component_distribution must be MultivariateNormal, Independent(Normal, 1) or Normal; "
+            f"got {type(comp).__name__}"
+        )
+    family = default if family is None else family
+    get_family(family)
+    w = d.mixture_distribution.probs  # [B..., K]
+    batch = tuple(d.batch_shape)
+    mean = mean.expand(batch + mean.shape[-2:])
+    cov = cov.expand(batch + cov.shape[-3:])
+    k, dim = mean.shape[-2:]
+    rows = zip(w.reshape(-1, k), mean.reshape(-1, k, dim), cov.reshape(-1, k, dim, dim))
+    flat = [from_moments(wi, mi, ci, family) for wi, mi, ci in rows]
+    if not batch:
+        return flat[0]
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves).unflatten(0, batch), *flat)
+
+
+# --- scikit-learn ----------------------------------------------------------------------------
+
+
+def _gaussian_mixture_class() -> Any:
+    try:
+        from sklearn.mixture import GaussianMixture
+    except ImportError as err:  # pragma: no cover - exercised only without scikit-learn
+        raise ImportError(
+            "puregmm's scikit-learn interop needs scikit-learn, which is not installed; "
+            "install it with `pip install scikit-learn`"
+        ) from err
+    return GaussianMixture
+
+
+def to_sklearn(params: GMMParams) -> Any:
+    """A fitted-looking ``sklearn.mixture.GaussianMixture`` with the same ``score_samples``.
+
+    Sets ``weights_``, ``means_``, ``covariances_``, ``precisions_cholesky_``, ``precisions_``
+    (float64, in scikit-learn's layout for the mapped ``covariance_type``; see the module
+    docstring), ``n_features_in_``, ``converged_=True``, ``n_iter_=0`` and ``lower_bound_=nan``,
+    so ``score_samples``, ``predict``, ``predict_proba``, ``sample``, ``bic`` and ``aic`` work.
+
+    Args:
+        params: unbatched mixture params.
+
+    Raises:
+        ImportError: scikit-learn is not installed.
+        ValueError: ``params`` has batch dims (convert one mixture at a time).
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2),
+    ...                     family="shared")
+    >>> pg.to_sklearn(p).covariance_type
+    'spherical'
+    """
+    GaussianMixture = _gaussian_mixture_class()
+    params = _check_params(params)
+    if params.batch_shape:
+        raise ValueError(
+            f"params must be unbatched for to_sklearn; got batch dims {list(params.batch_shape)} "
+            "(convert each mixture separately)"
+        )
+    k, d = params.n_components, params.dim
+
+    def np64(t: Tensor) -> np.ndarray:
+        return t.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
+
+    cov = np64(covariances(params))  # [K, D, D]
+    u = np64(precision_cholesky(params))  # [K, D, D]
+    cov_type = _TO_SKLEARN[params.family]
+    if cov_type == "full":
+        cov_, chol_ = cov, u
+        prec_ = u @ np.swapaxes(u, -1, -2)
+    elif cov_type == "tied":
+        cov_, chol_ = cov[0], u[0]
+        prec_ = u[0] @ u[0].T
+    elif cov_type == "diag":
+        cov_, chol_ = np.diagonal(cov, axis1=-2, axis2=-1).copy(), np.diagonal(u, axis1=-2, axis2=-1).copy()
+        prec_ = chol_**2
+    else:  # spherical: [K]
+        cov_, chol_ = cov[:, 0, 0].copy(), u[:, 0, 0].copy()
+        prec_ = chol_**2
+
+    gm = GaussianMixture(n_components=k, covariance_type=cov_type)
+    gm.weights_ = np64(weights(params))
+    gm.means_ = np64(params.means)
+    gm.covariances_ = cov_
+    gm.precisions_cholesky_ = chol_
+    gm.precisions_ = prec_
+    gm.n_features_in_ = d
+    gm.converged_ = True
+    gm.n_iter_ = 0
+    gm.lower_bound_ = float("nan")
+    gm.lower_bounds_ = []
+    return gm
+
+
+def from_sklearn(gm: Any, family: str | None = None, *, dtype: torch.dtype = torch.float64) -> GMMParams:
+    """Params from a fitted ``sklearn.mixture.GaussianMixture`` (same ``score_samples``).
+
+    Args:
+        gm: a fitted ``GaussianMixture`` of any ``covariance_type``.
+        family: the family to build; ``None`` maps full → full, tied → tied,
+            diag → diagonal, spherical → isotropic. ``"shared"``/``"constant"`` need equal
+            spherical variances.
+        dtype: floating dtype of the returned leaves (default float64, scikit-learn's).
+
+    Raises:
+        ImportError: scikit-learn is not installed.
+        TypeError: ``gm`` is not a ``GaussianMixture``.
+        ValueError: ``gm`` is not fitted, or its covariances lack the structure of ``family``.
+    """
+    GaussianMixture = _gaussian_mixture_class()
+    if not isinstance(gm, GaussianMixture):
+        raise TypeError(f"gm must be a sklearn.mixture.GaussianMixture; got {type(gm).__name__}")
+    missing = [a for a in ("weights_", "means_", "covariances_") if not hasattr(gm, a)]
+    if missing:
+        raise ValueError(f"gm is not fitted (missing {', '.join(missing)}); call gm.fit(X) first")
+    cov_type = gm.covariance_type
+    if cov_type not in _FROM_SKLEARN:
+        raise ValueError(f"gm.covariance_type must be one of {tuple(_FROM_SKLEARN)}; got {cov_type!r}")
+    family = _FROM_SKLEARN[cov_type] if family is None else family
+    get_family(family)
+
+    mu = torch.as_tensor(np.asarray(gm.means_), dtype=dtype)  # [K, D]
+    k, d = mu.shape
+    c = torch.as_tensor(np.asarray(gm.covariances_), dtype=dtype)
+    eye = torch.eye(d, dtype=dtype)
+    cov = {
+        "full": lambda: c,  # [K, D, D]
+        "tied": lambda: c.expand(k, d, d),  # [D, D]
+        "diag": lambda: torch.diag_embed(c),  # [K, D]
+        "spherical": lambda: c[:, None, None] * eye,  # [K]
+    }[cov_type]()
+    w = torch.as_tensor(np.asarray(gm.weights_), dtype=dtype)
+    return from_moments(w, mu, cov, family)
