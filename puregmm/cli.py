@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `puregmm score ... | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -261,8 +265,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if not args.no_plot:
         wrote += _plot(out / "fit.png", params, x, None if fitted is None else fitted.history, table)
     print(
-        f"fit: family={params.family} K={params.n_components} loss={report['loss']:.6g} "
-        f"BIC={report['bic']:.6g} steps={report['n_steps']} converged={report['converged']} "
+        f"fit: family={params.family} K={params.n_components} loss={_g(report['loss'])} "
+        f"BIC={_g(report['bic'])} steps={report['n_steps']} converged={report['converged']} "
         f"resets={report['n_resets']} ({seconds:.2f} s) -> {out}/{{{','.join(wrote)}}}"
     )
     return 0
@@ -481,6 +485,10 @@ def _report(
 def _row_k(row: dict[str, Any]) -> Any:
     lower = {k.lower(): v for k, v in row.items()}
     return lower.get("k", lower.get("n_components"))
+
+
+def _g(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.6g}"
 
 
 def _finite_or_none(v: float) -> float | None:
