@@ -233,7 +233,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")  # each warning once
         if args.components == "auto":
             params, fitted, table = _fit_auto(x, args)
         else:
@@ -323,7 +323,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.threads is None:
         torch.set_num_threads(1)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")  # each warning once
         run_demo(
             args.family, args.components, args.out, seed=args.seed, progress=not args.quiet, save_data=args.save_data
         )
