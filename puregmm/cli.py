@@ -39,6 +39,7 @@ PROG = "puregmm"
 SCORE_CHUNK = 65536  # rows scored at a time: bounded memory on memory-mapped .npy files
 PCA_ROWS = 200_000  # at most this many rows (evenly strided) feed the plot's PCA
 AUTO_MAX_COMPONENTS = 10
+CHECKPOINT = "checkpoint.safetensors"
 
 
 class UsageError(ValueError):
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  model.safetensors  the fitted params (load with pg.load)\n"
             "  report.json        family, K, loss, BIC, AIC, n_steps, converged, n_resets, seconds, versions\n"
             "  fit.png            data with 1/2/3-sigma ellipses (D > 2: first two principal\n"
-            "                     components), the loss curve; with --components auto the BIC curve\n\n"
+            "                     components), the loss curve; with --components auto the BIC curve\n"
+            f"  {CHECKPOINT}  the loop state, saved as the fit runs; --resume continues from it\n\n"
             f"DATA is {', '.join(SUFFIXES)} (.npy is memory-mapped; a CSV/TSV header row is detected;\n"
             ".parquet needs pyarrow). Rows are samples, columns are dimensions."
         ),
@@ -155,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the data's float type)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    p.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint (needs checkpoint support)")
+    p.add_argument("--resume", action="store_true", help=f"continue the fit from DIR/{CHECKPOINT}")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="checkpoint every N steps")
     p.add_argument("--no-plot", action="store_true", help="do not write fit.png")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_fit)
@@ -227,31 +230,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise UsageError(
             "--components auto is not yet available: this puregmm has no pg.select; pass a number, e.g. --components 5"
         )
-    fit_kwargs = _checkpoint_kwargs(out, args.resume)
+    fit_kwargs = _checkpoint_kwargs(out, args)
     x = _tensor(load_data(args.data), args.dtype)
-    if fit_kwargs:  # the checkpoint needs the folder; otherwise bad input leaves nothing behind
-        out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # a checkpoint is written into it during the fit
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")  # each warning once
-        if args.components == "auto":
-            params, fitted, table = _fit_auto(x, args)
-        else:
-            fitted = pg.fit(
-                x,
-                args.components,
-                args.family,
-                method=args.method,
-                max_steps=args.max_steps,
-                tol=args.tol,
-                batch_size=args.batch_size,
-                n_init=args.n_init,
-                reg_covar=args.reg_covar,
-                key=args.seed,
-                progress=not args.quiet,
-                **fit_kwargs,
-            )
-            params, table = fitted.params, None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # each warning once
+            params, fitted, table = _run_fit(x, args, fit_kwargs)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # bad input leaves nothing behind
+        raise
     seconds = time.perf_counter() - start
     messages = [str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
     for m in messages:
@@ -385,17 +376,47 @@ def _load_model(path: str) -> pg.GMMParams:
     return params
 
 
-def _checkpoint_kwargs(out: Path, resume: bool) -> dict[str, Any]:
+def _checkpoint_kwargs(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``checkpoint=``/``resume=`` for pg.fit once it supports them; ``--resume`` errors until then."""
     accepted = inspect.signature(pg.fit).parameters
     if not {"checkpoint", "resume"} <= set(accepted):
-        if resume:
-            raise UsageError("--resume is not yet available: this puregmm's fit has no checkpoint support")
+        if args.resume or args.checkpoint_every:
+            raise UsageError(
+                "--resume and --checkpoint-every are not yet available: this puregmm's fit has no checkpoint support"
+            )
         return {}
-    ckpt = out / "checkpoint.safetensors"
-    if resume and not ckpt.is_file():
+    if args.components == "auto":
+        if args.resume:
+            raise UsageError("--resume works with a number of components, not with --components auto")
+        return {}
+    ckpt = out / CHECKPOINT
+    if args.resume and not ckpt.is_file():
         raise UsageError(f"--resume: no checkpoint at {str(ckpt)!r}; run without --resume first")
-    return {"checkpoint": str(ckpt), "resume": str(ckpt) if resume else None}
+    kwargs: dict[str, Any] = {"checkpoint": str(ckpt), "resume": str(ckpt) if args.resume else None}
+    if args.checkpoint_every and "checkpoint_every" in accepted:
+        kwargs["checkpoint_every"] = args.checkpoint_every
+    return kwargs
+
+
+def _run_fit(x: torch.Tensor, args: argparse.Namespace, fit_kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(params, FitResult or None, selection table or None)."""
+    if args.components == "auto":
+        return _fit_auto(x, args)
+    fitted = pg.fit(
+        x,
+        args.components,
+        args.family,
+        method=args.method,
+        max_steps=args.max_steps,
+        tol=args.tol,
+        batch_size=args.batch_size,
+        n_init=args.n_init,
+        reg_covar=args.reg_covar,
+        key=args.seed,
+        progress=not args.quiet,
+        **fit_kwargs,
+    )
+    return fitted.params, fitted, None
 
 
 def _fit_auto(x: torch.Tensor, args: argparse.Namespace) -> tuple[pg.GMMParams, Any, Any]:

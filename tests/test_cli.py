@@ -364,3 +364,20 @@ def test_bad_data_file_in_a_subprocess(tmp_path: Path) -> None:
     done = run_cli("fit", str(bad), "-k", "2", "--out", str(tmp_path / "o"))
     assert_clean_usage_error(done, "column 'colour' (column 2) is not numeric")
     assert done.stderr.count("\n") == 1  # one message line
+
+
+def test_resume_end_to_end_once_fit_checkpoints(tmp_path: Path, csv_data) -> None:
+    """A fit stopped at 10 steps and resumed to 20 ends where an uninterrupted 20-step fit does."""
+    if "resume" not in inspect.signature(pg.fit).parameters:
+        pytest.skip("pg.fit has no checkpoint support yet")
+    data = str(csv_data[0])
+    common = ["fit", data, "-k", "2", "--tol", "1e-30", "-q", "--no-plot", "--checkpoint-every", "5"]
+    assert cli.main([*common, "--max-steps", "20", "--out", str(tmp_path / "full")]) == 0
+    assert cli.main([*common, "--max-steps", "10", "--out", str(tmp_path / "part")]) == 0
+    assert (tmp_path / "part" / cli.CHECKPOINT).is_file()
+    assert cli.main([*common, "--max-steps", "20", "--out", str(tmp_path / "part"), "--resume"]) == 0
+    a, b = pg.load(tmp_path / "full" / "model.safetensors"), pg.load(tmp_path / "part" / "model.safetensors")
+    for name in ("logits", "means", "scale"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    report = json.loads((tmp_path / "part" / "report.json").read_text())
+    assert report["n_steps"] == 20
