@@ -3,7 +3,7 @@
 from puregmm.density import component_log_prob, log_prob, loss
 from puregmm.em import EMInfo, Stats, combine, em_step, m_step, sufficient_stats
 from puregmm.families import FAMILIES
-from puregmm.fit import ConvergenceWarning, EMState, FitResult, em_state, fit
+from puregmm.fit import ConvergenceWarning, EMState, FitResult, em_state, fit, fit_batched
 from puregmm.infer import aic, bic, n_parameters, predict, predict_proba, sample, score, score_samples
 from puregmm.init import init, kmeans_plusplus
 from puregmm.io import load, load_tree, save, save_tree
@@ -46,6 +46,7 @@ __all__ = [
     "em_state",
     "em_step",
     "fit",
+    "fit_batched",
     "from_moments",
     "init",
     "init_state",

@@ -1,31 +1,34 @@
-"""``fit``: validate, initialise, loop a pure kernel to convergence, report.
+"""``fit`` and ``fit_batched``: validate, initialise, run a pure kernel to convergence, report.
 
-The loop owns no maths: gradient descent calls :func:`puregmm.step`, EM calls
-:func:`puregmm.em_step`. The EM loop carries an :class:`EMState` (params, step, last loss,
-resets, key) and its stopping rule reads only that state, so a run resumed from a saved state
-equals an uninterrupted one. Gradient descent runs on
-standardised data (x - mean) / s, with s the root mean per-dimension variance, so the
-default learning rate suits data of any scale and location; params and losses are mapped back
-exactly (the log-density shifts by D log s).
+The front doors own no maths: gradient descent advances :func:`puregmm.step`, EM advances
+:func:`puregmm.em_step`, and both go through the one loop of :mod:`puregmm.loop`, which runs
+B independent runs at once (a single fit is B = 1; ``n_init`` restarts and ``fit_batched``
+stack along a leading axis under ``torch.func.vmap``). Gradient descent runs on standardised
+data (x - mean) / s, with s the root mean per-dimension variance, so the default learning
+rate suits data of any scale and location; params and losses are mapped back exactly (the
+log-density shifts by D log s).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
-from puregmm import _validate, keys
+from puregmm import _validate, keys, loop
 from puregmm.density import loss as nll
 from puregmm.em import em_step
 from puregmm.families import get_family
 from puregmm.init import init
 from puregmm.params import GMMParams
-from puregmm.train import init_state, step
+from puregmm.train import TrainState, init_state, step
 
 METHODS = ("gd", "em")
 GD_MAX_STEPS = 5000
@@ -41,22 +44,23 @@ class ConvergenceWarning(UserWarning):
 
 @dataclass(frozen=True)
 class FitResult:
-    """What a fit returns.
+    """What a fit returns; from :func:`fit_batched` every field carries a leading batch dim B.
 
     Attributes:
-        params: the fitted params.
-        loss: 0-d tensor, final mean negative log-likelihood on the whole data.
-        n_steps: steps taken.
-        converged: whether the tolerance was met before ``max_steps``.
-        n_resets: components reset (singularities or empty components).
-        history: [n_steps] loss before each step (mini-batch loss when ``batch_size`` is set).
+        params: the fitted params (leaves [B, ...] when batched).
+        loss: final mean negative log-likelihood on the whole data (0-d, or [B]).
+        n_steps: steps taken (int, or [B] int64).
+        converged: whether the tolerance was met before ``max_steps`` (bool, or [B]).
+        n_resets: components reset: singularities or empty components (int, or [B]).
+        history: loss after each step ([n_steps], or [B, T] padded with NaN once a run stopped);
+            mini-batch loss when ``batch_size`` is set.
     """
 
     params: GMMParams
     loss: Tensor
-    n_steps: int
-    converged: bool
-    n_resets: int
+    n_steps: Any
+    converged: Any
+    n_resets: Any
     history: Tensor
 
 
@@ -85,6 +89,30 @@ def em_state(params: GMMParams, key: Any = 0) -> EMState:
     return EMState(params, zero, nan, zero, _validate.key(key))
 
 
+def em_advance(state: EMState, x: Tensor, sample_weight: Tensor | None = None, *, reg_covar: float = 1e-6) -> EMState:
+    """One EM step on an :class:`EMState` (pure; what the fitting loop vmaps)."""
+    params, info = em_step(state.params, x, reg_covar=reg_covar, sample_weight=sample_weight, return_info=True)
+    return EMState(params, state.step + 1, -info.log_likelihood, state.n_resets + info.n_resets, state.key)
+
+
+def minibatch_indices(key: Tensor, step_count: Tensor, n: int, batch_size: int) -> Tensor:
+    """Rows [batch_size] for step t: a permutation per epoch drawn from ``(key, epoch)``, cut into
+    ``n // batch_size`` batches (the remainder of an epoch is skipped; every epoch reshuffles)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = step_count // per_epoch, step_count % per_epoch
+    perm = torch.argsort(keys.uniform(key, epoch, torch.arange(n)))
+    return torch.gather(perm, 0, pos * batch_size + torch.arange(batch_size))
+
+
+def gd_advance(state: TrainState, z: Tensor, sample_weight: Tensor | None = None, *, batch_size: int | None = None):
+    """One gradient step on standardised data ``z`` (a mini-batch of it when ``batch_size``)."""
+    if batch_size is not None:
+        idx = minibatch_indices(state.key, state.step, z.shape[0], batch_size)
+        z = torch.index_select(z, 0, idx)
+        sample_weight = None if sample_weight is None else torch.index_select(sample_weight, 0, idx)
+    return step(state, z, sample_weight)
+
+
 def fit(
     data: Any,
     n_components: int,
@@ -102,6 +130,9 @@ def fit(
     optimizer: Any = None,
     key: Any = 0,
     progress: bool = False,
+    checkpoint: Any = None,
+    checkpoint_every: int = 100,
+    resume: Any = None,
 ) -> FitResult:
     """Fit a K-component mixture to ``data`` [N, D].
 
@@ -111,13 +142,15 @@ def fit(
         family: one of :data:`puregmm.FAMILIES`.
         method: ``"gd"`` (Adam on the mean NLL, the default) or ``"em"``
             (expectation-maximisation, :func:`puregmm.em_step`; scikit-learn's algorithm).
-        max_steps: step limit; ``None`` means 5000 for ``"gd"``, 100 for ``"em"``.
+        max_steps: step limit, counting steps before a resumed checkpoint; ``None`` means 5000
+            for ``"gd"``, 100 for ``"em"``.
         tol: ``"gd"`` stops when the loss varied less than ``tol·max(1, |loss|)`` over the
             last 20 steps (``None``: 1e-7); ``"em"`` stops when the mean log-likelihood changed
             by less than ``tol`` in one step (``None``: 1e-3, scikit-learn's rule).
         batch_size: mini-batch size for ``"gd"`` (``None``: full batch). Batches follow a
-            permutation per epoch drawn from ``(key, epoch)``.
-        n_init: restarts with keys ``fold_in(key, r)``; the lowest final loss wins.
+            permutation per epoch drawn from ``(key, epoch)`` inside the step.
+        n_init: restarts with keys ``fold_in(key, r)``, run together as one batched fit; the
+            lowest final loss wins.
         reg_covar: added to the diagonal of every covariance by the M-step (``"em"`` and
             :func:`puregmm.init`), scikit-learn's ``reg_covar``.
         init_params: start from these params instead of :func:`puregmm.init`, or from these
@@ -130,70 +163,312 @@ def fit(
         optimizer: a :class:`puregmm.Optimizer` for ``"gd"``; ``None``: the default Adam.
         key: int or 0-d int64 tensor; all randomness derives from it.
         progress: show a tqdm progress bar.
+        checkpoint: path; the whole loop state (every restart's params, optimiser state, step,
+            key, resets, last loss, history) is saved there atomically every
+            ``checkpoint_every`` steps and at the end.
+        resume: path of a checkpoint of the same fit (same data shape, family, method,
+            settings) to continue from; the result is bitwise identical to an uninterrupted run.
 
     Returns:
         :class:`FitResult`.
 
     Raises:
         ValueError: bad data (see :func:`puregmm.init`), bad weights, unknown family/method,
-            ``batch_size``/``optimizer`` with ``"em"``, or ``reg_covar=0`` with ``"em"`` on data
-            with a constant feature (its covariance would be singular).
+            ``batch_size``/``optimizer`` with ``"em"``, ``reg_covar=0`` with ``"em"`` on data
+            with a constant feature, or a checkpoint of a different fit.
 
     Warns:
         ConvergenceWarning: the best run stopped at ``max_steps`` before meeting ``tol``.
 
     >>> import torch, puregmm as pg
-    >>> x = torch.cat([torch.randn(100, 2), torch.randn(100, 2) + 6])
-    >>> em = pg.fit(x, 2, "full", method="em", n_init=3)
-    >>> em.converged, em.n_steps < 100
-    (True, True)
+    >>> x = torch.cat([torch.randn(200, 2) - 3, torch.randn(200, 2) + 3])
+    >>> r = pg.fit(x, 2, "diagonal", method="em")
+    >>> r.converged, sorted(round(float(m), 0) for m in pg.means(r.params)[:, 0])
+    (True, [-3.0, 3.0])
     """
     spec = get_family(family)
     x = _validate.data(data, "data")
     k = _validate.n_components(n_components, x.shape[0])
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
         raise ValueError(f"n_init must be a positive int; got {n_init!r}")
     w = None if sample_weight is None else _validate.sample_weight(sample_weight, x.shape[0], x.dtype, x.device)
-    reg_covar = _validate.reg_covar(reg_covar)
+    cfg = _settings(method, max_steps, tol, batch_size, optimizer, reg_covar, x, w)
     init_means = None
     if isinstance(init_params, GMMParams):
         _check_init_params(init_params, spec.name, k, x)
     elif init_params is not None:
         init_means = _validate.means(init_params, k, x.shape[1], x.dtype, x.device, "init_params")
-    if method == "em":
-        _check_em_args(x, w, reg_covar, batch_size, optimizer)
-        max_steps = EM_MAX_STEPS if max_steps is None else _validate.positive_int(max_steps, "max_steps")
-        tol = EM_TOL if tol is None else _validate.non_negative(tol, "tol")
     key = _validate.key(key)
-    best: FitResult | None = None
     # EM from given params is deterministic: restarts would repeat the same run.
     n_runs = 1 if method == "em" and init_params is not None else n_init
-    for r in range(n_runs):
-        run_key = key if n_init == 1 else keys.fold_in(key, r)
-        if isinstance(init_params, GMMParams):
-            start = init_params
-        else:
-            start = init(
-                x, k, spec.name, key=run_key, method=init_method, means=init_means, reg_covar=reg_covar, sample_weight=w
-            )
-        if method == "em":
-            assert max_steps is not None and tol is not None
-            result = _fit_em(x, em_state(start, run_key), w, max_steps, tol, reg_covar, progress)
-        else:
-            result = _fit_gd(x, start, w, run_key, max_steps, tol, batch_size, optimizer, progress)
-        if best is None or _lower(result.loss, best.loss):
-            best = result
-    assert best is not None
-    if not best.converged:
+    run_keys = [key] if n_runs == 1 else [keys.fold_in(key, r) for r in range(n_runs)]
+    starts = [
+        init_params
+        if isinstance(init_params, GMMParams)
+        else init(
+            x, k, spec.name, key=rk, method=init_method, means=init_means, reg_covar=cfg.reg_covar, sample_weight=w
+        )
+        for rk in run_keys
+    ]
+    out = _run(x, w, _stack(starts), torch.stack(run_keys), cfg, False, progress, checkpoint, checkpoint_every, resume)
+    best = int(torch.argmin(torch.nan_to_num(out.loss, nan=math.inf)))
+    n = int(out.n_steps[best])
+    result = FitResult(
+        _index(out.params, best),
+        out.loss[best],
+        n,
+        bool(out.converged[best]),
+        int(out.n_resets[best]),
+        out.history[best, :n],
+    )
+    if not result.converged:
         warnings.warn(
-            f"fit stopped at max_steps={best.n_steps} without meeting tol; raise max_steps or tol, "
+            f"fit stopped at max_steps={result.n_steps} without meeting tol; raise max_steps or tol, "
             "or check the data for duplicated points and outliers",
             ConvergenceWarning,
             stacklevel=2,
         )
-    return best
+    return result
+
+
+def fit_batched(
+    xs: Any,
+    n_components: int,
+    family: str = "full",
+    *,
+    method: str = "em",
+    mask: Any = None,
+    key: Any = 0,
+    keys: Any = None,
+    max_steps: int | None = None,
+    tol: float | None = None,
+    batch_size: int | None = None,
+    reg_covar: float = 1e-6,
+    init_params: GMMParams | None = None,
+    init_method: str = "kmeans",
+    optimizer: Any = None,
+    progress: bool = False,
+    checkpoint: Any = None,
+    checkpoint_every: int = 100,
+    resume: Any = None,
+) -> FitResult:
+    """Fit B independent mixtures to B datasets ``xs`` [B, N, D] in one vectorised loop.
+
+    The same kernels as :func:`fit` run under ``torch.func.vmap``; each dataset stops updating
+    once it has converged, so dataset b's result equals ``fit(xs[b][mask[b]], ..., key=...)``
+    (full-batch; mini-batches also draw padded rows).
+
+    Args:
+        xs: [B, N, D] data.
+        mask: [B, N] bool, True for real rows (ragged datasets); padded rows are ignored (they
+            may hold anything, NaN included). ``None``: every row is real.
+        key: one key for every dataset; ``keys`` [B] gives each its own.
+        init_params: params with leaves [B, ...] to start from instead of :func:`puregmm.init`.
+        others: as :func:`fit`.
+
+    Returns:
+        :class:`FitResult` with a leading batch dim B on every field.
+
+    >>> import torch, puregmm as pg
+    >>> xs = torch.randn(4, 100, 2) + torch.arange(4.0)[:, None, None]
+    >>> r = pg.fit_batched(xs, 1, "diagonal")
+    >>> r.loss.shape, r.params.means.shape
+    (torch.Size([4]), torch.Size([4, 1, 2]))
+    """
+    spec = get_family(family)
+    x = _validate.as_float_tensor(xs, "xs")
+    if x.dim() != 3 or 0 in x.shape:
+        raise ValueError(f"xs must be a non-empty [B, N, D] tensor; got shape {tuple(x.shape)}")
+    b, n, d = x.shape
+    if mask is None:
+        m = torch.ones(b, n, dtype=torch.bool, device=x.device)
+    else:
+        m = torch.as_tensor(mask, device=x.device)
+        if m.dtype != torch.bool or tuple(m.shape) != (b, n):
+            raise ValueError(f"mask must be a bool tensor of shape ({b}, {n}); got {m.dtype} {tuple(m.shape)}")
+    x = torch.where(m.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    _validate.finite(x.reshape(b * n, d), "xs (real rows)")
+    counts = m.sum(-1)
+    k = _validate.n_components(n_components, int(counts.min()))
+    w = None if mask is None else m.to(x.dtype)
+    cfg = _settings(method, max_steps, tol, batch_size, optimizer, reg_covar, x[0], None)
+    if keys is None:
+        run_keys = _validate.key(key).expand(b).clone()
+    else:
+        run_keys = torch.as_tensor(keys)
+        if run_keys.dtype != torch.int64 or tuple(run_keys.shape) != (b,):
+            raise ValueError(
+                f"keys must be an int64 tensor of shape ({b},); got {run_keys.dtype} {tuple(run_keys.shape)}"
+            )
+    if init_params is not None:
+        if not isinstance(init_params, GMMParams) or init_params.batch_shape != (b,):
+            raise ValueError(f"init_params must be GMMParams with batch shape ({b},); got {init_params!r}")
+        starts = init_params
+    else:
+        starts = _stack(
+            [
+                init(x[i][m[i]], k, spec.name, key=run_keys[i], method=init_method, reg_covar=cfg.reg_covar)
+                for i in range(b)
+            ]
+        )
+    out = _run(x, w, starts, run_keys, cfg, True, progress, checkpoint, checkpoint_every, resume)
+    if not bool(out.converged.all()):
+        warnings.warn(
+            f"{int((~out.converged).sum())} of {b} fits stopped at max_steps without meeting tol",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return out
+
+
+class _Settings(NamedTuple):
+    method: str
+    max_steps: int
+    tol: float
+    batch_size: int | None
+    optimizer: Any
+    reg_covar: float
+
+
+def _settings(
+    method: str, max_steps: Any, tol: Any, batch_size: Any, optimizer: Any, reg_covar: Any, x: Tensor, w: Tensor | None
+) -> _Settings:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    reg_covar = _validate.reg_covar(reg_covar)
+    if method == "em":
+        _check_em_args(x, w, reg_covar, batch_size, optimizer)
+        steps = EM_MAX_STEPS if max_steps is None else _validate.positive_int(max_steps, "max_steps")
+        return _Settings(
+            method, steps, EM_TOL if tol is None else _validate.non_negative(tol, "tol"), None, None, reg_covar
+        )
+    steps = GD_MAX_STEPS if max_steps is None else _validate.positive_int(max_steps, "max_steps")
+    if batch_size is not None:
+        batch_size = _validate.positive_int(batch_size, "batch_size")
+        batch_size = None if batch_size >= x.shape[0] else batch_size
+    tol = GD_TOL if tol is None else _validate.non_negative(tol, "tol")
+    return _Settings(method, steps, tol, batch_size, optimizer, reg_covar)
+
+
+def _stack(trees: list[Any]) -> Any:
+    return pytree.tree_map(lambda *t: torch.stack(t), *trees)
+
+
+def _index(tree: Any, i: int) -> Any:
+    return pytree.tree_map(lambda t: t[i], tree)
+
+
+def _batched_kernel(fn: Callable[..., Any], n_runs: int, data_batched: bool, has_w: bool) -> Callable[[Any], Any]:
+    """``fn(state, x, w)`` over runs stacked on dim 0: ``vmap`` for several, a plain call for one
+    (no vmap overhead on the common single fit)."""
+    if n_runs > 1:
+        return torch.func.vmap(fn, in_dims=(0, 0 if data_batched else None, 0 if data_batched and has_w else None))
+
+    def single(states: Any, x: Tensor, w: Tensor | None) -> Any:
+        xs = x[0] if data_batched else x
+        ws = w[0] if data_batched and w is not None else w
+        out = fn(_index(states, 0), xs, ws)
+        return pytree.tree_map(lambda t: t.unsqueeze(0), out)
+
+    return single
+
+
+def _run(
+    x: Tensor,
+    w: Tensor | None,
+    starts: GMMParams,
+    run_keys: Tensor,
+    cfg: _Settings,
+    data_batched: bool,
+    progress: bool,
+    checkpoint: Any,
+    checkpoint_every: int,
+    resume: Any,
+) -> FitResult:
+    """Run B stacked fits through :func:`puregmm.loop.run`; a batched :class:`FitResult`."""
+    b = run_keys.shape[0]
+    meta = {
+        "method": cfg.method,
+        "family": starts.family,
+        "n_components": starts.n_components,
+        "shape": list(x.shape),
+        "dtype": str(x.dtype),
+        "runs": b,
+        "tol": cfg.tol,
+        "batch_size": cfg.batch_size,
+        "reg_covar": cfg.reg_covar,
+    }
+    loop_args = dict(
+        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, meta=meta
+    )
+    xdim = 0 if data_batched else None
+    wdim = 0 if (data_batched and w is not None) else None
+    if cfg.method == "em":
+        states = EMState(
+            starts,
+            torch.zeros(b, dtype=torch.int64),
+            torch.full((b,), float("nan"), dtype=x.dtype),
+            torch.zeros(b, dtype=torch.int64),
+            run_keys,
+        )
+        kernel = _batched_kernel(functools.partial(em_advance, reg_covar=cfg.reg_covar), b, data_batched, w is not None)
+        out = loop.run(
+            states,
+            lambda s: kernel(s, x, w),
+            max_steps=cfg.max_steps,
+            converged=loop.em_converged(cfg.tol),
+            **loop_args,
+        )
+        params = out.states.params
+    else:
+        shift, s = torch.func.vmap(_moments, in_dims=(xdim, wdim))(x, w) if data_batched else _moments(x, w)
+        shift, s = shift.expand(b, -1), s.expand(b)
+        z = (x - shift[:, None, :]) / s[:, None, None] if data_batched else (x - shift[0]) / s[0]
+        std = torch.func.vmap(_affine)(starts, 1.0 / s, -shift / s.unsqueeze(-1))
+        states = _stack([init_state(_index(std, i), cfg.optimizer, key=run_keys[i]) for i in range(b)])
+        kernel = _batched_kernel(
+            functools.partial(gd_advance, batch_size=cfg.batch_size), b, data_batched, w is not None
+        )
+        out = loop.run(
+            states,
+            lambda st: kernel(st, z, w),
+            max_steps=cfg.max_steps,
+            converged=loop.window_converged(cfg.tol, GD_WINDOW),
+            loss_offset=x.shape[-1] * torch.log(s),
+            **loop_args,
+        )
+        params = torch.func.vmap(_affine)(out.states.params, s, shift)
+    final = torch.func.vmap(nll, in_dims=(0, xdim, wdim))(params, x, w).detach()
+    return FitResult(
+        pytree.tree_map(torch.Tensor.detach, params),
+        final,
+        out.n_steps,
+        out.converged,
+        out.states.n_resets,
+        out.history.mT.contiguous(),
+    )
+
+
+def _moments(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Weighted mean [D] and root mean per-dimension variance (0-d) of ``x`` (rows act as counts)."""
+    wn = torch.ones_like(x[:, 0]) if w is None else w
+    wn = (wn / wn.sum()).unsqueeze(-1)
+    shift = (wn * x).sum(0)
+    s = (wn * (x - shift).square()).sum(0).mean().sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+    return shift, s
+
+
+def _affine(params: GMMParams, a: Tensor, b: Tensor) -> GMMParams:
+    """Params of the data mapped by x -> a·x + b (a > 0 a 0-d tensor): μ -> aμ + b, U -> U / a."""
+    raw, log_a = params.scale, torch.log(a)
+    if params.spec.scale_ndim == 2:
+        d = raw.shape[-1]
+        strict = torch.ones(d, d, dtype=torch.bool, device=raw.device).triu(1)
+        diag = torch.diagonal(raw, dim1=-2, dim2=-1) - log_a
+        raw = torch.where(strict, raw / a, torch.zeros((), dtype=raw.dtype)) + torch.diag_embed(diag)
+    else:
+        raw = raw - log_a
+    return GMMParams(params.logits, params.means * a + b, raw, params.family)
 
 
 def _check_init_params(params: GMMParams, family: str, k: int, x: Tensor) -> None:
@@ -224,114 +499,3 @@ def _lower(a: Tensor, b: Tensor) -> bool:
     """a < b, with NaN above everything."""
     a_f, b_f = float(a), float(b)
     return (a_f < b_f) or (math.isnan(b_f) and not math.isnan(a_f))
-
-
-def _fit_em(
-    x: Tensor, state: EMState, w: Tensor | None, max_steps: int, tol: float, reg_covar: float, progress: bool
-) -> FitResult:
-    """Run :func:`puregmm.em_step` from ``state`` until the mean log-likelihood changes by less
-    than ``tol`` in one step (scikit-learn's rule; never at the first step) or ``max_steps``."""
-    history: list[Tensor] = []
-    converged = False
-    bar = _progress(progress, max_steps)
-    while int(state.step) < max_steps:
-        params, info = em_step(state.params, x, reg_covar=reg_covar, sample_weight=w, return_info=True)
-        prev = -float(state.loss)  # NaN before the first step: no convergence there
-        state = EMState(params, state.step + 1, -info.log_likelihood, state.n_resets + info.n_resets, state.key)
-        history.append(state.loss)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(state.loss):.6g}")
-        if abs(float(info.log_likelihood) - prev) < tol:
-            converged = True
-            break
-    if bar is not None:
-        bar.close()
-    hist = torch.stack(history) if history else x.new_zeros(0)
-    final = nll(state.params, x, w).detach()
-    return FitResult(state.params, final, int(state.step), converged, int(state.n_resets), hist.detach())
-
-
-def _affine(params: GMMParams, a: float, b: Tensor) -> GMMParams:
-    """Params of the data mapped by x -> a·x + b (a > 0): μ -> aμ + b, U -> U / a."""
-    raw = params.scale
-    if params.spec.scale_ndim == 2:
-        diag = torch.diagonal(raw, dim1=-2, dim2=-1) - math.log(a)
-        raw = torch.triu(raw, 1) / a + torch.diag_embed(diag)
-    else:
-        raw = raw - math.log(a)
-    return GMMParams(params.logits, params.means * a + b, raw, params.family)
-
-
-def _fit_gd(
-    x: Tensor,
-    start: GMMParams,
-    w: Tensor | None,
-    key: Tensor,
-    max_steps: int | None,
-    tol: float | None,
-    batch_size: int | None,
-    optimizer: Any,
-    progress: bool,
-) -> FitResult:
-    max_steps = GD_MAX_STEPS if max_steps is None else int(max_steps)
-    tol = GD_TOL if tol is None else float(tol)
-    n, d = x.shape
-    wn = torch.ones_like(x[:, 0]) if w is None else w  # weighted moments: rows act as counts
-    wn = wn / wn.sum()
-    shift = (wn.unsqueeze(-1) * x).sum(0)
-    s = float((wn.unsqueeze(-1) * x.sub(shift).square()).sum(0).mean().sqrt().clamp_min(torch.finfo(x.dtype).tiny))
-    z = (x - shift) / s
-    log_jac = d * math.log(s)
-    state = init_state(_affine(start, 1.0 / s, -shift / s), optimizer, key=key)
-    if batch_size is not None and not (isinstance(batch_size, int) and 1 <= batch_size):
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-    batches = _Batches(n, batch_size, key, x.device) if batch_size and batch_size < n else None
-    history: list[Tensor] = []
-    converged = False
-    bar = _progress(progress, max_steps)
-    for t in range(max_steps):
-        if batches is None:
-            state = step(state, z, w)
-        else:
-            idx = batches.indices(t)
-            state = step(state, z[idx], None if w is None else w[idx])
-        history.append(state.loss)
-        if bar is not None and t % 25 == 0:
-            bar.update(25 if t else 1)
-            bar.set_postfix(loss=f"{float(state.loss) + log_jac:.6g}")
-        if len(history) > GD_WINDOW and t % 5 == 0:
-            recent = torch.stack(history[-GD_WINDOW - 1 :])
-            spread = float(recent.max() - recent.min())
-            if math.isfinite(spread) and spread <= tol * max(1.0, abs(float(recent[-1]) + log_jac)):
-                converged = True
-                break
-    if bar is not None:
-        bar.close()
-    params = _affine(state.params, s, shift)
-    hist = torch.stack(history) + log_jac if history else x.new_zeros(0)
-    return FitResult(params, nll(params, x, w).detach(), len(history), converged, int(state.n_resets), hist.detach())
-
-
-class _Batches:
-    """Mini-batch indices for step t: a permutation per epoch drawn from (key, epoch)."""
-
-    def __init__(self, n: int, batch_size: int, key: Tensor, device: torch.device) -> None:
-        self.n, self.size, self.key, self.device = n, batch_size, key, device
-        self.per_epoch = math.ceil(n / batch_size)
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
-
-    def indices(self, t: int) -> Tensor:
-        epoch, pos = divmod(t, self.per_epoch)
-        if epoch != self._epoch:
-            u = keys.uniform(self.key, epoch, torch.arange(self.n))
-            self._epoch, self._perm = epoch, torch.argsort(u).to(self.device)
-        return self._perm[pos * self.size : (pos + 1) * self.size]
-
-
-def _progress(enabled: bool, total: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="fit", unit="step")

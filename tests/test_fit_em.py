@@ -8,10 +8,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.utils._pytree as pytree
 
 import puregmm as pg
 from puregmm import keys
-from puregmm.fit import _fit_em
 from tests.oracles import SK_TYPE, random_params, sk_covariances_full, sklearn_em, to_np
 
 SK_FAMILIES = tuple(SK_TYPE)
@@ -187,16 +187,29 @@ def test_float32_with_offset_matches_float64(family: str) -> None:
     assert float((r32.params.means.double() - r64.params.means).abs().max()) < 5e-3
 
 
-def test_resumed_run_equals_uninterrupted() -> None:
+@pytest.mark.parametrize("method, steps", [("em", 40), ("gd", 120)])
+def test_resumed_run_is_bitwise_identical(tmp_path, method, steps) -> None:
     x = blobs(2.5, seed=7)
-    p0 = pg.init(x, 3, "full", key=3)
-    whole = _fit_em(x, pg.em_state(p0, 3), None, 40, 1e-6, 1e-6, False)
-    part = _fit_em(x, pg.em_state(p0, 3), None, 5, 1e-6, 1e-6, False)  # "interrupted" at step 5
-    state = pg.EMState(part.params, torch.tensor(part.n_steps), part.history[-1], torch.tensor(part.n_resets), 3)
-    rest = _fit_em(x, state, None, 40, 1e-6, 1e-6, False)
-    assert rest.n_steps == whole.n_steps and rest.converged == whole.converged
-    torch.testing.assert_close(rest.params.means, whole.params.means, rtol=0, atol=0)
-    torch.testing.assert_close(torch.cat([part.history, rest.history]), whole.history, rtol=0, atol=0)
+    ckpt = tmp_path / "run.ckpt"
+    kw = dict(method=method, tol=0.0, n_init=2, key=3)
+    whole = quiet_fit(x, 3, "full", max_steps=steps, **kw)
+    stopped = quiet_fit(x, 3, "full", max_steps=7, checkpoint=ckpt, checkpoint_every=3, **kw)  # "interrupted" at 7
+    rest = quiet_fit(x, 3, "full", max_steps=steps, resume=ckpt, **kw)
+    assert rest.n_steps == whole.n_steps == steps and stopped.n_steps == 7
+    for a, b in zip(pytree.tree_leaves(rest.params), pytree.tree_leaves(whole.params)):
+        assert torch.equal(a, b)
+    assert torch.equal(rest.history, whole.history) and torch.equal(rest.history[:7], stopped.history)
+
+
+def test_resume_starts_from_the_file(tmp_path) -> None:
+    """A checkpoint of another run (other key, so other init) is really where the fit resumes."""
+    x = blobs(2.5, seed=7)
+    ckpt = tmp_path / "other.ckpt"
+    other = quiet_fit(x, 3, "full", method="em", tol=0.0, max_steps=5, key=11, checkpoint=ckpt)
+    resumed = quiet_fit(x, 3, "full", method="em", tol=0.0, max_steps=5, key=0, resume=ckpt)
+    assert torch.equal(resumed.params.means, other.params.means) and resumed.n_steps == 5
+    with pytest.raises(ValueError, match="different fit"):
+        quiet_fit(x, 2, "full", method="em", max_steps=6, resume=ckpt)
 
 
 def test_gd_path_still_fits() -> None:

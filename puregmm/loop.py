@@ -1,0 +1,178 @@
+"""The one fitting loop: advance B independent runs until each converges or hits ``max_steps``.
+
+Every fit goes through here: a single fit is B = 1, ``n_init`` restarts and
+:func:`puregmm.fit_batched` stack their runs along a leading axis. ``advance`` is the method's
+pure kernel (``step`` or ``em_step``) vmapped over that axis; a run that has converged is
+frozen with ``torch.where`` so that it ends exactly where it would have ended alone.
+
+The loop state is the stacked method state (params, optimiser state, step, key, resets, last
+loss) plus the history; :func:`run` can save it every few steps and resume from the file, and a
+resumed run is bitwise identical to an uninterrupted one (all randomness derives from the
+keys and step counts inside the state, never from a global RNG).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+CHECKPOINT_KIND = "checkpoint"
+
+
+class LoopResult(NamedTuple):
+    """What :func:`run` returns (B = number of runs).
+
+    Attributes:
+        states: the stacked method states, leaves [B, ...].
+        history: [T, B] loss after each step in data units; NaN once a run has stopped.
+        n_steps: [B] int64 steps each run took.
+        converged: [B] bool.
+    """
+
+    states: Any
+    history: Tensor
+    n_steps: Tensor
+    converged: Tensor
+
+
+def select_runs(done: Tensor, old: Any, new: Any) -> Any:
+    """Leaf-wise ``where(done, old, new)`` with ``done`` [B] broadcast over each leaf."""
+
+    def pick(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(done.reshape(done.shape + (1,) * (a.dim() - 1)), a, b)
+
+    return pytree.tree_map(pick, old, new)
+
+
+def em_converged(tol: float) -> Callable[[Tensor], Tensor]:
+    """scikit-learn's rule: the mean log-likelihood changed by less than ``tol`` in one step."""
+
+    def rule(history: Tensor) -> Tensor:
+        if history.shape[0] < 2:
+            return torch.zeros(history.shape[1], dtype=torch.bool, device=history.device)
+        return (history[-1] - history[-2]).abs() < tol
+
+    return rule
+
+
+def window_converged(tol: float, window: int) -> Callable[[Tensor], Tensor]:
+    """The loss varied by at most ``tol·max(1, |loss|)`` over the last ``window`` steps (for
+    gradient descent, whose loss is not monotone)."""
+
+    def rule(history: Tensor) -> Tensor:
+        if history.shape[0] <= window:
+            return torch.zeros(history.shape[1], dtype=torch.bool, device=history.device)
+        recent = history[-window - 1 :]
+        spread = recent.amax(0) - recent.amin(0)
+        return spread <= tol * recent[-1].abs().clamp_min(1.0)
+
+    return rule
+
+
+def run(
+    states: Any,
+    advance: Callable[[Any], Any],
+    *,
+    max_steps: int,
+    converged: Callable[[Tensor], Tensor],
+    loss_offset: Tensor | None = None,
+    progress: bool = False,
+    checkpoint: Any = None,
+    checkpoint_every: int = 100,
+    resume: Any = None,
+    meta: dict[str, Any] | None = None,
+) -> LoopResult:
+    """Advance stacked ``states`` (each with ``.loss`` and ``.step``) until every run stops.
+
+    Args:
+        states: stacked method states, leaves [B, ...].
+        advance: batched pure kernel, states -> states; ``.loss`` of its output is the loss
+            of the step just taken.
+        max_steps: total steps per run, those before a resumed checkpoint included.
+        converged: history [t, B] (data units) -> [B] bool.
+        loss_offset: [B] added to ``.loss`` to get data units (gradient descent runs on
+            standardised data); ``None`` for none.
+        progress: a tqdm bar with the best current loss.
+        checkpoint: path to save the loop state every ``checkpoint_every`` steps and at the end.
+        resume: path of a checkpoint written by the same kind of fit to continue from.
+        meta: JSON-able description of the fit stored in the checkpoint and checked on resume.
+    """
+    meta = dict(meta or {})
+    b = pytree.tree_leaves(states)[0].shape[0]
+    device = pytree.tree_leaves(states)[0].device
+    rows: list[Tensor] = []
+    n_steps = torch.zeros(b, dtype=torch.int64, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    conv = torch.zeros(b, dtype=torch.bool, device=device)
+    if resume is not None:
+        states, rows, n_steps, done, conv = _load(resume, states, meta)
+    offset = 0.0 if loss_offset is None else loss_offset
+    bar = _progress(progress, max_steps, len(rows))
+    while len(rows) < max_steps and not bool(done.all()):
+        new = advance(states)
+        states = select_runs(done, states, new)
+        nan = torch.full_like(new.loss, float("nan"))
+        rows.append(torch.where(done, nan, new.loss + offset).detach())
+        n_steps = n_steps + (~done).to(torch.int64)
+        now = converged(torch.stack(rows)) & ~done
+        conv, done = conv | now, done | now
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(rows[-1].nan_to_num(float('inf')).min()):.6g}", running=int((~done).sum()))
+        if checkpoint is not None and len(rows) % checkpoint_every == 0:
+            _save(checkpoint, states, rows, n_steps, done, conv, meta)
+    if bar is not None:
+        bar.close()
+    if checkpoint is not None:
+        _save(checkpoint, states, rows, n_steps, done, conv, meta)
+    history = torch.stack(rows) if rows else torch.zeros(0, b, device=device)
+    return LoopResult(states, history, n_steps, conv)
+
+
+def _save(path: Any, states: Any, rows: list[Tensor], n_steps: Tensor, done: Tensor, conv: Tensor, meta: dict) -> None:
+    from puregmm import io
+
+    b = n_steps.shape[0]
+    history = torch.stack(rows) if rows else torch.zeros(0, b, dtype=torch.float64)
+    tree = {"states": states, "history": history, "n_steps": n_steps, "done": done, "converged": conv}
+    io.save_tree(tree, path, {"fit": json.dumps(meta, sort_keys=True), "rows": str(len(rows))}, kind=CHECKPOINT_KIND)
+
+
+def _load(path: Any, template: Any, meta: dict) -> tuple[Any, list[Tensor], Tensor, Tensor, Tensor]:
+    from puregmm import io
+
+    _, file_meta = io.load_tree(path, kind=CHECKPOINT_KIND)
+    saved = json.loads(file_meta.get("fit", "{}"))
+    differ = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"checkpoint {str(path)!r} was written by a different fit ({details})")
+    b = pytree.tree_leaves(template)[0].shape[0]
+    dtype = pytree.tree_leaves(template)[0].dtype
+    like = {
+        "states": template,
+        "history": torch.zeros(int(file_meta["rows"]), b, dtype=_loss_dtype(template, dtype)),
+        "n_steps": torch.zeros(b, dtype=torch.int64),
+        "done": torch.zeros(b, dtype=torch.bool),
+        "converged": torch.zeros(b, dtype=torch.bool),
+    }
+    tree, _ = io.load_tree(path, like=like, kind=CHECKPOINT_KIND)
+    return tree["states"], list(tree["history"].unbind(0)), tree["n_steps"], tree["done"], tree["converged"]
+
+
+def _loss_dtype(template: Any, default: torch.dtype) -> torch.dtype:
+    loss = getattr(template, "loss", None)
+    return loss.dtype if isinstance(loss, Tensor) else default
+
+
+def _progress(enabled: bool, total: int, initial: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="fit", unit="step")
