@@ -120,7 +120,9 @@ def from_distribution(d: Any, family: str | None = None) -> GMMParams:
         )
     family = default if family is None else family
     get_family(family)
-    w = d.mixture_distribution.probs  # [B..., K]
+    dtype = mean.dtype  # build and check in float64 (the structure checks are relative 1e-8), then cast
+    mean, cov = mean.to(torch.float64), cov.to(torch.float64)
+    w = torch.softmax(d.mixture_distribution.logits.to(torch.float64), -1)  # [B..., K]
     batch = tuple(d.batch_shape)
     mean = mean.expand(batch + mean.shape[-2:])
     cov = cov.expand(batch + cov.shape[-3:])
@@ -128,8 +130,8 @@ def from_distribution(d: Any, family: str | None = None) -> GMMParams:
     rows = zip(w.reshape(-1, k), mean.reshape(-1, k, dim), cov.reshape(-1, k, dim, dim))
     flat = [from_moments(wi, mi, ci, family) for wi, mi, ci in rows]
     if not batch:
-        return flat[0]
-    return pytree.tree_map(lambda *leaves: torch.stack(leaves).unflatten(0, batch), *flat)
+        return flat[0].to(dtype)
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves).unflatten(0, batch).to(dtype), *flat)
 
 
 # --- scikit-learn ----------------------------------------------------------------------------
@@ -236,15 +238,16 @@ def from_sklearn(gm: Any, family: str | None = None, *, dtype: torch.dtype = tor
     family = _FROM_SKLEARN[cov_type] if family is None else family
     get_family(family)
 
-    mu = torch.as_tensor(np.asarray(gm.means_), dtype=dtype)  # [K, D]
+    f64 = torch.float64  # build and check in scikit-learn's precision, then cast
+    mu = torch.as_tensor(np.asarray(gm.means_), dtype=f64)  # [K, D]
     k, d = mu.shape
-    c = torch.as_tensor(np.asarray(gm.covariances_), dtype=dtype)
-    eye = torch.eye(d, dtype=dtype)
+    c = torch.as_tensor(np.asarray(gm.covariances_), dtype=f64)
+    eye = torch.eye(d, dtype=f64)
     cov = {
         "full": lambda: c,  # [K, D, D]
         "tied": lambda: c.expand(k, d, d),  # [D, D]
         "diag": lambda: torch.diag_embed(c),  # [K, D]
         "spherical": lambda: c[:, None, None] * eye,  # [K]
     }[cov_type]()
-    w = torch.as_tensor(np.asarray(gm.weights_), dtype=dtype)
-    return from_moments(w, mu, cov, family)
+    w = torch.as_tensor(np.asarray(gm.weights_), dtype=f64)
+    return from_moments(w, mu, cov, family).to(dtype)
