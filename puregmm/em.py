@@ -28,6 +28,7 @@ indexing, so ``torch.func.vmap`` (over stacked params and data) and ``torch.comp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -314,6 +315,7 @@ def em_step(
     sample_weight: Tensor | None = None,
     return_info: bool = False,
     chunk_size: int | None = None,
+    reduce: Callable[[Stats], Stats] | None = None,
 ) -> Any:
     """One EM iteration: ``m_step(sufficient_stats(params, x, sample_weight), params)``.
 
@@ -329,6 +331,11 @@ def em_step(
         sample_weight: [N] or [B..., N] non-negative weights acting as counts (not checked).
         return_info: also return an :class:`EMInfo`.
         chunk_size: rows per E-step chunk (default from static shapes).
+        reduce: optional static hook ``Stats -> Stats`` applied between the E- and M-step,
+            e.g. :class:`puregmm.distributed.Collective` (all-reduce of the sums, K-min merge
+            of ``worst_*`` across ranks), so that ``x`` is this rank's shard and every rank
+            gets the params of the whole data. It sees the stats with the params' batch dims
+            leading. Collectives run eagerly: no ``torch.compile`` or outer ``vmap`` then.
 
     Returns:
         new params, or ``(params, info)``.
@@ -342,10 +349,15 @@ def em_step(
     """
     _validate.data_shape(params, x)
 
-    def one(p: GMMParams, xs: Tensor, ws: Tensor | None) -> tuple[GMMParams, EMInfo]:
-        stats = sufficient_stats(p, xs, ws, chunk_size=chunk_size)
+    def stats_of(p: GMMParams, xs: Tensor, ws: Tensor | None) -> Stats:
+        return sufficient_stats(p, xs, ws, chunk_size=chunk_size)
+
+    def update(p: GMMParams, stats: Stats) -> tuple[GMMParams, EMInfo]:
         new, n_resets = m_step(stats, p, reg_covar=reg_covar, return_info=True)
         return new, EMInfo(stats.log_lik_sum / stats.weight_sum, n_resets)
+
+    def one(p: GMMParams, xs: Tensor, ws: Tensor | None) -> tuple[GMMParams, EMInfo]:
+        return update(p, stats_of(p, xs, ws))
 
     fn: Any = one
     batch = params.batch_shape
@@ -353,7 +365,15 @@ def em_step(
     if x_batched and tuple(x.shape[:-2]) != batch:
         raise ValueError(f"x has batch dims {tuple(x.shape[:-2])} but the params have batch dims {batch}")
     w_batched = sample_weight is not None and sample_weight.dim() > 1
+    in_dims = (0, 0 if x_batched else None, 0 if w_batched else None)
+    if reduce is not None:  # E-step, reduce across ranks, M-step: collectives stay outside vmap
+        fs: Any = stats_of
+        fu: Any = update
+        for _ in batch:
+            fs, fu = torch.func.vmap(fs, in_dims=in_dims), torch.func.vmap(fu)
+        new, info = fu(params, reduce(fs(params, x, sample_weight)))
+        return (new, info) if return_info else new
     for _ in batch:
-        fn = torch.func.vmap(fn, in_dims=(0, 0 if x_batched else None, 0 if w_batched else None))
+        fn = torch.func.vmap(fn, in_dims=in_dims)
     new, info = fn(params, x, sample_weight)
     return (new, info) if return_info else new

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from puregmm import _validate, keys
+from puregmm.density import log_prob
 from puregmm.density import loss as nll
 from puregmm.optim import Optimizer, apply_updates
 from puregmm.params import GMMParams
@@ -124,22 +125,72 @@ def init_state(
     )
 
 
-def step(state: TrainState, batch: Tensor, sample_weight: Tensor | None = None) -> TrainState:
+def step(state: TrainState, batch: Tensor, sample_weight: Tensor | None = None, *, reduce: Any = None) -> TrainState:
     """One pure gradient step on the mean NLL of ``batch`` [N, D], then the singularity reset.
 
     Never mutates its inputs, uses no global RNG, returns identical output for identical input.
     Works under ``torch.func.vmap`` and ``torch.compile``.
+
+    ``reduce`` (optional, static) makes ``batch`` one rank's shard of a data-parallel step: an
+    object with ``sum(tree)`` (all-reduce SUM of every leaf), ``gather(tree)`` (all-gather, a
+    leading [W] axis in rank order) and ``rank``, e.g. :class:`puregmm.distributed.Collective`.
+    The gradient is then Σ_ranks ∇(-Σ_n ω_n log p(x_n)) / Σ_ranks Σ_n ω_n, the gradient of the
+    mean NLL of the union of the shards (not a mean of per-rank means), and the reset draws
+    its points from that union identically on every rank (:func:`reset_collapsed`). Eager
+    only (collectives do not run under ``vmap``/``torch.compile``).
     """
     _validate.data_shape(state.params, batch, "batch")
-    grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight)
+    if reduce is None:
+        grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight)
+    else:
+        grads, value = _global_grad(state.params, batch, sample_weight, reduce)
     updates, opt_state = state.optimizer.update(grads, state.opt_state, state.params)
     params = apply_updates(state.params, updates)
     params, opt_state, n_bad = reset_collapsed(
-        params, opt_state, batch, state.key, state.step, state.min_variance, state.reset, sample_weight
+        params, opt_state, batch, state.key, state.step, state.min_variance, state.reset, sample_weight, reduce=reduce
     )
     return dataclasses.replace(
         state, params=params, opt_state=opt_state, step=state.step + 1, n_resets=state.n_resets + n_bad, loss=value
     )
+
+
+def _global_grad(params: GMMParams, batch: Tensor, sample_weight: Tensor | None, reduce: Any) -> tuple[Any, Tensor]:
+    """(∇ mean NLL, mean NLL) over the union of every rank's ``batch``: per-rank sums of the
+    weighted NLL and its gradient, all-reduced, divided by the all-reduced weight sum."""
+
+    def total(p: GMMParams) -> Tensor:
+        lp = log_prob(p, batch)  # [N]
+        return -(lp if sample_weight is None else lp * sample_weight).sum()
+
+    grads, value = torch.func.grad_and_value(total)(params)
+    count = batch.new_tensor(float(batch.shape[0])) if sample_weight is None else sample_weight.sum()
+    grads, value, count = reduce.sum((grads, value, count))
+    return pytree.tree_map(lambda g: g / count, grads), value / count
+
+
+def _shared_draw(reduce: Any, x: Tensor, valid: Tensor, u: Tensor, min_variance: float) -> tuple[Tensor, Tensor]:
+    """The reset's spread [D] and K drawn rows [K, D] over the union of every rank's valid rows
+    (``x`` zeroed where invalid), identical on every rank and equal to the single-process draw
+    on the shards concatenated in rank order.
+
+    Each rank proposes, for every component, its row at the global target index (cumulative
+    counts over ranks come from an all-gather); a second all-gather of the candidates lets the
+    owning rank's proposal win.
+    """
+    k = u.shape[0]
+    w = valid.to(x.dtype).unsqueeze(-1)  # [N, 1]
+    cum = torch.cumsum(valid.to(torch.int64), 0)  # [N]
+    counts, sums = reduce.gather((cum[-1], (x * w).sum(0)))  # [W], [W, D]
+    count = counts.sum().to(x.dtype).clamp_min(1.0)
+    centre = sums.sum(0) / count
+    target = (u * counts.sum().to(u.dtype)).floor().to(torch.int64) + 1  # [K], 1-based global index
+    ends = torch.cumsum(counts, 0)  # [W]
+    offset = ends[reduce.rank] - counts[reduce.rank]
+    local = torch.searchsorted(cum, target - offset).clamp_max(x.shape[0] - 1)  # [K]
+    owner = (ends.unsqueeze(0) < target.unsqueeze(1)).sum(-1).clamp_max(counts.shape[0] - 1)  # [K]
+    sq, cand = reduce.gather((((x - centre) * w).square().sum(0), x.index_select(0, local)))  # [W, D], [W, K, D]
+    var = (sq.sum(0) / count).clamp_min(min_variance)
+    return var, cand[owner, torch.arange(k, device=x.device)]
 
 
 def bad_components(params: GMMParams, min_variance: float) -> tuple[Tensor, Tensor]:
@@ -169,10 +220,14 @@ def reset_collapsed(
     min_variance: float,
     mode: str = "component",
     sample_weight: Tensor | None = None,
+    *,
+    reduce: Any = None,
 ) -> tuple[GMMParams, Any, Tensor]:
     """Reset bad components of ``params`` (and their optimiser moments) branch-free.
 
-    New means are rows of ``batch`` that are finite and have positive ``sample_weight``.
+    New means are rows of ``batch`` that are finite and have positive ``sample_weight``. With
+    ``reduce`` (see :func:`step`) they and the spread come from the union of every rank's
+    ``batch``, identically on all ranks.
 
     Returns the new params, the new optimiser state and the number of components reset.
     """
@@ -184,16 +239,19 @@ def reset_collapsed(
     finite_rows = torch.isfinite(batch).all(-1, keepdim=True)
     x = torch.where(finite_rows, batch, torch.zeros_like(batch))  # NaN rows cannot poison the reset
     valid = finite_rows.squeeze(-1) if sample_weight is None else finite_rows.squeeze(-1) & (sample_weight > 0)
-    w = valid.to(x.dtype).unsqueeze(-1)
-    count = w.sum().clamp_min(1.0)
-    centre = (x * w).sum(0) / count
-    var = (((x - centre) * w).square().sum(0) / count).clamp_min(min_variance)  # [D]
-    # a uniformly drawn valid row (finite, positive weight) per component: inverse CDF of a 0/1 mass
-    cum = torch.cumsum(valid.to(torch.int64), 0)  # [N]
     u = keys.uniform(key, step_count, torch.arange(k, device=x.device))  # [K]
-    target = (u * cum[-1].to(u.dtype)).floor().to(torch.int64) + 1
-    picks = torch.searchsorted(cum, target).clamp_max(x.shape[0] - 1)  # [K]
-    new_means = torch.index_select(x, 0, picks)  # [K, D]
+    if reduce is not None:  # the same draw over the union of all ranks' rows
+        var, new_means = _shared_draw(reduce, x, valid, u, min_variance)
+    else:
+        w = valid.to(x.dtype).unsqueeze(-1)
+        count = w.sum().clamp_min(1.0)
+        centre = (x * w).sum(0) / count
+        var = (((x - centre) * w).square().sum(0) / count).clamp_min(min_variance)  # [D]
+        # a uniformly drawn valid row (finite, positive weight) per component: inverse CDF of a 0/1 mass
+        cum = torch.cumsum(valid.to(torch.int64), 0)  # [N]
+        target = (u * cum[-1].to(u.dtype)).floor().to(torch.int64) + 1
+        picks = torch.searchsorted(cum, target).clamp_max(x.shape[0] - 1)  # [K]
+        new_means = torch.index_select(x, 0, picks)  # [K, D]
     fresh = spec.raw_from_variances(var, k)
 
     good = ~bad
