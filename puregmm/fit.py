@@ -358,7 +358,7 @@ def _index(tree: Any, i: int) -> Any:
     return pytree.tree_map(lambda t: t[i], tree)
 
 
-def _batched_kernel(fn: Callable[..., Any], n_runs: int, data_batched: bool, has_w: bool) -> Callable[[Any], Any]:
+def _batched_kernel(fn: Callable[..., Any], n_runs: int, data_batched: bool, has_w: bool) -> Callable[..., Any]:
     """``fn(state, x, w)`` over runs stacked on dim 0: ``vmap`` for several, a plain call for one
     (no vmap overhead on the common single fit)."""
     if n_runs > 1:

@@ -29,13 +29,13 @@ class Optimizer(NamedTuple):
 
 
 class AdamState(NamedTuple):
-    count: Tensor  # 0-d int64, steps taken
+    count: Tensor  # type: ignore[assignment]  # 0-d int64, steps taken (shadows tuple.count)
     mu: Any  # first moments, same pytree as params
     nu: Any  # second moments
 
 
 class SgdState(NamedTuple):
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count
 
 
 def _rate(learning_rate: LearningRate, count: Tensor) -> Any:
