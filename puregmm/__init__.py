@@ -18,6 +18,7 @@ from puregmm.params import (
     weights,
 )
 from puregmm.plot import plot_criterion, plot_fit, plot_loss
+from puregmm.select import Selection, SelectionRow, SelectionTable, format_table, select
 from puregmm.train import TrainState, init_state, step
 
 __version__ = "0.1.0"
@@ -31,6 +32,9 @@ __all__ = [
     "FitResult",
     "GMMParams",
     "Optimizer",
+    "Selection",
+    "SelectionRow",
+    "SelectionTable",
     "SgdState",
     "Stats",
     "TrainState",
@@ -47,6 +51,7 @@ __all__ = [
     "em_step",
     "fit",
     "fit_batched",
+    "format_table",
     "from_moments",
     "init",
     "init_state",
@@ -70,6 +75,7 @@ __all__ = [
     "save_tree",
     "score",
     "score_samples",
+    "select",
     "sgd",
     "step",
     "sufficient_stats",
