@@ -129,7 +129,7 @@ def _log_joint(w: Whitening, xl: Tensor, inplace: bool = False) -> Tensor:
     """ℓ[c, K] = const_k - ½ ‖z_k‖² for lifted rows ``xl`` (``inplace`` only where no autograd
     graph is recorded: the autograd.Function forward)."""
     z = _residual(w, xl)
-    sq = (z.square_() if inplace else z.square()).sum(1)  # [c, K]
+    sq = (z.mul_(z) if inplace else z.square()).sum(1)  # [c, K]
     return torch.add(w.const, sq, alpha=-0.5)
 
 
