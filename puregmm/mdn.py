@@ -168,8 +168,9 @@ def _floored_precision_factor(a: Tensor, d: int, log_floor: float) -> Tensor:
     """
     log_diag_m = -0.5 * a[..., :d]  # [..., D]
     off = a[..., d:]  # [..., D(D-1)/2]
-    tiny = torch.finfo(a.dtype).tiny
-    log_off_sq = torch.log(off.square().sum(-1, keepdim=True).clamp_min(tiny))  # rounds ‖M‖ up: safe side
+    off_sq = off.square().sum(-1, keepdim=True)  # [..., 1]
+    has_off = off_sq > 0  # log 0 = -inf, and a where keeps its gradient finite
+    log_off_sq = torch.where(has_off, torch.log(torch.where(has_off, off_sq, torch.ones_like(off_sq))), -math.inf)
     log_norm_sq = torch.logsumexp(torch.cat([2.0 * log_diag_m, log_off_sq], -1), -1)  # log ‖M‖²_F [...]
     log_c = -0.5 * F.softplus(log_norm_sq + log_floor)  # log 1/√(1 + floor ‖M‖²)  [...]
     rows, cols = torch.triu_indices(d, d, 1, device=a.device)
