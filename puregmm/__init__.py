@@ -6,7 +6,9 @@ from puregmm.families import FAMILIES
 from puregmm.fit import ConvergenceWarning, EMState, FitResult, em_state, fit, fit_batched
 from puregmm.infer import aic, bic, n_parameters, predict, predict_proba, sample, score, score_samples
 from puregmm.init import init, kmeans_plusplus
+from puregmm.interop import from_distribution, from_sklearn, to_distribution, to_sklearn
 from puregmm.io import load, load_tree, save, save_tree
+from puregmm.mdn import from_flat, param_size
 from puregmm.optim import AdamState, Optimizer, SgdState, adam, apply_updates, cosine_decay, sgd
 from puregmm.params import (
     GMMParams,
@@ -52,7 +54,10 @@ __all__ = [
     "fit",
     "fit_batched",
     "format_table",
+    "from_distribution",
+    "from_flat",
     "from_moments",
+    "from_sklearn",
     "init",
     "init_state",
     "kmeans_plusplus",
@@ -63,6 +68,7 @@ __all__ = [
     "m_step",
     "means",
     "n_parameters",
+    "param_size",
     "plot_criterion",
     "plot_fit",
     "plot_loss",
@@ -79,5 +85,7 @@ __all__ = [
     "sgd",
     "step",
     "sufficient_stats",
+    "to_distribution",
+    "to_sklearn",
     "weights",
 ]
