@@ -38,7 +38,7 @@ def small() -> torch.Tensor:
 
 
 def test_picks_k4_on_a_known_four_component_mixture(blobs) -> None:
-    x, sel = blobs
+    _, sel = blobs
     table, params = sel  # a NamedTuple: unpacks as (table, params)
     assert params.n_components == 4
     assert [(r.family, r.K) for r in table] == [(f, k) for f in ("full", "diagonal") for k in range(1, 8)]
