@@ -22,8 +22,14 @@ from torch.distributions import (
 )
 
 import puregmm as pg
-from puregmm.interop import from_distribution, from_sklearn, to_distribution, to_sklearn
 from tests.strategies import mixtures, random_data, random_params
+
+from_distribution, from_sklearn, to_distribution, to_sklearn = (
+    pg.from_distribution,
+    pg.from_sklearn,
+    pg.to_distribution,
+    pg.to_sklearn,
+)  # the public API under test
 
 sklearn_mixture = pytest.importorskip("sklearn.mixture")
 
