@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="checkpoint every N steps")
     p.add_argument("--no-plot", action="store_true", help="do not write fit.png")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel fit under torchrun: each rank reads its slice of a .npy DATA, rank 0 writes DIR "
+        "(e.g. torchrun --nproc_per_node=2 -m puregmm fit data.npy -k 8 --distributed --out run/)",
+    )
     p.set_defaults(handler=cmd_fit)
 
     p = sub.add_parser(
@@ -226,6 +232,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} exists and is not a folder; pass a folder name")
+    if getattr(args, "distributed", False):
+        return _fit_distributed(args, out)
     if args.components == "auto" and not hasattr(pg, "select"):
         raise UsageError(
             "--components auto is not yet available: this puregmm has no pg.select; pass a number, e.g. --components 5"
@@ -396,6 +404,71 @@ def _checkpoint_kwargs(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.checkpoint_every and "checkpoint_every" in accepted:
         kwargs["checkpoint_every"] = args.checkpoint_every
     return kwargs
+
+
+def _fit_distributed(args: argparse.Namespace, out: Path) -> int:
+    """``fit --distributed``: every rank fits its slice of a memory-mapped ``.npy`` with
+    :func:`puregmm.distributed.fit_distributed`; rank 0 writes DIR (loss, BIC, AIC and N of
+    the whole data; the picture shows rank 0's slice)."""
+    import torch.distributed as dist
+
+    from puregmm import distributed as pgd
+
+    if args.components == "auto":
+        raise UsageError("--distributed needs a number of components, not --components auto")
+    if Path(args.data).suffix.lower() != ".npy":
+        raise UsageError(f"--distributed reads a memory-mapped .npy (each rank its slice); got {args.data!r}")
+    owned = not dist.is_initialized()
+    comm = pgd.init()
+    try:
+        arr = load_data(args.data)
+        lo, hi = pgd.shard_bounds(arr.shape[0], comm.rank, comm.world_size)
+        x = _tensor(arr[lo:hi], args.dtype)
+        fit_kwargs = _checkpoint_kwargs(out, args)
+        if comm.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            fitted = pgd.fit_distributed(
+                x,
+                args.components,
+                args.family,
+                method=args.method,
+                max_steps=args.max_steps,
+                tol=args.tol,
+                batch_size=args.batch_size,
+                n_init=args.n_init,
+                reg_covar=args.reg_covar,
+                key=args.seed,
+                progress=not args.quiet and comm.rank == 0,
+                **fit_kwargs,
+            )
+        seconds = time.perf_counter() - start
+        if comm.rank != 0:
+            return 0
+        messages = [str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+        for m in messages:
+            print(f"{PROG} fit: warning: {m}", file=sys.stderr)
+        params, n = fitted.params, arr.shape[0]
+        pg.save(params, out / "model.safetensors")
+        report = _report(args, x, params, fitted, None, seconds, messages)
+        two_nll, p = 2.0 * n * float(fitted.loss), pg.n_parameters(params)
+        report.update(N=n, bic=_finite_or_none(two_nll + p * math.log(n)), aic=_finite_or_none(two_nll + 2.0 * p))
+        report["world_size"] = comm.world_size
+        pgio.write_atomic(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+        wrote = ["model.safetensors", "report.json"]
+        if not args.no_plot:
+            wrote += _plot(out / "fit.png", params, x, fitted.history, None)
+        print(
+            f"fit: family={params.family} K={params.n_components} loss={_g(report['loss'])} "
+            f"BIC={_g(report['bic'])} steps={report['n_steps']} converged={report['converged']} "
+            f"resets={report['n_resets']} ranks={comm.world_size} ({seconds:.2f} s) -> {out}/{{{','.join(wrote)}}}"
+        )
+        return 0
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _run_fit(x: torch.Tensor, args: argparse.Namespace, fit_kwargs: dict[str, Any]) -> tuple[Any, Any, Any]:

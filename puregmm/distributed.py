@@ -1,0 +1,608 @@
+"""Data-parallel fits on ``torch.distributed``: every rank holds a shard, all hold the same params.
+
+The kernels stay the single-process ones; a :class:`Collective` passed as their ``reduce=``
+hook makes the sums global:
+
+* **EM** (:func:`puregmm.em_step` ``reduce=``): each rank computes the :class:`puregmm.Stats`
+  of its shard about the shared means, the summable fields are all-reduced (one packed
+  ``all_reduce(SUM)``) and the ``worst_*`` pair is all-gathered and K-min merged in rank
+  order, so the M-step, and its re-seeding of empty components, is the same on every rank and
+  equals the M-step on the shards concatenated in rank order (up to summation order).
+* **Gradient descent** (:func:`puregmm.step` ``reduce=``): the gradient of the *summed*
+  weighted NLL is all-reduced and divided by the all-reduced weight sum,
+  ∇ = Σ_r ∇(-Σ_{n∈r} ω_n log p(x_n)) / Σ_r Σ_{n∈r} ω_n, the gradient of the global mean (not
+  a mean of per-rank means). The singularity reset draws its rows from the union of the shards:
+  each rank proposes its row at the shared key's global index, an all-gather picks the owner's.
+
+Failures: the process group's timeout (:func:`init`, default :data:`DEFAULT_TIMEOUT_S`) bounds
+every collective, and a failed or timed-out collective raises :class:`DistributedError` naming
+this rank and saying that another rank probably failed, instead of hanging. Input errors are
+agreed on first (one all-gather) so that every rank raises, none waits.
+
+Without an initialised process group (or with one rank) everything here is a no-op:
+:func:`fit_distributed` is :func:`puregmm.fit` and a :class:`Collective` returns its input.
+Not checked: that the ranks pass identical ``init_params`` (rank 0's are broadcast) and that
+their shards are disjoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from puregmm import _validate, keys, loop
+from puregmm.em import Stats, em_step
+from puregmm.families import get_family
+from puregmm.fit import (
+    EM_MAX_STEPS,
+    EM_TOL,
+    GD_MAX_STEPS,
+    GD_TOL,
+    GD_WINDOW,
+    ConvergenceWarning,
+    EMState,
+    FitResult,
+    _affine,
+    fit,
+    minibatch_indices,
+)
+from puregmm.init import init as init_params_from
+from puregmm.params import GMMParams
+from puregmm.train import TrainState, init_state, step
+
+DEFAULT_TIMEOUT_S = 300.0  # seconds a collective may wait for the slowest rank
+INIT_ROWS = 100_000  # rows gathered from all ranks to initialise on (all of them when N is smaller)
+METHODS = ("gd", "em")
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out: another rank most likely raised, died or hangs."""
+
+
+def is_active(group: Any = None) -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def init(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> Collective:
+    """Initialise the default process group from the environment (``torchrun`` sets ``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), if not done yet; return its :class:`Collective`.
+
+    Args:
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (GPU); ``None``: nccl when CUDA is available
+            (each rank then uses GPU ``LOCAL_RANK``), else gloo.
+        timeout: seconds after which a collective waiting for another rank fails with
+            :class:`DistributedError` instead of hanging.
+
+    Raises:
+        ValueError: a non-positive timeout, or ``RANK``/``WORLD_SIZE`` unset (not launched
+            by torchrun or a similar launcher) when no process group exists yet.
+    """
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+    if not dist.is_available():
+        raise ValueError("torch.distributed is not available in this torch build")
+    if not dist.is_initialized():
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise ValueError(
+                f"no process group and {', '.join(missing)} unset: launch with torchrun, e.g. "
+                "`torchrun --nproc_per_node=2 -m puregmm fit data.npy -k 8 --distributed --out run/`, "
+                "or call torch.distributed.init_process_group yourself"
+            )
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout)))
+    return Collective()
+
+
+@dataclass(frozen=True)
+class Collective:
+    """Collectives over a process group (``None``: the default one), on pytrees of tensors.
+
+    A no-op on one process: ``sum`` returns its input, ``gather`` adds a [1] axis. Leaves are
+    packed per dtype, so each call is one collective per dtype. Pass it as ``reduce=`` to
+    :func:`puregmm.em_step` (it is callable on :class:`puregmm.Stats`) and :func:`puregmm.step`.
+    """
+
+    group: Any = None
+
+    @property
+    def active(self) -> bool:
+        return is_active(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if self.active else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if self.active else 1
+
+    def sum(self, tree: Any) -> Any:
+        """Every leaf summed over the ranks (``all_reduce(SUM)``), identical on every rank."""
+        if not self.active:
+            return tree
+        leaves, spec = pytree.tree_flatten(tree)
+        out: list[Tensor] = list(leaves)
+        for idx, flat in _packs(leaves):
+            self._wrap("all_reduce", functools.partial(dist.all_reduce, flat, group=self.group))
+            for i, part in zip(idx, _split(flat, [leaves[i] for i in idx])):
+                out[i] = part
+        return pytree.tree_unflatten(out, spec)
+
+    def gather(self, tree: Any) -> Any:
+        """Every leaf stacked over the ranks in rank order: shape [W, *leaf.shape]."""
+        if not self.active:
+            return pytree.tree_map(lambda t: t.unsqueeze(0), tree)
+        leaves, spec = pytree.tree_flatten(tree)
+        out: list[Tensor] = list(leaves)
+        w = self.world_size
+        for idx, flat in _packs(leaves):
+            parts = [torch.empty_like(flat) for _ in range(w)]
+            self._wrap("all_gather", functools.partial(dist.all_gather, parts, flat, group=self.group))
+            stacked = torch.stack(parts)  # [W, n]
+            offset = 0
+            for i in idx:
+                size = leaves[i].numel()
+                out[i] = stacked[:, offset : offset + size].reshape(w, *leaves[i].shape)
+                offset += size
+        return pytree.tree_unflatten(out, spec)
+
+    def broadcast(self, tree: Any, src: int = 0) -> Any:
+        """Rank ``src``'s leaves on every rank (same structure and shapes required)."""
+        if not self.active:
+            return tree
+        leaves, spec = pytree.tree_flatten(tree)
+        out: list[Tensor] = list(leaves)
+        for idx, flat in _packs(leaves):
+            self._wrap("broadcast", functools.partial(dist.broadcast, flat, src, group=self.group))
+            for i, part in zip(idx, _split(flat, [leaves[i] for i in idx])):
+                out[i] = part
+        return pytree.tree_unflatten(out, spec)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Picklable objects of every rank, in rank order."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        self._wrap("all_gather_object", functools.partial(dist.all_gather_object, out, obj, group=self.group))
+        return out
+
+    def __call__(self, stats: Stats) -> Stats:
+        """:func:`reduce_stats`: the :class:`puregmm.Stats` of the union of every rank's rows."""
+        return reduce_stats(stats, self)
+
+    def _wrap(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except RuntimeError as err:  # includes torch.distributed.DistBackendError
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed ({first}). Another rank most likely "
+                "raised an error, died or is stuck: look for its traceback. The wait is bounded by the "
+                "process group's timeout (pg.distributed.init(timeout=...))."
+            ) from err
+
+
+def _packs(leaves: list[Any]) -> list[tuple[list[int], Tensor]]:
+    """Leaf indices grouped by (dtype, device), each group flattened into one new buffer."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(leaves):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"collectives take pytrees of tensors; leaf {i} is {type(t).__name__}")
+        if t.dtype == torch.bool:
+            raise TypeError(f"collectives do not take bool tensors (leaf {i}); convert with .to(torch.int64)")
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return [(idx, torch.cat([leaves[i].detach().reshape(-1) for i in idx])) for idx in groups.values()]
+
+
+def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    sizes = [t.numel() for t in like]
+    return [p.reshape(t.shape) for p, t in zip(torch.split(flat, sizes), like)]
+
+
+def collective(group: Any = None) -> Collective:
+    """The :class:`Collective` of ``group`` (``None``: the default process group)."""
+    return Collective(group)
+
+
+def reduce_stats(stats: Stats, comm: Collective | None = None) -> Stats:
+    """The :class:`puregmm.Stats` of the union of every rank's rows, identical on every rank.
+
+    The five summable fields are all-reduced in one packed ``all_reduce(SUM)``; the ``worst_*``
+    pair is all-gathered and K-min merged with a stable sort in rank order (what folding
+    :func:`puregmm.combine` over the ranks gives). Leading batch dims (stacked params) are kept.
+    """
+    comm = Collective() if comm is None else comm
+    if not comm.active:
+        return stats
+    resp, xs, xx, ll, ws = comm.sum((stats.resp_sum, stats.x_sum, stats.xx_sum, stats.log_lik_sum, stats.weight_sum))
+    vals, pts = comm.gather((stats.worst_log_lik, stats.worst_x))  # [W, B..., K], [W, B..., K, D]
+    k = stats.worst_log_lik.shape[-1]
+    vals = vals.movedim(0, -2).flatten(-2)  # [B..., W·K], rank-major
+    pts = pts.movedim(0, -3).flatten(-3, -2)  # [B..., W·K, D]
+    order = torch.sort(vals, stable=True).indices[..., :k]  # [B..., K]
+    worst = torch.take_along_dim(vals, order, -1)
+    worst_x = torch.take_along_dim(pts, order.unsqueeze(-1), -2)
+    return Stats(resp, xs, xx, ll, ws, worst, worst_x)
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of rank ``rank`` in an even split of ``n`` rows (the first ``n % W``
+    ranks get one row more, as ``numpy.array_split``)."""
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def fit_distributed(
+    data: Any,
+    n_components: int,
+    family: str = "full",
+    *,
+    method: str = "gd",
+    max_steps: int | None = None,
+    tol: float | None = None,
+    batch_size: int | None = None,
+    n_init: int = 1,
+    reg_covar: float = 1e-6,
+    init_params: GMMParams | Any | None = None,
+    init_method: str = "kmeans",
+    sample_weight: Any = None,
+    optimizer: Any = None,
+    key: Any = 0,
+    progress: bool = False,
+    checkpoint: Any = None,
+    checkpoint_every: int = 100,
+    resume: Any = None,
+    group: Any = None,
+) -> FitResult:
+    """:func:`puregmm.fit` on data split over the ranks of ``group``: ``data`` is this rank's shard.
+
+    Call it on every rank with the same arguments (except ``data``/``sample_weight``). Every
+    rank returns the same :class:`puregmm.FitResult`, which equals ``pg.fit`` of the shards
+    concatenated in rank order (to rounding) when ``init_params`` are GMMParams. Shards may
+    differ in size; each must be non-empty. Without an initialised process group (or with one
+    rank) this *is* :func:`puregmm.fit`.
+
+    Differences from :func:`puregmm.fit`: without GMMParams ``init_params``, every rank runs
+    :func:`puregmm.init` on the same sample of at most ``max(INIT_ROWS, 20·K)`` rows gathered
+    from the ranks in proportion to their sizes (all rows when N is smaller, which equals
+    ``pg.init`` on the whole data) and rank 0's result is broadcast; ``batch_size`` is rows per
+    rank per step; restarts of gradient descent run one after another; rank 0 alone writes
+    ``checkpoint``. Gradient descent standardises with the global weighted mean and spread.
+
+    Raises:
+        ValueError / TypeError: as :func:`puregmm.fit`, raised on *every* rank when any rank's
+            input is bad (the message names the rank), or when ranks disagree on D, dtype or
+            the settings.
+        DistributedError: a collective failed or timed out (another rank died or hangs).
+    """
+    comm = collective(group)
+    if not comm.active:
+        return fit(
+            data,
+            n_components,
+            family,
+            method=method,
+            max_steps=max_steps,
+            tol=tol,
+            batch_size=batch_size,
+            n_init=n_init,
+            reg_covar=reg_covar,
+            init_params=init_params,
+            init_method=init_method,
+            sample_weight=sample_weight,
+            optimizer=optimizer,
+            key=key,
+            progress=progress,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+        )
+    settings: dict[str, Any] = {}
+    error: Exception | None = None
+    x = w = None
+    try:
+        spec = get_family(family)
+        x = _validate.data(data, "data")
+        w = None if sample_weight is None else _validate.sample_weight(sample_weight, x.shape[0], x.dtype, x.device)
+        settings = _settings(method, n_components, n_init, max_steps, tol, batch_size, optimizer, reg_covar, key)
+        settings["family"] = spec.name
+    except (ValueError, TypeError) as err:
+        error = err
+    info = {
+        "error": None if error is None else (type(error).__name__, str(error)),
+        "n": 0 if x is None else x.shape[0],
+        "d": None if x is None else x.shape[1],
+        "dtype": None if x is None else str(x.dtype),
+        "settings": settings,
+    }
+    infos = comm.gather_objects(info)
+    _agree(infos, comm.rank, error)
+    assert x is not None
+    cfg = settings
+    k, n_total = cfg["n_components"], sum(i["n"] for i in infos)
+    _validate.n_components(k, n_total)
+    if method == "em" and cfg["reg_covar"] == 0.0:
+        _check_constant_features(x, w, comm)
+    key_t = _validate.key(key)
+    n_runs = 1 if method == "em" and init_params is not None else cfg["n_init"]
+    run_keys = [key_t] if n_runs == 1 else [keys.fold_in(key_t, r) for r in range(n_runs)]
+    starts = _initial_params(x, w, comm, spec.name, k, n_total, init_params, init_method, cfg["reg_covar"], run_keys)
+    meta = {
+        "method": method,
+        "family": spec.name,
+        "n_components": k,
+        "shape": [n_total, x.shape[1]],
+        "dtype": str(x.dtype),
+        "runs": n_runs,
+        "tol": cfg["tol"],
+        "batch_size": cfg["batch_size"],
+        "reg_covar": cfg["reg_covar"],
+        "world_size": comm.world_size,
+    }
+    loop_args: dict[str, Any] = {
+        "progress": progress and comm.rank == 0,
+        "checkpoint": checkpoint if comm.rank == 0 else None,
+        "checkpoint_every": checkpoint_every,
+        "resume": resume,
+        "meta": meta,
+    }
+    if method == "em":
+        params, out = _run_em(x, w, comm, starts, torch.stack(run_keys), cfg, loop_args)
+    else:
+        params, out = _run_gd(x, w, comm, starts, torch.stack(run_keys), cfg, optimizer, loop_args)
+    final = torch.stack([_global_nll(_index(params, i), x, w, comm) for i in range(n_runs)])
+    best = int(torch.argmin(torch.nan_to_num(final, nan=math.inf)))
+    n = int(out.n_steps[best])
+    result = FitResult(
+        pytree.tree_map(torch.Tensor.detach, _index(params, best)),
+        final[best],
+        n,
+        bool(out.converged[best]),
+        int(_index(out.states, best).n_resets),
+        out.history[:n, best].detach(),
+    )
+    if not result.converged:
+        warnings.warn(
+            f"fit stopped at max_steps={result.n_steps} without meeting tol; raise max_steps or tol, "
+            "or check the data for duplicated points and outliers",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return result
+
+
+def _settings(
+    method: Any, k: Any, n_init: Any, max_steps: Any, tol: Any, batch_size: Any, optimizer: Any, reg: Any, key: Any
+) -> dict[str, Any]:
+    """Checked settings as a JSON-able dict (compared across ranks)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"n_components must be a positive int; got {k!r}")
+    if isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1:
+        raise ValueError(f"n_init must be a positive int; got {n_init!r}")
+    reg = _validate.reg_covar(reg)
+    if method == "em":
+        if batch_size is not None or optimizer is not None:
+            raise ValueError("batch_size and optimizer apply to method='gd' only; EM uses the whole data each step")
+        steps = EM_MAX_STEPS if max_steps is None else _validate.positive_int(max_steps, "max_steps")
+        tol_v = EM_TOL if tol is None else _validate.non_negative(tol, "tol")
+    else:
+        steps = GD_MAX_STEPS if max_steps is None else _validate.positive_int(max_steps, "max_steps")
+        tol_v = GD_TOL if tol is None else _validate.non_negative(tol, "tol")
+        if batch_size is not None:
+            batch_size = _validate.positive_int(batch_size, "batch_size")
+    return {
+        "method": method,
+        "n_components": k,
+        "n_init": n_init,
+        "max_steps": steps,
+        "tol": tol_v,
+        "batch_size": batch_size,
+        "reg_covar": reg,
+        "key": int(_validate.key(key)),
+        "optimizer": None if optimizer is None else type(optimizer).__name__,
+    }
+
+
+def _agree(infos: list[dict[str, Any]], rank: int, error: Exception | None) -> None:
+    """Raise on every rank when any rank's input was bad or the ranks disagree."""
+    bad = [(r, i["error"]) for r, i in enumerate(infos) if i["error"] is not None]
+    if bad:
+        if error is not None:
+            raise error
+        r, (kind, msg) = bad[0]
+        cls = TypeError if kind == "TypeError" else ValueError
+        raise cls(f"rank {r} rejected its input: {msg}")
+    for field in ("d", "dtype", "settings"):
+        values = [i[field] for i in infos]
+        if any(v != values[0] for v in values):
+            raise ValueError(
+                f"ranks disagree on {field}: {values}; every rank must pass data with the same number of "
+                "columns and dtype, and the same settings"
+            )
+
+
+def _check_constant_features(x: Tensor, w: Tensor | None, comm: Collective) -> None:
+    """reg_covar=0 with EM: refuse columns constant over the (positively weighted) global data."""
+    rows = x if w is None else x[w > 0]
+    big = torch.finfo(x.dtype).max
+    lo = rows.amin(0) if rows.shape[0] else torch.full_like(x[0], big)
+    hi = rows.amax(0) if rows.shape[0] else torch.full_like(x[0], -big)
+    los, his = comm.gather((lo, hi))
+    constant = torch.nonzero(his.amax(0) <= los.amin(0)).flatten().tolist()
+    if constant:
+        raise ValueError(
+            f"reg_covar=0 with constant features (columns {constant[:5]}): every covariance would be "
+            "singular; use reg_covar > 0 (e.g. 1e-6) or drop those columns"
+        )
+
+
+def _initial_params(
+    x: Tensor,
+    w: Tensor | None,
+    comm: Collective,
+    family: str,
+    k: int,
+    n_total: int,
+    init_params: Any,
+    init_method: str,
+    reg_covar: float,
+    run_keys: list[Tensor],
+) -> GMMParams:
+    """Stacked start params [R, ...], identical on every rank (rank 0's, broadcast)."""
+    if isinstance(init_params, GMMParams):
+        p = init_params
+        if p.family != family or p.n_components != k or p.dim != x.shape[1] or p.batch_shape:
+            raise ValueError(
+                f"init_params is {p!r} but the fit asks for family={family!r}, K={k}, D={x.shape[1]} (unbatched)"
+            )
+        for name in ("logits", "means", "scale"):
+            _validate.finite(getattr(p, name).reshape(1, -1), f"init_params.{name}")
+        starts = [p] * len(run_keys)
+    else:
+        means = None
+        if init_params is not None:
+            means = _validate.means(init_params, k, x.shape[1], x.dtype, x.device, "init_params")
+        xs, ws = _gather_sample(x, w, comm, n_total, max(INIT_ROWS, 20 * k), run_keys[0])
+        starts = [
+            init_params_from(
+                xs, k, family, key=rk, method=init_method, means=means, reg_covar=reg_covar, sample_weight=ws
+            )
+            for rk in run_keys
+        ]
+    stacked = pytree.tree_map(lambda *t: torch.stack(t), *starts)
+    return comm.broadcast(stacked, 0)  # type: ignore[no-any-return]
+
+
+def _gather_sample(
+    x: Tensor, w: Tensor | None, comm: Collective, n_total: int, target: int, key: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """The same sample (rows and weights) on every rank: all rows if ``n_total <= target``, else
+    about ``target·n_r/N`` rows of each rank drawn without replacement, in rank and row order."""
+    n = x.shape[0]
+    if n_total <= target:
+        idx = torch.arange(n, device=x.device)
+    else:
+        m = min(n, max(1, math.ceil(target * n / n_total)))
+        u = keys.uniform(keys.fold_in(key, comm.rank), torch.arange(n)).to(x.device)
+        idx = torch.argsort(u)[:m].sort().values
+    m = idx.shape[0]
+    m_max = int(comm.gather(torch.tensor(m, dtype=torch.int64, device=x.device)).max())
+    pad = m_max - m
+    xs = torch.cat([x.index_select(0, idx), x.new_zeros(pad, x.shape[1])])
+    ws = torch.ones(m, dtype=x.dtype, device=x.device) if w is None else w.index_select(0, idx)
+    ws = torch.cat([ws, ws.new_zeros(pad)])
+    counts, xg, wg = comm.gather((torch.tensor(m, dtype=torch.int64, device=x.device), xs, ws))
+    rows = torch.cat([xg[r, : int(c)] for r, c in enumerate(counts.tolist())])
+    weights = torch.cat([wg[r, : int(c)] for r, c in enumerate(counts.tolist())])
+    return rows, None if w is None else weights
+
+
+def _index(tree: Any, i: int) -> Any:
+    return pytree.tree_map(lambda t: t[i], tree)
+
+
+def _run_em(
+    x: Tensor, w: Tensor | None, comm: Collective, starts: GMMParams, run_keys: Tensor, cfg: dict, loop_args: dict
+) -> tuple[GMMParams, loop.LoopResult]:
+    b = run_keys.shape[0]
+    states = EMState(
+        starts,
+        torch.zeros(b, dtype=torch.int64),
+        torch.full((b,), float("nan"), dtype=x.dtype),
+        torch.zeros(b, dtype=torch.int64),
+        run_keys,
+    )
+    reg = cfg["reg_covar"]
+
+    def advance(s: EMState) -> EMState:
+        if b == 1:  # the unbatched kernel, as pg.fit runs a single fit
+            p, info = em_step(_index(s.params, 0), x, reg_covar=reg, sample_weight=w, return_info=True, reduce=comm)
+            p, info = pytree.tree_map(lambda t: t.unsqueeze(0), (p, info))
+        else:  # stacked params: E-step vmapped, one reduction for all runs, M-step vmapped
+            p, info = em_step(s.params, x, reg_covar=reg, sample_weight=w, return_info=True, reduce=comm)
+        return EMState(p, s.step + 1, -info.log_likelihood, s.n_resets + info.n_resets, s.key)
+
+    out = loop.run(states, advance, max_steps=cfg["max_steps"], converged=loop.em_converged(cfg["tol"]), **loop_args)
+    return out.states.params, out
+
+
+def _run_gd(
+    x: Tensor,
+    w: Tensor | None,
+    comm: Collective,
+    starts: GMMParams,
+    run_keys: Tensor,
+    cfg: dict,
+    optimizer: Any,
+    loop_args: dict,
+) -> tuple[GMMParams, loop.LoopResult]:
+    b = run_keys.shape[0]
+    shift, s = _global_moments(x, w, comm)
+    z = (x - shift) / s
+    std = torch.func.vmap(_affine, in_dims=(0, None, None))(starts, 1.0 / s, -shift / s)
+    states = pytree.tree_map(
+        lambda *t: torch.stack(t),
+        *[init_state(_index(std, i), optimizer, key=run_keys[i]) for i in range(b)],
+    )
+    batch_size = cfg["batch_size"]
+
+    def one(st: TrainState) -> TrainState:
+        if batch_size is None or batch_size >= z.shape[0]:
+            return step(st, z, w, reduce=comm)
+        idx = minibatch_indices(st.key, st.step, z.shape[0], batch_size)
+        return step(st, z[idx], None if w is None else w[idx], reduce=comm)
+
+    def advance(st: TrainState) -> TrainState:  # runs one after another: collectives do not vmap
+        return pytree.tree_map(lambda *t: torch.stack(t), *[one(_index(st, i)) for i in range(b)])
+
+    out = loop.run(
+        states,
+        advance,
+        max_steps=cfg["max_steps"],
+        converged=loop.window_converged(cfg["tol"], GD_WINDOW),
+        loss_offset=(x.shape[1] * torch.log(s)).expand(b),
+        **loop_args,
+    )
+    params = torch.func.vmap(_affine, in_dims=(0, None, None))(out.states.params, s, shift)
+    return params, out
+
+
+def _global_moments(x: Tensor, w: Tensor | None, comm: Collective) -> tuple[Tensor, Tensor]:
+    """Global weighted mean [D] and root mean per-dimension variance (0-d), two passes."""
+    wn = torch.ones_like(x[:, 0]) if w is None else w
+    total, sx = comm.sum((wn.sum(), (wn.unsqueeze(-1) * x).sum(0)))
+    shift = sx / total
+    ss = comm.sum((wn.unsqueeze(-1) * (x - shift).square()).sum(0))
+    s = (ss / total).mean().sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+    return shift, s
+
+
+def _global_nll(params: GMMParams, x: Tensor, w: Tensor | None, comm: Collective) -> Tensor:
+    """Mean NLL of the union of every rank's rows."""
+    from puregmm.density import log_prob
+
+    with torch.no_grad():
+        lp = log_prob(params, x)
+        total, count = comm.sum(
+            (-(lp if w is None else lp * w).sum(), x.new_tensor(float(x.shape[0])) if w is None else w.sum())
+        )
+    return total / count
