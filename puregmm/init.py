@@ -17,14 +17,26 @@ covariances come from the M-step and the means are kept as given (scikit-learn's
 ``means_init``). All randomness comes from ``key`` through :mod:`puregmm.keys`: same key, same
 params. Distances are computed on data centred by its mean, so a large common offset costs
 no accuracy.
+
+Design: one implementation, three pure kernels that ``torch.func.vmap`` over datasets and
+keys: :func:`_seed` (centring and seeding), :func:`_lloyd_step` (one Lloyd iteration) and
+:func:`_finish` (hard or random responsibilities, then the M-step). :func:`init_batched` runs
+them for B datasets at once; :func:`init` is the validated eager front door and runs the same
+kernels with B = 1 (called directly, without ``vmap``). Only the Lloyd loop is eager: it stops
+once every dataset's labels have settled and advances only the datasets still moving (a settled
+dataset is a fixed point, so the result does not depend on the others). Counters of the
+random draws are row *ranks* among real rows, so a padded (masked) dataset draws exactly what
+the same dataset without its padding draws.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from puregmm import _validate, keys
@@ -36,6 +48,32 @@ METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
 KMEANS_MAX_ITER = 100
 
 
+def _trials(n_components: int, n_local_trials: int | None) -> int:
+    return 2 + int(math.log(n_components)) if n_local_trials is None else max(1, int(n_local_trials))
+
+
+def _kmeans_plusplus(x: Tensor, w: Tensor, key: Tensor, k: int, trials: int) -> Tensor:
+    """Kernel of :func:`kmeans_plusplus`: x [N, D], w [N] float64 weights -> centres [K, D]."""
+    n = x.shape[0]
+
+    def draw(mass: Tensor, i: int, m: int) -> Tensor:  # m indices [m] drawn ∝ mass
+        cum = torch.cumsum(mass, 0)  # [N]
+        cum = torch.where(cum[-1] > 0, cum, torch.cumsum(w, 0))  # all mass on centres: ∝ ω
+        u = keys.uniform(key, i, torch.arange(m, device=x.device)).to(x.device) * cum[-1]
+        return torch.searchsorted(cum, u, right=True).clamp_max(n - 1)  # [m]
+
+    centres = [x.index_select(0, draw(w, 0, 1))]  # [1, D]
+    d2 = (x - centres[0]).square().sum(-1).to(torch.float64)  # [N]
+    for i in range(1, k):  # static: K is a shape
+        cand = x.index_select(0, draw(w * d2, i, trials))  # [L, D]
+        cd2 = (x.unsqueeze(0) - cand.unsqueeze(1)).square().sum(-1).to(torch.float64)  # [L, N]
+        new_d2 = torch.minimum(d2, cd2)  # [L, N]
+        best = (new_d2 * w).sum(-1).argmin().reshape(1)  # the candidate lowering Σ ω d² most
+        centres.append(cand.index_select(0, best))
+        d2 = new_d2.index_select(0, best)[0]
+    return torch.cat(centres)  # [K, D]
+
+
 def kmeans_plusplus(
     x: Tensor, n_components: int, key: Any = 0, sample_weight: Tensor | None = None, n_local_trials: int | None = None
 ) -> Tensor:
@@ -45,30 +83,10 @@ def kmeans_plusplus(
     (default 2 + ⌊log K⌋, scikit-learn's; 1 is the plain algorithm) with probability
     ∝ ω·(squared distance to the nearest centre so far) and keep the one that lowers the
     weighted potential Σ ω·d² most. Draw j of centre i uses ``uniform(key, i, j)``.
+    Pure and branch-free (``vmap`` it over datasets and keys); nothing is validated here.
     """
-    key = _validate.key(key)
-    n, k = x.shape[0], n_components
-    trials = 2 + int(math.log(k)) if n_local_trials is None else max(1, int(n_local_trials))
-    w = torch.ones(n, dtype=torch.float64, device=x.device) if sample_weight is None else sample_weight.double()
-
-    def draw(mass: Tensor, i: int, m: int) -> Tensor:
-        cum = torch.cumsum(mass, 0)
-        if not bool(cum[-1] > 0):  # every weighted point already is a centre: draw ∝ ω
-            cum = torch.cumsum(w, 0)
-        u = keys.uniform(key, i, torch.arange(m)).to(x.device) * cum[-1]
-        return torch.searchsorted(cum, u, right=True).clamp_max(n - 1)  # [m]
-
-    first = draw(w, 0, 1)
-    centres = [x.index_select(0, first)[0]]
-    d2 = (x - centres[0]).square().sum(-1).to(torch.float64)  # [N]
-    for i in range(1, k):
-        cand = draw(w * d2, i, trials)  # [L]
-        cd2 = torch.stack([(x - x[c]).square().sum(-1) for c in cand.tolist()]).double()  # [L, N]
-        new_d2 = torch.minimum(d2, cd2)  # [L, N]
-        best = int((new_d2 * w).sum(-1).argmin())
-        centres.append(x[cand[best]])
-        d2 = new_d2[best]
-    return torch.stack(centres)
+    w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if sample_weight is None else sample_weight
+    return _kmeans_plusplus(x, w.double(), _validate.key(key), n_components, _trials(n_components, n_local_trials))
 
 
 def _nearest(x: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,21 +96,224 @@ def _nearest(x: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
     return labels, d.square()
 
 
+def _one_hot(labels: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """[N, K] one-hot rows (``F.one_hot`` checks values, which ``vmap`` forbids)."""
+    return (labels.unsqueeze(-1) == torch.arange(k, device=labels.device)).to(dtype)
+
+
+def _lloyd_step(x: Tensor, w: Tensor | None, centres: Tensor) -> tuple[Tensor, Tensor]:
+    """One Lloyd iteration: (labels [N] of ``centres``, the weighted means of those labels
+    [K, D]); an empty cluster keeps its centre."""
+    labels, _ = _nearest(x, centres)
+    r = _one_hot(labels, centres.shape[0], x.dtype)  # [N, K]
+    if w is not None:
+        r = r * w.unsqueeze(-1)
+    counts = r.sum(0)  # [K]
+    sums = r.mT @ x  # [K, D]
+    tiny = torch.finfo(x.dtype).tiny
+    return labels, torch.where((counts > 0).unsqueeze(-1), sums / counts.clamp_min(tiny).unsqueeze(-1), centres)
+
+
 def lloyd(x: Tensor, centres: Tensor, sample_weight: Tensor | None = None, max_iter: int = KMEANS_MAX_ITER) -> Tensor:
     """Lloyd's k-means iterations from ``centres`` [K, D] until the labels stop changing.
     An empty cluster keeps its centre."""
-    k = centres.shape[0]
-    w = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if sample_weight is None else sample_weight
-    labels = None
-    for _ in range(max_iter):
-        new_labels, _ = _nearest(x, centres)
-        if labels is not None and bool((new_labels == labels).all()):
-            break
-        labels = new_labels
-        counts = torch.zeros(k, dtype=x.dtype, device=x.device).index_add(0, labels, w)
-        sums = torch.zeros_like(centres).index_add(0, labels, x * w.unsqueeze(-1))
-        centres = torch.where((counts > 0).unsqueeze(-1), sums / counts.clamp_min(1e-300).unsqueeze(-1), centres)
-    return centres
+    run = _lloyd_loop(x.unsqueeze(0), None if sample_weight is None else sample_weight.unsqueeze(0), max_iter)
+    return run(centres.unsqueeze(0))[0]
+
+
+def _lloyd_loop(x: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor], Tensor]:
+    """Batched Lloyd: x [B, N, D], w [B, N] | None -> (centres [B, K, D] -> settled centres).
+
+    Dataset b stops when its labels repeat (its centres are then a fixed point); each pass
+    advances only the datasets still moving."""
+    step = _map(_lloyd_step, (0, 0 if w is not None else None, 0), x.shape[0])
+    sub = torch.func.vmap(_lloyd_step, in_dims=(0, 0 if w is not None else None, 0))
+
+    def run(centres: Tensor) -> Tensor:
+        labels, centres = step(x, w, centres)
+        active = torch.arange(x.shape[0], device=x.device)
+        for _ in range(max_iter - 1):
+            if active.numel() == x.shape[0]:
+                new_labels, new_centres = step(x, w, centres)
+            else:
+                xa = x.index_select(0, active)
+                wa = None if w is None else w.index_select(0, active)
+                new_labels, new_centres = sub(xa, wa, centres.index_select(0, active))
+            moving = (new_labels != labels.index_select(0, active)).any(-1)  # [A]
+            if not bool(moving.any()):
+                break
+            active, new_labels, new_centres = active[moving], new_labels[moving], new_centres[moving]
+            labels = labels.index_copy(0, active, new_labels)
+            centres = centres.index_copy(0, active, new_centres)
+        return centres
+
+    return run
+
+
+def _seed(
+    x: Tensor, w: Tensor | None, rows: Tensor, key: Tensor, given: Tensor | None, k: int, method: str, trials: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel: the data's (weighted) mean [D], the centred data [N, D] and the seeds [K, D]
+    (zeros for ``"random"``; ``given - mean`` for given means). ``rows`` [N] are the draw
+    counters (row ranks among real rows)."""
+    wn = torch.ones_like(x[:, 0]) if w is None else w  # [N]
+    offset = (wn.unsqueeze(-1) * x).sum(0) / wn.sum()  # [D]
+    xc = x - offset
+    if given is not None:
+        centres = given - offset
+    elif method == "random":
+        centres = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+    elif method == "random_from_data":
+        u = keys.uniform(key, 0, rows).to(x.device)  # [N]
+        u = torch.where(wn > 0, u, torch.full_like(u, 2.0))  # zero-weight rows last
+        centres = xc.index_select(0, torch.argsort(u, stable=True)[:k])
+    else:
+        centres = _kmeans_plusplus(xc, wn.double(), key, k, trials)
+    return offset, xc, centres
+
+
+def _finish(
+    xc: Tensor,
+    w: Tensor | None,
+    rows: Tensor,
+    key: Tensor,
+    offset: Tensor,
+    centres: Tensor,
+    variance: Tensor | None,
+    *,
+    family: str,
+    method: str,
+    keep_means: bool,
+    reg_covar: float,
+) -> GMMParams:
+    """Kernel: responsibilities (one-hot to the nearest centre, or random), then the M-step."""
+    spec = get_family(family)
+    k, d = centres.shape
+    if method == "random" and not keep_means:
+        resp = keys.uniform(key, 0, rows.unsqueeze(-1), torch.arange(k, device=xc.device)).to(xc)  # [N, K]
+        resp = resp / resp.sum(-1, keepdim=True)
+        score = -xc.square().sum(-1)  # [N]
+    else:
+        labels, dist2 = _nearest(xc, centres)
+        resp, score = _one_hot(labels, k, xc.dtype), -dist2  # [N, K], [N]
+    if spec.learned:
+        scale = torch.zeros(spec.scale_shape(k, d), dtype=xc.dtype, device=xc.device)
+    else:
+        assert variance is not None
+        scale = -0.5 * torch.log(variance)
+    start = GMMParams(torch.zeros(k, dtype=xc.dtype, device=xc.device), centres, scale, spec.name)
+    stats = responsibility_stats(xc, resp, centres, spec.name, w, score)
+    params = m_step(stats, start, reg_covar=reg_covar)
+    new_means = centres if keep_means else params.means
+    return GMMParams(params.logits, new_means + offset, params.scale, spec.name)
+
+
+def _data_variance(xc: Tensor, w: Tensor | None) -> Tensor:
+    """Kernel: the (weighted) mean per-dimension variance of centred data (0-d)."""
+    wn = torch.ones_like(xc[:, 0]) if w is None else w
+    return (wn.unsqueeze(-1) * xc.square()).sum(0).mean() / wn.sum()
+
+
+def _map(fn: Callable[..., Any], in_dims: tuple[int | None, ...], b: int) -> Callable[..., Any]:
+    """``vmap(fn, in_dims)`` for B > 1; for B = 1 a plain call on the first item (no vmap)."""
+    if b > 1:
+        return torch.func.vmap(fn, in_dims=in_dims)
+
+    def one(*args: Any) -> Any:
+        out = fn(*(a[0] if dim == 0 and a is not None else a for a, dim in zip(args, in_dims, strict=True)))
+        return pytree.tree_map(lambda t: t.unsqueeze(0), out)
+
+    return one
+
+
+def _run(
+    x: Tensor,
+    w: Tensor | None,
+    rows: Tensor,
+    run_keys: Tensor,
+    k: int,
+    family: str,
+    *,
+    method: str,
+    given: Tensor | None = None,
+    variance: float | None = None,
+    reg_covar: float = 1e-6,
+    n_local_trials: int | None = None,
+    max_iter: int = KMEANS_MAX_ITER,
+) -> tuple[GMMParams, Tensor | None]:
+    """All stages for B stacked datasets: x [B, N, D] (or [N, D] shared by B keys), w [B, N] or
+    [N] or None, rows [B, N] or [N], run_keys [B]. Returns params [B, ...] and, for the
+    constant family, the variances [B] it used."""
+    b = run_keys.shape[0]
+    xd = 0 if x.dim() == 3 else None
+    wd = None if w is None else (0 if w.dim() == 2 else None)
+    rd = 0 if rows.dim() == 2 else None
+    trials = _trials(k, n_local_trials)
+
+    def seed(xi: Tensor, wi: Tensor | None, ri: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return _seed(xi, wi, ri, key, given, k, method, trials)
+
+    offset, xc, centres = _map(seed, (xd, wd, rd, 0), b)(x, w, rows, run_keys)
+    wb = None if w is None else (w if wd == 0 else w.expand(b, -1))
+    if method == "kmeans" and given is None:
+        centres = _lloyd_loop(xc, wb, max_iter)(centres)
+    var = None
+    if not get_family(family).learned:
+        var = _map(_data_variance, (0, wd), b)(xc, w) if variance is None else xc.new_full((b,), float(variance))
+
+    def finish(*args: Any) -> GMMParams:
+        return _finish(*args, family=family, method=method, keep_means=given is not None, reg_covar=reg_covar)
+
+    params = _map(finish, (0, wd, rd, 0, 0, 0, None if var is None else 0), b)(
+        xc, w, rows, run_keys, offset, centres, var
+    )
+    return params, var
+
+
+def init_batched(
+    xs: Tensor,
+    n_components: int,
+    family: str = "full",
+    *,
+    keys: Tensor,
+    method: str = "kmeans",
+    mask: Tensor | None = None,
+    variance: float | None = None,
+    reg_covar: float = 1e-6,
+) -> GMMParams:
+    """Initial params for B datasets at once: what :func:`init` gives each (same kernels).
+
+    Args:
+        xs: [B, N, D] finite data, or [N, D] shared by all B keys (restarts).
+        n_components: K, at most the number of real rows of every dataset.
+        family: one of :data:`puregmm.FAMILIES`.
+        keys: [B] int64, one key per dataset.
+        method: as :func:`init`.
+        mask: [B, N] bool, True for real rows; dataset b then gets ``init(xs[b][mask[b]])``.
+        variance, reg_covar: as :func:`init`.
+
+    Returns:
+        :class:`GMMParams` with batch shape [B].
+
+    Raises:
+        ValueError: unknown method, or the constant family on a dataset of zero variance
+            without ``variance=``. Shapes, finiteness and K are the caller's to check.
+    """
+    spec = get_family(family)
+    if method not in METHODS:
+        raise ValueError(f"unknown init method {method!r}; choose one of {METHODS}")
+    if mask is None:
+        rows, w = torch.arange(xs.shape[-2], device=xs.device), None
+    else:
+        rows, w = torch.cumsum(mask.to(torch.int64), -1) - 1, mask.to(xs.dtype)  # rank among real rows
+    if not spec.learned and variance is not None:
+        _check_variance(variance)
+    params, var = _run(
+        xs, w, rows, keys, n_components, spec.name, method=method, variance=variance, reg_covar=reg_covar
+    )
+    if var is not None and not bool((var > 0).all()):
+        _zero_variance()
+    return params
 
 
 def init(
@@ -141,51 +362,24 @@ def init(
     w = None if sample_weight is None else _validate.sample_weight(sample_weight, n, x.dtype, x.device)
     given = None if means is None else _validate.means(means, k, d, x.dtype, x.device)
     key = _validate.key(key)
-
-    wn = torch.ones(n, dtype=x.dtype, device=x.device) if w is None else w
-    offset = (wn.unsqueeze(-1) * x).sum(0) / wn.sum()  # the data's (weighted) mean
-    xc = x - offset
-    if given is None and method == "random":
-        resp = keys.uniform(key, 0, torch.arange(n)[:, None], torch.arange(k)).to(dtype=x.dtype, device=x.device)
-        resp = resp / resp.sum(-1, keepdim=True)  # [N, K]
-        centres = torch.zeros(k, d, dtype=x.dtype, device=x.device)
-        score = -xc.square().sum(-1)
-    else:
-        if given is not None:
-            centres = given - offset
-        elif method == "random_from_data":
-            u = keys.uniform(key, 0, torch.arange(n)).to(x.device)
-            u = torch.where(wn > 0, u, torch.full_like(u, 2.0))  # zero-weight rows last
-            centres = xc.index_select(0, torch.argsort(u, stable=True)[:k])
-        else:
-            centres = kmeans_plusplus(xc, k, key, w)
-            if method == "kmeans":
-                centres = lloyd(xc, centres, w)
-        labels, dist2 = _nearest(xc, centres)
-        resp = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # [N, K]
-        score = -dist2
-
-    if spec.learned:
-        scale = torch.zeros(spec.scale_shape(k, d), dtype=x.dtype, device=x.device)
-    else:
-        scale = -0.5 * torch.log(torch.tensor(_constant_variance(xc, wn, variance), dtype=x.dtype, device=x.device))
-    start = GMMParams(torch.zeros(k, dtype=x.dtype, device=x.device), centres, scale, spec.name)
-    stats = responsibility_stats(xc, resp, centres, spec.name, w, score)
-    params = m_step(stats, start, reg_covar=reg_covar)
-    new_means = (given - offset) if given is not None else params.means
-    return GMMParams(params.logits, new_means + offset, params.scale, spec.name)
+    if not spec.learned and variance is not None:
+        _check_variance(variance)
+    rows = torch.arange(n, device=x.device)
+    params, var = _run(
+        x, w, rows, key.reshape(1), k, spec.name, method=method, given=given, variance=variance, reg_covar=reg_covar
+    )
+    if var is not None and not bool(var[0] > 0):
+        _zero_variance()
+    return pytree.tree_map(lambda t: t[0], params)
 
 
-def _constant_variance(xc: Tensor, w: Tensor, variance: float | None) -> float:
-    """The constant family's variance: ``variance`` or the mean per-dimension variance."""
-    if variance is not None:
-        if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not 0 < variance < math.inf:
-            raise ValueError(f"variance must be a positive number; got {variance!r}")
-        return float(variance)
-    value = float((w.unsqueeze(-1) * xc.square()).sum(0).mean() / w.sum())
-    if not value > 0:
-        raise ValueError(
-            "the constant family fixes the variance at the data's variance, which is 0 here "
-            "(all points identical); pass variance=<positive float>"
-        )
-    return value
+def _check_variance(variance: Any) -> None:
+    if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not 0 < variance < math.inf:
+        raise ValueError(f"variance must be a positive number; got {variance!r}")
+
+
+def _zero_variance() -> None:
+    raise ValueError(
+        "the constant family fixes the variance at the data's variance, which is 0 here "
+        "(all points identical); pass variance=<positive float>"
+    )
