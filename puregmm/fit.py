@@ -26,7 +26,7 @@ from puregmm import _validate, keys, loop
 from puregmm.density import loss as nll
 from puregmm.em import em_step
 from puregmm.families import get_family
-from puregmm.init import init
+from puregmm.init import init, init_batched
 from puregmm.params import GMMParams
 from puregmm.train import TrainState, init_state, step
 
@@ -305,12 +305,8 @@ def fit_batched(
             raise ValueError(f"init_params must be GMMParams with batch shape ({b},); got {init_params!r}")
         starts = init_params
     else:
-        starts = _stack(
-            [
-                init(x[i][m[i]], k, spec.name, key=run_keys[i], method=init_method, reg_covar=cfg.reg_covar)
-                for i in range(b)
-            ]
-        )
+        real = None if mask is None else m  # vmapped init kernels: dataset i gets init(x[i][m[i]], key=run_keys[i])
+        starts = init_batched(x, k, spec.name, keys=run_keys, method=init_method, mask=real, reg_covar=cfg.reg_covar)
     out = _run(x, w, starts, run_keys, cfg, True, progress, checkpoint, checkpoint_every, resume)
     if not bool(out.converged.all()):
         warnings.warn(
