@@ -18,4 +18,6 @@ settings.register_profile(
 )
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Tests use small tensors: one thread avoids thread-pool wake-ups that dominate small ops, and
+# pytest-xdist runs one worker per core.
+torch.set_num_threads(1)
