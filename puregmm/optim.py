@@ -93,11 +93,17 @@ def apply_updates(params: Any, updates: Any) -> Any:
     return tree_map2(lambda p, u: p + u.to(p.dtype), params, updates)
 
 
-def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
-    """lr(t) = init · (α + (1-α)·½(1 + cos(π·min(t, T)/T))): decays over ``decay_steps``, then flat."""
+def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, warmup_steps: int = 0) -> Schedule:
+    """lr(t) = init · min(1, (t+1)/W) · (α + (1-α)·½(1 + cos(π·min(t, T)/T))).
+
+    A linear warm-up over ``warmup_steps`` W (so a good initialisation is not kicked away by
+    Adam's first, full-size steps), then a cosine decay over ``decay_steps`` T, then flat.
+    """
 
     def schedule(count: Tensor) -> Tensor:
-        t = torch.clamp(count.to(torch.float64), max=decay_steps) / decay_steps
-        return init_value * (alpha + (1 - alpha) * 0.5 * (1 + torch.cos(math.pi * t)))
+        c = count.to(torch.float64)
+        t = torch.clamp(c, max=decay_steps) / decay_steps
+        warm = torch.clamp((c + 1) / max(warmup_steps, 1), max=1.0)
+        return init_value * warm * (alpha + (1 - alpha) * 0.5 * (1 + torch.cos(math.pi * t)))
 
     return schedule

@@ -132,3 +132,9 @@ def test_cosine_schedule_depends_on_step_count_only():
     assert float(sched(torch.tensor(0))) == 1.0
     assert abs(float(sched(torch.tensor(100))) - 0.1) < 1e-12
     assert float(sched(torch.tensor(1000))) == float(sched(torch.tensor(100)))
+
+
+def test_cosine_schedule_warmup():
+    sched = pg.cosine_decay(1.0, 100, warmup_steps=10)
+    assert abs(float(sched(torch.tensor(0))) - 0.1) < 1e-12
+    assert float(sched(torch.tensor(4))) < float(sched(torch.tensor(9))) <= 1.0
