@@ -52,8 +52,9 @@ def _trials(n_components: int, n_local_trials: int | None) -> int:
     return 2 + int(math.log(n_components)) if n_local_trials is None else max(1, int(n_local_trials))
 
 
-def _kmeans_plusplus(x: Tensor, w: Tensor, key: Tensor, k: int, trials: int) -> Tensor:
-    """Kernel of :func:`kmeans_plusplus`: x [N, D], w [N] float64 weights -> centres [K, D]."""
+def _kmeans_plusplus(x: Tensor, xt: Tensor, w: Tensor, key: Tensor, k: int, trials: int) -> Tensor:
+    """Kernel of :func:`kmeans_plusplus`: x [N, D] (and xt = xᵀ [D, N]), w [N] float64
+    weights -> centres [K, D]."""
     n = x.shape[0]
 
     def draw(mass: Tensor, i: int, m: int) -> Tensor:  # m indices [m] drawn ∝ mass
@@ -63,11 +64,10 @@ def _kmeans_plusplus(x: Tensor, w: Tensor, key: Tensor, k: int, trials: int) -> 
         return torch.searchsorted(cum, u, right=True).clamp_max(n - 1)  # [m]
 
     centres = [x.index_select(0, draw(w, 0, 1))]  # [1, D]
-    d2 = (x - centres[0]).square().sum(-1).to(torch.float64)  # [N]
+    d2 = _sq_dist(xt, centres[0])[0].to(torch.float64)  # [N]
     for i in range(1, k):  # static: K is a shape
         cand = x.index_select(0, draw(w * d2, i, trials))  # [L, D]
-        cd2 = (x.unsqueeze(0) - cand.unsqueeze(1)).square().sum(-1).to(torch.float64)  # [L, N]
-        new_d2 = torch.minimum(d2, cd2)  # [L, N]
+        new_d2 = torch.minimum(d2, _sq_dist(xt, cand).to(torch.float64))  # [L, N]
         best = (new_d2 * w).sum(-1).argmin().reshape(1)  # the candidate lowering Σ ω d² most
         centres.append(cand.index_select(0, best))
         d2 = new_d2.index_select(0, best)[0]
@@ -86,65 +86,83 @@ def kmeans_plusplus(
     Pure and branch-free (``vmap`` it over datasets and keys); nothing is validated here.
     """
     w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if sample_weight is None else sample_weight
-    return _kmeans_plusplus(x, w.double(), _validate.key(key), n_components, _trials(n_components, n_local_trials))
+    k, trials = n_components, _trials(n_components, n_local_trials)
+    return _kmeans_plusplus(x, x.mT.contiguous(), w.double(), _validate.key(key), k, trials)
 
 
-def _nearest(x: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
-    """Labels [N] of the nearest centre and the squared distances [N] to it."""
-    dist = torch.cdist(x, centres, compute_mode="donot_use_mm_for_euclid_dist")  # [N, K]
-    d, labels = dist.min(-1)
-    return labels, d.square()
+SMALL_DIM = 16  # up to this D, squared distances are summed coordinate by coordinate
+
+
+def _sq_dist(xt: Tensor, centres: Tensor) -> Tensor:
+    """Squared distances [K, N] of centres [K, D] to the points xt [D, N] (coordinates
+    major). For small D, one contiguous [K, N] pass per coordinate: no [K, N, D] temporary,
+    no strided reduction; else ``cdist``."""
+    d = xt.shape[0]
+    if d > SMALL_DIM:
+        return torch.cdist(centres, xt.mT, compute_mode="donot_use_mm_for_euclid_dist").square()
+    diff = xt[0] - centres[:, :1]  # [K, N]
+    out = diff * diff
+    for j in range(1, d):
+        diff = xt[j] - centres[:, j : j + 1]
+        out = out.addcmul(diff, diff)
+    return out
+
+
+def _nearest(xt: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+    """Labels [N] of the nearest centre (the first on ties) and the squared distances [N]."""
+    d2, labels = _sq_dist(xt, centres).min(0)
+    return labels, d2
 
 
 def _one_hot(labels: Tensor, k: int, dtype: torch.dtype) -> Tensor:
-    """[N, K] one-hot rows (``F.one_hot`` checks values, which ``vmap`` forbids)."""
-    return (labels.unsqueeze(-1) == torch.arange(k, device=labels.device)).to(dtype)
+    """[K, N] one-hot columns (``F.one_hot`` checks values, which ``vmap`` forbids)."""
+    return (labels == torch.arange(k, device=labels.device).unsqueeze(-1)).to(dtype)
 
 
-def _lloyd_step(x: Tensor, w: Tensor | None, centres: Tensor) -> tuple[Tensor, Tensor]:
-    """One Lloyd iteration: (labels [N] of ``centres``, the weighted means of those labels
-    [K, D]); an empty cluster keeps its centre."""
-    labels, _ = _nearest(x, centres)
-    r = _one_hot(labels, centres.shape[0], x.dtype)  # [N, K]
+def _lloyd_step(xt: Tensor, w: Tensor | None, centres: Tensor) -> tuple[Tensor, Tensor]:
+    """One Lloyd iteration on xt [D, N]: (labels [N] of ``centres``, the weighted means of
+    those labels [K, D]); an empty cluster keeps its centre."""
+    labels, _ = _nearest(xt, centres)
+    r = _one_hot(labels, centres.shape[0], xt.dtype)  # [K, N]
     if w is not None:
-        r = r * w.unsqueeze(-1)
-    counts = r.sum(0)  # [K]
-    sums = r.mT @ x  # [K, D]
-    tiny = torch.finfo(x.dtype).tiny
-    return labels, torch.where((counts > 0).unsqueeze(-1), sums / counts.clamp_min(tiny).unsqueeze(-1), centres)
+        r = r * w
+    counts = r.sum(-1, keepdim=True)  # [K, 1]
+    sums = r @ xt.mT  # [K, D]
+    tiny = torch.finfo(xt.dtype).tiny
+    return labels, torch.where(counts > 0, sums / counts.clamp_min(tiny), centres)
 
 
 def lloyd(x: Tensor, centres: Tensor, sample_weight: Tensor | None = None, max_iter: int = KMEANS_MAX_ITER) -> Tensor:
-    """Lloyd's k-means iterations from ``centres`` [K, D] until the labels stop changing.
-    An empty cluster keeps its centre."""
-    run = _lloyd_loop(x.unsqueeze(0), None if sample_weight is None else sample_weight.unsqueeze(0), max_iter)
-    return run(centres.unsqueeze(0))[0]
+    """Lloyd's k-means iterations on x [N, D] from ``centres`` [K, D] until the labels stop
+    changing. An empty cluster keeps its centre."""
+    w = None if sample_weight is None else sample_weight.unsqueeze(0)
+    return _lloyd_loop(x.mT.contiguous().unsqueeze(0), w, max_iter)(centres.unsqueeze(0))[0]
 
 
-def _lloyd_loop(x: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor], Tensor]:
-    """Batched Lloyd: x [B, N, D], w [B, N] | None -> (centres [B, K, D] -> settled centres).
+def _lloyd_loop(xt: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor], Tensor]:
+    """Batched Lloyd: xt [B, D, N], w [B, N] | None -> (centres [B, K, D] -> settled centres).
 
     Dataset b stops when its labels repeat (its centres are then a fixed point); each pass
     advances only the datasets still moving."""
-    step = _map(_lloyd_step, (0, 0 if w is not None else None, 0), x.shape[0])
+    b = xt.shape[0]
+    step = _map(_lloyd_step, (0, 0 if w is not None else None, 0), b)
     sub = torch.func.vmap(_lloyd_step, in_dims=(0, 0 if w is not None else None, 0))
 
     def run(centres: Tensor) -> Tensor:
-        labels, centres = step(x, w, centres)
-        active = torch.arange(x.shape[0], device=x.device)
+        labels, centres = step(xt, w, centres)
+        active = torch.arange(b, device=xt.device)
         for _ in range(max_iter - 1):
-            if active.numel() == x.shape[0]:
-                new_labels, new_centres = step(x, w, centres)
+            if active.numel() == b:
+                new_labels, new_centres = step(xt, w, centres)
             else:
-                xa = x.index_select(0, active)
                 wa = None if w is None else w.index_select(0, active)
-                new_labels, new_centres = sub(xa, wa, centres.index_select(0, active))
+                new_labels, new_centres = sub(xt.index_select(0, active), wa, centres.index_select(0, active))
             moving = (new_labels != labels.index_select(0, active)).any(-1)  # [A]
             if not bool(moving.any()):
                 break
             active, new_labels, new_centres = active[moving], new_labels[moving], new_centres[moving]
-            labels = labels.index_copy(0, active, new_labels)
-            centres = centres.index_copy(0, active, new_centres)
+            labels.index_copy_(0, active, new_labels)  # ours: fresh from the first step
+            centres.index_copy_(0, active, new_centres)
         return centres
 
     return run
@@ -152,13 +170,14 @@ def _lloyd_loop(x: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor]
 
 def _seed(
     x: Tensor, w: Tensor | None, rows: Tensor, key: Tensor, given: Tensor | None, k: int, method: str, trials: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Kernel: the data's (weighted) mean [D], the centred data [N, D] and the seeds [K, D]
-    (zeros for ``"random"``; ``given - mean`` for given means). ``rows`` [N] are the draw
-    counters (row ranks among real rows)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Kernel: the data's (weighted) mean [D], the centred data [N, D], its transpose [D, N]
+    and the seeds [K, D] (zeros for ``"random"``; ``given - mean`` for given means).
+    ``rows`` [N] are the draw counters (row ranks among real rows)."""
     wn = torch.ones_like(x[:, 0]) if w is None else w  # [N]
     offset = (wn.unsqueeze(-1) * x).sum(0) / wn.sum()  # [D]
     xc = x - offset
+    xt = xc.mT.contiguous()  # [D, N]: distances run along contiguous rows
     if given is not None:
         centres = given - offset
     elif method == "random":
@@ -168,12 +187,13 @@ def _seed(
         u = torch.where(wn > 0, u, torch.full_like(u, 2.0))  # zero-weight rows last
         centres = xc.index_select(0, torch.argsort(u, stable=True)[:k])
     else:
-        centres = _kmeans_plusplus(xc, wn.double(), key, k, trials)
-    return offset, xc, centres
+        centres = _kmeans_plusplus(xc, xt, wn.double(), key, k, trials)
+    return offset, xc, xt, centres
 
 
 def _finish(
     xc: Tensor,
+    xt: Tensor,
     w: Tensor | None,
     rows: Tensor,
     key: Tensor,
@@ -194,8 +214,8 @@ def _finish(
         resp = resp / resp.sum(-1, keepdim=True)
         score = -xc.square().sum(-1)  # [N]
     else:
-        labels, dist2 = _nearest(xc, centres)
-        resp, score = _one_hot(labels, k, xc.dtype), -dist2  # [N, K], [N]
+        labels, dist2 = _nearest(xt, centres)
+        resp, score = _one_hot(labels, k, xc.dtype).mT, -dist2  # [N, K], [N]
     if spec.learned:
         scale = torch.zeros(spec.scale_shape(k, d), dtype=xc.dtype, device=xc.device)
     else:
@@ -250,13 +270,13 @@ def _run(
     rd = 0 if rows.dim() == 2 else None
     trials = _trials(k, n_local_trials)
 
-    def seed(xi: Tensor, wi: Tensor | None, ri: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def seed(xi: Tensor, wi: Tensor | None, ri: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return _seed(xi, wi, ri, key, given, k, method, trials)
 
-    offset, xc, centres = _map(seed, (xd, wd, rd, 0), b)(x, w, rows, run_keys)
+    offset, xc, xt, centres = _map(seed, (xd, wd, rd, 0), b)(x, w, rows, run_keys)
     wb = None if w is None else (w if wd == 0 else w.expand(b, -1))
     if method == "kmeans" and given is None:
-        centres = _lloyd_loop(xc, wb, max_iter)(centres)
+        centres = _lloyd_loop(xt, wb, max_iter)(centres)
     var = None
     if not get_family(family).learned:
         var = _map(_data_variance, (0, wd), b)(xc, w) if variance is None else xc.new_full((b,), float(variance))
@@ -264,8 +284,8 @@ def _run(
     def finish(*args: Any) -> GMMParams:
         return _finish(*args, family=family, method=method, keep_means=given is not None, reg_covar=reg_covar)
 
-    params = _map(finish, (0, wd, rd, 0, 0, 0, None if var is None else 0), b)(
-        xc, w, rows, run_keys, offset, centres, var
+    params = _map(finish, (0, 0, wd, rd, 0, 0, 0, None if var is None else 0), b)(
+        xc, xt, w, rows, run_keys, offset, centres, var
     )
     return params, var
 
