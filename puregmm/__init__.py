@@ -1,5 +1,6 @@
 """puregmm: Gaussian mixture models in PyTorch as pure functions over pytrees."""
 
+from puregmm.bootstrap import bootstrap
 from puregmm.density import component_log_prob, log_prob, loss
 from puregmm.em import EMInfo, Stats, combine, em_step, m_step, sufficient_stats
 from puregmm.families import FAMILIES
@@ -45,6 +46,7 @@ __all__ = [
     "aic",
     "apply_updates",
     "bic",
+    "bootstrap",
     "combine",
     "component_log_prob",
     "cosine_decay",
