@@ -21,7 +21,7 @@ from scipy.stats import multivariate_normal
 from torch import Tensor
 
 import puregmm as pg
-from puregmm import density
+from puregmm import _fused
 from tests.strategies import mixtures, random_data, random_params
 
 RTOL = 1e-10
@@ -30,8 +30,8 @@ RTOL = 1e-10
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
     """Chunks of 7 rows: many chunks and a ragged last one on every data set below."""
-    monkeypatch.setattr(density, "MIN_CHUNK_ROWS", 7)
-    monkeypatch.setattr(density, "MAX_CHUNK_ROWS", 7)
+    monkeypatch.setattr(_fused, "MIN_CHUNK_ROWS", 7)
+    monkeypatch.setattr(_fused, "MAX_CHUNK_ROWS", 7)
 
 
 # --- independent references -------------------------------------------------------------------
@@ -151,8 +151,14 @@ def test_weighted_loss_and_data_gradient_match_naive(family):
     torch.testing.assert_close(gx, torch.func.grad(naive_loss, argnums=1)(p, x, sw), rtol=RTOL, atol=1e-14)
 
 
+def log_prob_loss(params: pg.GMMParams, x: Tensor) -> Tensor:
+    """The loss through ``log_prob`` (the per-row Function) instead of ``loss``."""
+    return -pg.log_prob(params, x).mean()
+
+
 @pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
-def test_second_derivatives_match_naive(family):
+@pytest.mark.parametrize("ours", [pg.loss, log_prob_loss], ids=["loss", "log_prob"])
+def test_second_derivatives_match_naive(family, ours):
     """d/dθ of ‖∇loss‖² and of the loss after two unrolled SGD steps (double backward)."""
     p = random_params(family, 3, 2, seed=11)
     x = random_data(30, 2, seed=12)
@@ -163,7 +169,7 @@ def test_second_derivatives_match_naive(family):
 
         return torch.func.grad(f)(p)
 
-    assert_trees_close(grad_norm(pg.loss), grad_norm(naive_loss), rtol=1e-9, what="d‖∇L‖²")
+    assert_trees_close(grad_norm(ours), grad_norm(naive_loss), rtol=1e-9, what="d‖∇L‖²")
 
     def unrolled(loss_fn):
         def f(params):
@@ -174,11 +180,11 @@ def test_second_derivatives_match_naive(family):
 
         return torch.func.grad(f)(p)
 
-    assert_trees_close(unrolled(pg.loss), unrolled(naive_loss), rtol=1e-9, what="d(unrolled loss)")
+    assert_trees_close(unrolled(ours), unrolled(naive_loss), rtol=1e-9, what="d(unrolled loss)")
     # plain autograd double backward agrees too
     leaves = [t.detach().clone().requires_grad_(True) for t in pytree.tree_leaves(p)]
     q = pg.GMMParams(*leaves, family=family)
-    gs = torch.autograd.grad(pg.loss(q, x), leaves, create_graph=True)
+    gs = torch.autograd.grad(ours(q, x), leaves, create_graph=True)
     hs = torch.autograd.grad(sum(g.square().sum() for g in gs), leaves)
     assert_trees_close(pg.GMMParams(*hs, family=family), grad_norm(naive_loss), rtol=1e-9, what="autograd d‖∇L‖²")
 

@@ -1,0 +1,349 @@
+"""Chunked kernels of the mixture log-density and its gradient (private; see :mod:`puregmm.density`).
+
+Every component's log-density is an affine map followed by a squared norm:
+
+    ℓ_nk = const_k - ½ ‖z_nk‖²,   z_nk = [x_n - c, 1] A_k   (dense: A_k = [U_k; -t_k])
+                                  z_nk = (x_n - c) ⊙ s_k - t_k   (diagonal and scalar families)
+
+A chunk of c rows is one [c, D, K] block of residuals: one GEMM [c, D+1] @ [D+1, D·K] makes
+it, the squared norms reduce over its middle axis (vectorised over K), and it stays in cache.
+
+The gradient of Σ_n g_n lse_n (lse_n = logsumexp_k ℓ_nk) comes from the same block, with
+responsibilities r_nk = exp(ℓ_nk - lse_n) and q_nk = g_n r_nk:
+
+    ∂/∂const_k = Σ_n q_nk,   ∂/∂A_k = -Σ_n [x_n - c, 1]ᵀ (q_nk z_nk)   (one GEMM [D+1, c] @ [c, D·K]),
+    ∂/∂x_n = -Σ_k q_nk z_nk U_kᵀ
+
+Three ``torch.autograd.Function``s keep memory bounded by a chunk:
+
+* :class:`LogSumExp`: lse [N]; its backward recomputes each chunk (no [N, K] state).
+* :class:`NLL`: -Σ_n g_n lse_n for known row weights g (the loss); its forward produces the
+  gradient statistics in the same pass over the data, so a loss+gradient costs two GEMMs per
+  chunk instead of three.
+* :class:`Grads`: the gradient itself, as a differentiable function of the inputs. Both
+  backwards return it, so second derivatives (gradients through unrolled ``step``s) work: its
+  own backward is a chunked VJP of :func:`chunk_grads`.
+
+All three set ``generate_vmap_rule``, so ``torch.func.vmap`` batches them. Under
+``torch.compile`` the loss goes through :class:`LogSumExp`, whose backward is then written
+inline with differentiable ops (nested Functions in a compiled backward are not traced).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Target size in bytes of one [c, D, K] block: larger blocks leave the cache, and on this
+#: machine temporaries above ~2 MB are returned to the OS and page-faulted in again.
+CHUNK_BYTES = 1 << 21
+#: Bounds on the rows per chunk: small chunks pay per-op overhead.
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384
+#: Under ``torch.compile`` the chunk loop is unrolled into the graph: cap the number of chunks.
+MAX_COMPILED_CHUNKS = 8
+
+
+class Whitening(NamedTuple):
+    """The affine maps x ↦ z_k(x) of all components, component axis last.
+
+    Attributes:
+        a: dense (full, tied): [D+1, D, K], rows ``[U_k; -t_k]`` of component k; diagonal and
+            scalar families: [2, D, K], rows ``[s_k; -t_k]`` (s_k the diagonal of U_k).
+        const: [K] log w_k + ½ log det P_k - ½ D log 2π.
+        center: [D] detached centre c of the means; rows are shifted by it first.
+        dense: static, whether ``a`` holds full matrices.
+    """
+
+    a: Tensor
+    const: Tensor
+    center: Tensor
+    dense: bool
+
+
+# --- chunking -------------------------------------------------------------------------------------
+
+
+def chunk_rows(n: int, k: int, d: int, itemsize: int) -> int:
+    """Rows per chunk: the [c, D, K] block near :data:`CHUNK_BYTES`, within the row bounds."""
+    rows = max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(1, k * d * itemsize)))
+    if torch.compiler.is_compiling():  # the loop unrolls into the graph; keep it short
+        rows = max(rows, -(-n // MAX_COMPILED_CHUNKS))
+    return min(rows, max(n, 1))
+
+
+def chunks(n: int, rows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+
+# --- workspace -----------------------------------------------------------------------------------
+
+
+class Buffers:
+    """Per-call workspace of the chunk loop: the lifted rows, z and z² blocks and ℓ, allocated
+    once and reused by every chunk.
+
+    Fresh multi-MB temporaries per chunk are returned to the OS by glibc when freed and
+    page-faulted back in by the next chunk (measured: half the time of a loss+gradient).
+    Used only in a Function's forward on plain tensors, where nothing is recorded; under
+    ``vmap`` (batched tensors) and ``torch.compile`` the chunk functions allocate instead.
+    """
+
+    def __init__(self, w: Whitening, rows: int, x: Tensor) -> None:
+        m, d, k = w.a.shape
+        self.xl = x.new_empty(rows, m if w.dense else d)
+        if w.dense:
+            self.xl[:, d] = 1.0
+        self.z = x.new_empty(rows, d, k)
+        self.zz = x.new_empty(rows, d, k)
+        self.lj = x.new_empty(rows, k)
+
+
+def workspace(w: Whitening, rows: int, *tensors: Tensor) -> Buffers | None:
+    """:class:`Buffers` where in-place chunk code is safe (plain eager tensors), else None."""
+    if torch.compiler.is_compiling():
+        return None
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if any(wrapped(t) for t in (w.a, w.const, w.center, *tensors)):
+        return None
+    return Buffers(w, rows, tensors[0])
+
+
+def _part(buf: Tensor | None, c: int) -> Tensor | None:
+    return None if buf is None else buf[:c]
+
+
+# --- one chunk ------------------------------------------------------------------------------------
+
+
+def lift(w: Whitening, x: Tensor, bufs: Buffers | None = None) -> Tensor:
+    """Rows [c, D] in whitening coordinates: [x - c, 1] [c, D+1] (dense) or x - c [c, D]."""
+    if bufs is None:
+        xc = x - w.center
+        return F.pad(xc, (0, 1), value=1.0) if w.dense else xc
+    xl = bufs.xl[: x.shape[0]]
+    torch.sub(x, w.center, out=xl[:, : x.shape[1]])
+    return xl
+
+
+def residual(w: Whitening, xl: Tensor, bufs: Buffers | None = None) -> Tensor:
+    """z [c, D, K] for lifted rows: one GEMM (dense) or (x - c) ⊙ s_k - t_k."""
+    c, (m, d, k) = xl.shape[0], w.a.shape
+    out = _part(None if bufs is None else bufs.z, c)
+    if w.dense:
+        flat = None if out is None else out.view(c, d * k)
+        return torch.mm(xl, w.a.reshape(m, d * k), out=flat).view(c, d, k)  # type: ignore[call-overload]
+    return torch.addcmul(w.a[1], xl.unsqueeze(-1), w.a[0], out=out)  # type: ignore[call-overload]
+
+
+def _log_joint_from(w: Whitening, z: Tensor, bufs: Buffers | None, keep_z: bool) -> Tensor:
+    """ℓ [c, K] = const_k - ½ ‖z_k‖² (in the workspace when given, keeping z if asked)."""
+    if bufs is None:
+        return torch.add(w.const, (z * z).sum(1), alpha=-0.5)
+    c = z.shape[0]
+    zz = torch.mul(z, z, out=bufs.zz[:c]) if keep_z else z.mul_(z)
+    lj = torch.sum(zz, 1, out=bufs.lj[:c])
+    return lj.mul_(-0.5).add_(w.const)
+
+
+def log_joint(w: Whitening, xl: Tensor, bufs: Buffers | None = None) -> Tensor:
+    """ℓ [c, K] for lifted rows (overwrites the workspace when given)."""
+    return _log_joint_from(w, residual(w, xl, bufs), bufs, keep_z=False)
+
+
+def _row_max(lj: Tensor) -> Tensor:
+    """Row maxima [c, 1] for a stable logsumexp, 0 where not finite (all -inf, NaN rows)."""
+    m = lj.detach().amax(1, keepdim=True)  # its gradient cancels exactly
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _shifted_exp(lj: Tensor, top: Tensor, inplace: bool) -> Tensor:
+    """exp(ℓ - max ℓ), with the exponent clamped at -3 log(1/eps) (-48 in float32, -108 in
+    float64): terms that small are below eps² of the largest, and the clamp keeps the results,
+    and their products with row weights and residuals, out of the subnormal range, where x86
+    arithmetic runs 10-100x slower."""
+    floor = 3.0 * math.log(torch.finfo(lj.dtype).eps)
+    if inplace:
+        return lj.sub_(top).clamp_(min=floor).exp_()
+    return torch.exp(torch.clamp(lj - top, min=floor))
+
+
+def logsumexp_rows(lj: Tensor, inplace: bool = False, out: Tensor | None = None) -> Tensor:
+    """logsumexp over K of ℓ [c, K] -> [c]; NaN rows stay NaN (``inplace`` overwrites ℓ)."""
+    m = _row_max(lj)
+    total = _shifted_exp(lj, m, inplace).sum(1)
+    return torch.add(torch.log(total), m.squeeze(1), out=out)  # type: ignore[call-overload]
+
+
+def chunk_grads(
+    w: Whitening, xl: Tensor, g: Tensor, need_x: bool, bufs: Buffers | None = None, dx_out: Tensor | None = None
+) -> tuple[Tensor, ...]:
+    """Gradient of Σ_n g_n lse_n over one chunk: (∂/∂a, ∂/∂const [K], ∂/∂x [c, D] or a 0-d
+    placeholder, lse [c]).
+
+    Without ``bufs``: plain out-of-place torch ops, so the result can itself be differentiated.
+    With ``bufs`` (a Function's forward): the same ops in the workspace and in place.
+    """
+    c, (m, d, k) = xl.shape[0], w.a.shape
+    inplace = bufs is not None
+    z = residual(w, xl, bufs)  # [c, D, K]
+    lj = _log_joint_from(w, z, bufs, keep_z=True)  # [c, K]
+    top = _row_max(lj)
+    e = _shifted_exp(lj, top, inplace)  # [c, K]
+    total = e.sum(1, keepdim=True)  # [c, 1]
+    lse = (torch.log(total) + top).squeeze(1)  # [c]
+    scale = g.unsqueeze(-1) / total
+    q = e.mul_(scale) if inplace else e * scale  # [c, K]: g_n r_nk
+    nq = -q.unsqueeze(1)
+    qz = z.mul_(nq) if inplace else z * nq  # [c, D, K]: -q_nk z_nk
+    if w.dense:
+        da = (xl.mT @ qz.reshape(c, d * k)).reshape(m, d, k)  # [D+1, c] @ [c, D·K]
+        dx = torch.mm(qz.reshape(c, d * k), w.a[:-1].reshape(d, d * k).mT, out=dx_out) if need_x else None
+    else:
+        da = torch.stack([(qz * xl.unsqueeze(-1)).sum(0), qz.sum(0)])  # [2, D, K]
+        dx = torch.sum(qz * w.a[0], -1, out=dx_out) if need_x else None  # type: ignore[call-overload]
+    return da, q.sum(0), (q.new_zeros(()) if dx is None else dx), lse
+
+
+def grads_loop(w: Whitening, x: Tensor, g: Tensor, rows: int, need_x: bool, inplace: bool) -> tuple[Tensor, ...]:
+    """:func:`chunk_grads` summed over all chunks: (da, dconst, dx [N, D] | 0-d, lse [N]).
+
+    ``inplace`` (a Function's forward) uses a workspace where the tensors allow it.
+    """
+    n = x.shape[0]
+    bufs = workspace(w, rows, x, g) if inplace else None
+    da = torch.zeros_like(w.a)
+    dc = torch.zeros_like(w.const)
+    dx_all = x.new_empty(n, x.shape[1]) if bufs is not None and need_x else None
+    dxs, lses = [], []
+    for s, e in chunks(n, rows):
+        dx_out = None if dx_all is None else dx_all[s:e]
+        a_c, c_c, x_c, l_c = chunk_grads(w, lift(w, x[s:e], bufs), g[s:e], need_x, bufs, dx_out)
+        if bufs is not None:
+            da.add_(a_c)
+            dc.add_(c_c)
+        else:
+            da, dc = da + a_c, dc + c_c
+        dxs.append(x_c)
+        lses.append(l_c)
+    dx = dx_all if dx_all is not None else (_cat(dxs) if need_x else dxs[0])
+    return da, dc, dx, _cat(lses)
+
+
+# --- autograd Functions ---------------------------------------------------------------------------
+
+
+class LogSumExp(torch.autograd.Function):
+    """lse_n = logsumexp_k ℓ_nk [N], chunk by chunk; the backward recomputes each chunk."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, center: Tensor, a: Tensor, const: Tensor, dense: bool, rows: int) -> Tensor:
+        w = Whitening(a, const, center, dense)
+        bufs = workspace(w, rows, x)
+        if bufs is None:
+            return _cat([logsumexp_rows(log_joint(w, lift(w, x[s:e]))) for s, e in chunks(len(x), rows)])
+        out = x.new_empty(x.shape[0])
+        for s, e in chunks(len(x), rows):
+            logsumexp_rows(log_joint(w, lift(w, x[s:e], bufs), bufs), inplace=True, out=out[s:e])
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, center, a, const, dense, rows = inputs
+        ctx.save_for_backward(x, center, a, const)
+        ctx.dense, ctx.rows = dense, rows
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, center, a, const = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        if torch.compiler.is_compiling():
+            da, dc, dx, _ = grads_loop(Whitening(a, const, center, ctx.dense), x, g, ctx.rows, need_x, inplace=False)
+        else:
+            da, dc, dx, _ = Grads.apply(x, center, a, const, g, ctx.dense, ctx.rows, need_x)
+        return (dx if need_x else None), None, da, dc, None, None
+
+
+class NLL(torch.autograd.Function):
+    """-Σ_n g_n lse_n for row weights g [N]; the forward also returns (non-differentiable) the
+    gradient statistics, which the backward hands to :class:`Grads` instead of recomputing."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor, center: Tensor, a: Tensor, const: Tensor, g: Tensor, dense: bool, rows: int, need_x: bool
+    ) -> tuple[Tensor, ...]:
+        da, dc, dx, lse = grads_loop(Whitening(a, const, center, dense), x, g, rows, need_x, inplace=True)
+        return -(g * lse).sum(), da, dc, dx, lse
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, center, a, const, g, dense, rows, need_x = inputs
+        _, da, dc, dx, lse = output
+        ctx.mark_non_differentiable(da, dc, dx, lse)
+        ctx.save_for_backward(x, center, a, const, g, da, dc, dx, lse)
+        ctx.dense, ctx.rows, ctx.need_x = dense, rows, need_x
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        x, center, a, const, g, *pre = ctx.saved_tensors
+        da, dc, dx, lse = Grads.apply(x, center, a, const, g, ctx.dense, ctx.rows, ctx.need_x, *pre)
+        need_x = ctx.needs_input_grad[0] and ctx.need_x
+        s = -grad_loss
+        return (s * dx if need_x else None), None, s * da, s * dc, s * lse, None, None, None
+
+
+class Grads(torch.autograd.Function):
+    """(∂/∂a, ∂/∂const, ∂/∂x, lse) of Σ_n g_n lse_n as a function of (x, a, const, g).
+
+    The forward computes them chunk by chunk, or passes through values the caller already has
+    (``pre``); the backward, needed only for second derivatives, is a chunked VJP of
+    :func:`chunk_grads`, so its memory is bounded by a chunk too.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: Tensor, center: Tensor, a: Tensor, const: Tensor, g: Tensor, dense: bool, rows: int, need_x: bool,
+        *pre: Tensor,
+    ) -> tuple[Tensor, ...]:  # fmt: skip
+        if pre:
+            return tuple(t.clone() for t in pre)
+        return grads_loop(Whitening(a, const, center, dense), x, g, rows, need_x, inplace=True)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, center, a, const, g, dense, rows, need_x, *_ = inputs
+        ctx.save_for_backward(x, center, a, const, g)
+        ctx.dense, ctx.rows, ctx.need_x, ctx.n_pre = dense, rows, need_x, len(inputs) - 8
+
+    @staticmethod
+    def backward(ctx: Any, ga: Tensor, gc: Tensor, gx: Tensor, glse: Tensor) -> tuple[Tensor | None, ...]:
+        x, center, a, const, g = ctx.saved_tensors
+        dense, need_x = ctx.dense, ctx.need_x
+
+        def one(a_: Tensor, const_: Tensor, x_: Tensor, g_: Tensor) -> tuple[Tensor, ...]:
+            w = Whitening(a_, const_, center, dense)
+            return chunk_grads(w, lift(w, x_), g_, need_x)
+
+        ta, tc = torch.zeros_like(a), torch.zeros_like(const)
+        txs, tgs = [], []
+        for s, e in chunks(len(x), ctx.rows):
+            vjp = torch.func.vjp(one, a, const, x[s:e], g[s:e])[1]
+            da, dc, dx, dg = vjp((ga, gc, gx[s:e] if need_x else gx, glse[s:e]))
+            ta, tc = ta + da, tc + dc
+            txs.append(dx)
+            tgs.append(dg)
+        tx = _cat(txs) if ctx.needs_input_grad[0] else None
+        return (tx, None, ta, tc, _cat(tgs), None, None, None) + (None,) * ctx.n_pre
