@@ -76,14 +76,23 @@ def joint_log_prob_chunk(w: Whitening, x: Tensor) -> Tensor:
 def component_log_prob(params: GMMParams, x: Tensor) -> Tensor:
     """Joint log-densities log w_k + log N(x_n | μ_k, Σ_k), shape [N, K] (unbatched params).
 
-    Differentiable by plain autograd (it keeps per-chunk activations); use :func:`log_prob` or
-    :func:`loss` for gradients of the mixture density in memory bounded by a chunk.
+    Differentiable by plain autograd (it then keeps per-chunk activations); use :func:`log_prob`
+    or :func:`loss` for gradients of the mixture density in memory bounded by a chunk. Without
+    autograd, chunks reuse one workspace. Callers that loop over chunks themselves can call
+    :func:`whitening` once and :func:`joint_log_prob_chunk` per chunk.
     """
     w = whitening(params)
     n = x.shape[0]
     rows = chunk_rows(n, params.n_components, params.dim, x.element_size())
-    out = [joint_log_prob_chunk(w, x[s:e]) for s, e in chunks(n, rows)]
-    return torch.cat(out) if len(out) != 1 else out[0]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w.a, w.const, x))
+    bufs = None if needs_grad else _fused.workspace(w, rows, x)
+    if bufs is None:
+        parts = [joint_log_prob_chunk(w, x[s:e]) for s, e in chunks(n, rows)]
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
+    out = x.new_empty(n, params.n_components)
+    for s, e in chunks(n, rows):  # no autograd, plain tensors: reuse one workspace
+        out[s:e] = _fused.log_joint(w, _fused.lift(w, x[s:e], bufs), bufs)
+    return out
 
 
 def _log_prob_one(params: GMMParams, x: Tensor) -> Tensor:
