@@ -413,6 +413,7 @@ def _run(
             lambda s: kernel(s, x, w),
             max_steps=cfg.max_steps,
             converged=loop.em_converged(cfg.tol),
+            advance_live=_on_live(kernel, x, w, data_batched),
             **loop_args,
         )
         params = out.states.params
@@ -431,6 +432,7 @@ def _run(
             max_steps=cfg.max_steps,
             converged=loop.window_converged(cfg.tol, GD_WINDOW),
             loss_offset=x.shape[-1] * torch.log(s),
+            advance_live=_on_live(kernel, z, w, data_batched),
             **loop_args,
         )
         params = torch.func.vmap(_affine)(out.states.params, s, shift)
@@ -443,6 +445,21 @@ def _run(
         out.states.n_resets,
         out.history.mT.contiguous(),
     )
+
+
+def _on_live(kernel: Callable[..., Any], x: Tensor, w: Tensor | None, data_batched: bool) -> Callable[..., Any]:
+    """``advance_live`` for :func:`puregmm.loop.run`: the kernel on the live runs' rows of the
+    data only, so runs that have stopped cost nothing (selected once per live set: it only shrinks)."""
+    if not data_batched:
+        return lambda states, live: kernel(states, x, w)
+    cache: dict[str, Any] = {}
+
+    def advance(states: Any, live: Tensor) -> Any:
+        if cache.get("n") != live.numel():
+            cache.update(n=live.numel(), x=x.index_select(0, live), w=None if w is None else w.index_select(0, live))
+        return kernel(states, cache["x"], cache["w"])
+
+    return advance
 
 
 def _moments(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -86,6 +86,7 @@ def run(
     checkpoint_every: int = 100,
     resume: Any = None,
     meta: dict[str, Any] | None = None,
+    advance_live: Callable[[Any, Tensor], Any] | None = None,
 ) -> LoopResult:
     """Advance stacked ``states`` (each with ``.loss`` and ``.step``) until every run stops.
 
@@ -101,6 +102,10 @@ def run(
         checkpoint: path to save the loop state every ``checkpoint_every`` steps and at the end.
         resume: path of a checkpoint written by the same kind of fit to continue from.
         meta: JSON-able description of the fit stored in the checkpoint and checked on resume.
+        advance_live: optional ``(states of the live runs, their indices [A]) -> their new
+            states``; once some runs have stopped, the loop calls it instead of ``advance`` so
+            stopped runs cost nothing (the kernel must treat runs independently, as ``vmap``
+            does; the result is the same).
     """
     meta = dict(meta or {})
     b = pytree.tree_leaves(states)[0].shape[0]
@@ -114,7 +119,12 @@ def run(
     offset = 0.0 if loss_offset is None else loss_offset
     bar = _progress(progress, max_steps, len(rows))
     while len(rows) < max_steps and not bool(done.all()):
-        new = advance(states)
+        if advance_live is not None and bool(done.any()):
+            live = torch.nonzero(~done).flatten()  # [A]
+            part = advance_live(pytree.tree_map(lambda t, i=live: t.index_select(0, i), states), live)
+            new = pytree.tree_map(lambda t, p, i=live: t.index_copy(0, i, p), states, part)
+        else:
+            new = advance(states)
         states = select_runs(done, states, new)
         nan = torch.full_like(new.loss, float("nan"))
         rows.append(torch.where(done, nan, new.loss + offset).detach())
