@@ -187,9 +187,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     assert batched is not None
     results["fit_batched"] = list(zip((-batched.loss).tolist(), batched.n_steps.tolist(), strict=True))
-    seconds = {
-        name: _common.median(ts) * (1 if name == "fit_batched" else args.blocks) for name, ts in times.items()
-    }
+    seconds = {name: _common.median(ts) * (1 if name == "fit_batched" else args.blocks) for name, ts in times.items()}
     per_step = step_time(xs, start_params, repeats=5)
 
     ref = seconds["sklearn loop, same init"]
