@@ -128,3 +128,25 @@ def test_errors_name_the_argument() -> None:
         pg.init(x, 2, "spherical")
     with pytest.raises(ValueError, match="sample_weight"):
         pg.init(x, 2, sample_weight=torch.ones(3))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ["full", "diagonal", "constant"])
+def test_init_batched_equals_init_of_each_dataset(method: str, family: str) -> None:
+    """The vmapped kernels give dataset b what ``init(xs[b][mask[b]], key=keys[b])`` gives,
+    padding anywhere in the rows (draws count real rows only)."""
+    from puregmm.init import init_batched
+
+    xs = torch.stack([mixture_data(3, 2, 80, seed=s)[0] for s in range(4)])  # [4, 80, 2]
+    mask = torch.ones(4, 80, dtype=torch.bool)
+    mask[1, 60:] = False
+    mask[2, :25] = False
+    mask[3, 10:30] = False
+    xs = torch.where(mask.unsqueeze(-1), xs, torch.zeros(()))
+    keys = torch.tensor([3, 1, 4, 1])
+    batched = init_batched(xs, 3, family, keys=keys, method=method, mask=mask)
+    assert batched.batch_shape == (4,)
+    for b in range(4):
+        single = pg.init(xs[b][mask[b]], 3, family, key=int(keys[b]), method=method)
+        for name in ("logits", "means", "scale"):
+            torch.testing.assert_close(getattr(batched, name)[b], getattr(single, name), rtol=1e-9, atol=1e-12)
