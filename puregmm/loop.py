@@ -133,7 +133,9 @@ def run(
         conv, done = conv | now, done | now
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(rows[-1].nan_to_num(float('inf')).min()):.6g}", running=int((~done).sum()))
+            bar.set_postfix(
+                loss=f"{float(rows[-1].nan_to_num(float('inf')).min()):.6g}", running=int((~done).sum()), refresh=False
+            )
         if checkpoint is not None and len(rows) % checkpoint_every == 0:
             _save(checkpoint, states, rows, n_steps, done, conv, meta)
     if bar is not None:
