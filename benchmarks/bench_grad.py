@@ -109,7 +109,9 @@ def peak(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def fmt_mb(r: dict[str, Any]) -> str:
-    return f"{r['above_mb']:.0f}" if "above_mb" in r else f"failed ({r.get('error', '?')})"
+    if "above_mb" in r:
+        return f"{r['above_mb']:.0f}"
+    return r["note"] if "note" in r else f"failed ({r.get('error', '?')})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                     est_gb = probe["above_mb"] * n / min(n, PROBE_ROWS) / 1024
                     if est_gb > args.peer_mem_limit:
                         run_peer = False
-                        peer_note = f"does not fit: ~{est_gb:.1f} GB est."
-                        peer_mem = {"error": f"~{est_gb * 1024:.0f} est. (from N={PROBE_ROWS})"}
+                        peer_note = f"not run: needs ~{est_gb:.1f} GB"
+                        peer_mem = {"note": f"~{est_gb * 1024:.0f} (extrapolated from N={PROBE_ROWS})"}
             if run_peer:
                 fns["MixtureSameFamily"] = msf_fn(params, x)
             times = _common.interleaved_times(fns, args.repeats)

@@ -182,34 +182,63 @@ def logsumexp_rows(lj: Tensor, inplace: bool = False, out: Tensor | None = None)
     return torch.add(torch.log(total), m.squeeze(1), out=out)  # type: ignore[call-overload]
 
 
+class Sums(NamedTuple):
+    """Accumulators of a chunk loop in a Function's forward: ∂/∂a and ∂/∂const summed in place,
+    ∂/∂x [N, D] (or None) and lse [N] written by rows."""
+
+    da: Tensor
+    dc: Tensor
+    dx: Tensor | None
+    lse: Tensor
+
+
 def chunk_grads(
-    w: Whitening, xl: Tensor, g: Tensor, need_x: bool, bufs: Buffers | None = None, dx_out: Tensor | None = None
-) -> tuple[Tensor, ...]:
+    w: Whitening, xl: Tensor, g: Tensor, need_x: bool, bufs: Buffers | None = None, into: Sums | None = None,
+    rows: slice = slice(None),
+) -> tuple[Tensor, ...]:  # fmt: skip
     """Gradient of Σ_n g_n lse_n over one chunk: (∂/∂a, ∂/∂const [K], ∂/∂x [c, D] or a 0-d
     placeholder, lse [c]).
 
     Without ``bufs``: plain out-of-place torch ops, so the result can itself be differentiated.
-    With ``bufs`` (a Function's forward): the same ops in the workspace and in place.
+    With ``bufs`` and ``into`` (a Function's forward): the same ops in the workspace, results
+    added into ``into`` (rows ``rows`` of its [N] parts); nothing is allocated beyond [c, 1]
+    vectors, so the heap does not churn over thousands of chunks. Returns ``()`` then.
     """
     c, (m, d, k) = xl.shape[0], w.a.shape
-    inplace = bufs is not None
+    inplace = bufs is not None and into is not None
     z = residual(w, xl, bufs)  # [c, D, K]
     lj = _log_joint_from(w, z, bufs, keep_z=True)  # [c, K]
     top = _row_max(lj)
     e = _shifted_exp(lj, top, inplace)  # [c, K]
     total = e.sum(1, keepdim=True)  # [c, 1]
-    lse = (torch.log(total) + top).squeeze(1)  # [c]
     scale = g.unsqueeze(-1) / total
-    q = e.mul_(scale) if inplace else e * scale  # [c, K]: g_n r_nk
-    nq = -q.unsqueeze(1)
-    qz = z.mul_(nq) if inplace else z * nq  # [c, D, K]: -q_nk z_nk
+    if not inplace:
+        lse = (torch.log(total) + top).squeeze(1)  # [c]
+        q = e * scale  # [c, K]: g_n r_nk
+        qz = z * -q.unsqueeze(1)  # [c, D, K]: -q_nk z_nk
+        if w.dense:
+            da = (xl.mT @ qz.reshape(c, d * k)).reshape(m, d, k)  # [D+1, c] @ [c, D·K]
+            dx = qz.reshape(c, d * k) @ w.a[:-1].reshape(d, d * k).mT if need_x else q.new_zeros(())
+        else:
+            da = torch.stack([(qz * xl.unsqueeze(-1)).sum(0), qz.sum(0)])  # [2, D, K]
+            dx = (qz * w.a[0]).sum(-1) if need_x else q.new_zeros(())
+        return da, q.sum(0), dx, lse
+    assert into is not None
+    torch.add(torch.log(total), top, out=into.lse[rows].unsqueeze(1))
+    q = e.mul_(scale)
+    into.dc.add_(q.sum(0))
+    qz = z.mul_(q.unsqueeze(1))  # [c, D, K]: +q_nk z_nk; the signs go into alpha=-1 below
     if w.dense:
-        da = (xl.mT @ qz.reshape(c, d * k)).reshape(m, d, k)  # [D+1, c] @ [c, D·K]
-        dx = torch.mm(qz.reshape(c, d * k), w.a[:-1].reshape(d, d * k).mT, out=dx_out) if need_x else None
+        flat = qz.view(c, d * k)
+        into.da.view(m, d * k).addmm_(xl.mT, flat, alpha=-1.0)
+        if into.dx is not None:
+            torch.mm(flat, w.a[:-1].reshape(d, d * k).mT, out=into.dx[rows]).neg_()
     else:
-        da = torch.stack([(qz * xl.unsqueeze(-1)).sum(0), qz.sum(0)])  # [2, D, K]
-        dx = torch.sum(qz * w.a[0], -1, out=dx_out) if need_x else None  # type: ignore[call-overload]
-    return da, q.sum(0), (q.new_zeros(()) if dx is None else dx), lse
+        if into.dx is not None:
+            torch.sum(qz * w.a[0], -1, out=into.dx[rows]).neg_()
+        into.da[1].sub_(qz.sum(0))
+        into.da[0].sub_(qz.mul_(xl.unsqueeze(-1)).sum(0))
+    return ()
 
 
 def grads_loop(w: Whitening, x: Tensor, g: Tensor, rows: int, need_x: bool, inplace: bool) -> tuple[Tensor, ...]:
@@ -219,22 +248,21 @@ def grads_loop(w: Whitening, x: Tensor, g: Tensor, rows: int, need_x: bool, inpl
     """
     n = x.shape[0]
     bufs = workspace(w, rows, x, g) if inplace else None
+    if bufs is not None:
+        into = Sums(torch.zeros_like(w.a), torch.zeros_like(w.const), x.new_empty(n, x.shape[1]) if need_x else None,
+                    x.new_empty(n))  # fmt: skip
+        for s, e in chunks(n, rows):
+            chunk_grads(w, lift(w, x[s:e], bufs), g[s:e], need_x, bufs, into, slice(s, e))
+        return into.da, into.dc, (into.dx if into.dx is not None else x.new_zeros(())), into.lse
     da = torch.zeros_like(w.a)
     dc = torch.zeros_like(w.const)
-    dx_all = x.new_empty(n, x.shape[1]) if bufs is not None and need_x else None
     dxs, lses = [], []
     for s, e in chunks(n, rows):
-        dx_out = None if dx_all is None else dx_all[s:e]
-        a_c, c_c, x_c, l_c = chunk_grads(w, lift(w, x[s:e], bufs), g[s:e], need_x, bufs, dx_out)
-        if bufs is not None:
-            da.add_(a_c)
-            dc.add_(c_c)
-        else:
-            da, dc = da + a_c, dc + c_c
+        a_c, c_c, x_c, l_c = chunk_grads(w, lift(w, x[s:e]), g[s:e], need_x)
+        da, dc = da + a_c, dc + c_c
         dxs.append(x_c)
         lses.append(l_c)
-    dx = dx_all if dx_all is not None else (_cat(dxs) if need_x else dxs[0])
-    return da, dc, dx, _cat(lses)
+    return da, dc, (_cat(dxs) if need_x else dxs[0]), _cat(lses)
 
 
 # --- autograd Functions ---------------------------------------------------------------------------
