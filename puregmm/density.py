@@ -98,7 +98,7 @@ def component_log_prob(params: GMMParams, x: Tensor) -> Tensor:
 def _log_prob_one(params: GMMParams, x: Tensor) -> Tensor:
     w = whitening(params)
     rows = chunk_rows(x.shape[0], params.n_components, params.dim, x.element_size())
-    return _fused.LogSumExp.apply(x, w.center, w.a, w.const, w.dense, rows)  # type: ignore[no-any-return]
+    return _fused.logsumexp(x, w, rows)
 
 
 def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None) -> Tensor:
@@ -111,8 +111,7 @@ def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None) -> Ten
     if needs_grad and not torch.compiler.is_compiling():  # gradient statistics in the same pass
         out = _fused.NLL.apply(x, w.center, w.a, w.const, g, w.dense, rows, x.requires_grad)
         return out[0]  # type: ignore[no-any-return]
-    lse = _fused.LogSumExp.apply(x, w.center, w.a, w.const, w.dense, rows)
-    return -(g * lse).sum()
+    return -(g * _fused.logsumexp(x, w, rows)).sum()
 
 
 def log_prob(params: GMMParams, x: Tensor) -> Tensor:

@@ -237,3 +237,26 @@ def test_backward_keeps_nothing_of_size_n_times_k():
     big = [s for s in saved if math.prod(s) >= n * k and s != (n, d)]
     assert not big, f"tensors of size >= N*K saved for backward: {big}"
     loss.backward()
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal"])
+def test_forward_mode_and_hessian_match_naive(family):
+    """torch.func.jvp of log_prob and torch.func.hessian (jacfwd of jacrev) of the loss."""
+    p = random_params(family, 3, 2, seed=15)
+    x = random_data(20, 2, seed=16)
+    leaves, spec = pytree.tree_flatten(p)
+    tangents = tuple(torch.randn_like(t) for t in leaves)
+
+    def on_leaves(fn):
+        return lambda *ls: fn(pytree.tree_unflatten(list(ls), spec), x)
+
+    def naive_log_prob(params, x):
+        return torch.logsumexp(naive_component_log_prob(params, x), -1)
+
+    got = torch.func.jvp(on_leaves(pg.log_prob), tuple(leaves), tangents)[1]
+    expected = torch.func.jvp(on_leaves(naive_log_prob), tuple(leaves), tangents)[1]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    h = torch.func.hessian(on_leaves(pg.loss), argnums=(0, 1, 2))(*leaves)
+    h_naive = torch.func.hessian(on_leaves(naive_loss), argnums=(0, 1, 2))(*leaves)
+    for a, b in zip(pytree.tree_leaves(h), pytree.tree_leaves(h_naive)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
