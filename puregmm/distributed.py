@@ -67,7 +67,11 @@ METHODS = ("gd", "em")
 
 
 class DistributedError(RuntimeError):
-    """A collective failed or timed out: another rank most likely raised, died or hangs."""
+    """A collective failed or timed out: another rank most likely raised, died or hangs.
+
+    The process group is unusable afterwards: call ``torch.distributed.destroy_process_group()``
+    before the process exits (gloo may otherwise abort at interpreter shutdown).
+    """
 
 
 def is_active(group: Any = None) -> bool:
@@ -194,7 +198,7 @@ class Collective:
             raise DistributedError(
                 f"rank {self.rank} of {self.world_size}: {what} failed ({first}). Another rank most likely "
                 "raised an error, died or is stuck: look for its traceback. The wait is bounded by the "
-                "process group's timeout (pg.distributed.init(timeout=...))."
+                "process group's timeout (pg.distributed.init(timeout=...)); destroy the broken group before exiting."
             ) from err
 
 
@@ -323,6 +327,7 @@ def fit_distributed(
         w = None if sample_weight is None else _validate.sample_weight(sample_weight, x.shape[0], x.dtype, x.device)
         settings = _settings(method, n_components, n_init, max_steps, tol, batch_size, optimizer, reg_covar, key)
         settings["family"] = spec.name
+        settings["init_params"] = type(init_params).__name__  # every rank must take the same branch
     except (ValueError, TypeError) as err:
         error = err
     info = {

@@ -95,6 +95,7 @@ class Source:
         self._factory: Callable[[], Iterable[Any]] | None = None
         self._once: Iterator[Any] | None = None
         self._used = False
+        self._verified = False  # an array source is checked on its first full pass only
         self.n_rows: int | None = None
         self.d: int | None = None
         if isinstance(source, (str, os.PathLike)):
@@ -123,12 +124,16 @@ class Source:
         self.chunk_size = chunk_size or default_chunk_rows(self.d or 1)
 
     def passes(self) -> Iterator[Tensor]:
-        """One pass: checked chunks [n_i, D] (2-D, non-empty, finite, consistent D)."""
+        """One pass: checked chunks [n_i, D] (2-D, non-empty, finite, consistent D); an array
+        source, which cannot change, is checked on its first complete pass only."""
         if self._array is not None:
             n = self.n_rows
             assert n is not None
+            verified = self._verified
             for lo in range(0, n, self.chunk_size):
-                yield self._check(_read(self._array, lo, min(n, lo + self.chunk_size)), lo)
+                part = _read(self._array, lo, min(n, lo + self.chunk_size))
+                yield self._convert(part) if verified else self._check(part, lo)
+            self._verified = True
             return
         if self._once is not None:
             if self._used:
@@ -168,6 +173,11 @@ class Source:
         arr = self._array
         part = arr[torch.from_numpy(idx)] if isinstance(arr, Tensor) else arr[idx]
         return self._check(part, 0)
+
+    def _convert(self, part: Any) -> Tensor:
+        """A chunk of an already verified array source as a tensor of the compute dtype."""
+        t = part if isinstance(part, Tensor) else torch.from_numpy(part)
+        return t.to(self.dtype)
 
     def _check(self, batch: Any, row: int) -> Tensor:
         name = f"source rows {row}.." if self._array is not None else f"batch starting at row {row}"
