@@ -184,8 +184,8 @@ def test_in_place_autograd_and_vmap_paths_agree(family: str, dtype: torch.dtype)
     w = torch.rand(90, dtype=dtype, generator=torch.Generator().manual_seed(14))
     plain = em.sufficient_stats(p, x, w, chunk_size=32)  # workspace, in place
     leaves = [t.detach().clone().requires_grad_(True) for t in (p.logits, p.means, p.scale)]
-    graded = em.sufficient_stats(pg.GMMParams(*leaves, family), x, w, chunk_size=32)  # out of place
-    stacked = pg.GMMParams(*(t.unsqueeze(0) for t in (p.logits, p.means, p.scale)), family)
+    graded = em.sufficient_stats(pg.GMMParams(leaves[0], leaves[1], leaves[2], family), x, w, chunk_size=32)
+    stacked = pg.GMMParams(p.logits.unsqueeze(0), p.means.unsqueeze(0), p.scale.unsqueeze(0), family)
     vmapped = torch.func.vmap(lambda q: em.sufficient_stats(q, x, w, chunk_size=32))(stacked)
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     for name, a, b, c in zip(plain._fields, plain, graded, vmapped):
