@@ -42,6 +42,9 @@ import _common
 import puregmm as pg
 
 PROBE_ROWS = 10_000
+#: MixtureSameFamily's peak memory in units of one [N, K, D] tensor (measured: ~20 GB at
+#: N=1e6, D=K=32, float32); a guard so that the peer is never started where it cannot fit.
+MSF_BYTES_PER_NKD = 5
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -147,6 +150,12 @@ def main(argv: list[str] | None = None) -> None:
             fns = {"puregmm": puregmm_fn(params, x)}
             peer_note, peer_mem = "", {}
             run_peer = not args.no_peer
+            guess_gb = MSF_BYTES_PER_NKD * n * k * d * x.element_size() / 2**30
+            if run_peer and (args.no_memory or guess_gb > 4 * args.peer_mem_limit):  # never start a huge peer
+                if guess_gb > args.peer_mem_limit:
+                    run_peer = False
+                    peer_note = f"not run: needs ~{guess_gb:.0f} GB"
+                    peer_mem = {"note": f"~{guess_gb * 1024:.0f} (estimated: {MSF_BYTES_PER_NKD} x N·K·D·itemsize)"}
             if run_peer and not args.no_memory:
                 probe = peak({**job, "n": min(n, PROBE_ROWS), "impl": "MixtureSameFamily"})
                 if "above_mb" in probe:
