@@ -8,16 +8,19 @@ log-likelihood and its gradient with respect to every parameter:
   leaves that require grad, ``-log_prob(x).mean()`` and ``torch.autograd.grad`` (its cheapest
   natural parametrisation; the conversion from puregmm's params is not timed).
 
-Times are medians over interleaved rounds after one warm-up call. Peak memory is the peak
-resident memory above the loaded data, measured in a fresh subprocess per contender. The peer is
-probed at a small N first; where its memory extrapolated to the full N exceeds
-``--peer-mem-limit``, it is not run and the estimate is printed instead.
+Times are medians over interleaved rounds after one warm-up call (``OMP_WAIT_POLICY=PASSIVE``
+unless set: on a shared machine spinning OpenMP workers distort both contenders). Peak memory is
+the peak resident memory above the loaded data, measured in a fresh subprocess per contender
+(one call, so first-call library initialisation is included). The peer is never started where
+an estimate of its memory (5 x N·K·D·itemsize, refined by a probe at N = 10 000) exceeds
+``--peer-mem-limit``; the estimate is printed instead.
 
 Usage::
 
     python benchmarks/bench_grad.py                       # (1e5, 16, 16) and (1e6, 32, 32), float32
     python benchmarks/bench_grad.py --dtype float64 --configs 1e6,32,32 --no-peer
-    python benchmarks/bench_grad.py --configs 1e5,16,16 --compile
+    python benchmarks/bench_grad.py --configs 1e5,16,16 --compile   # + torch.compile first/steady
+    python benchmarks/bench_grad.py --threads 1 --no-memory
 """
 
 from __future__ import annotations
