@@ -133,8 +133,21 @@ def machine() -> list[str]:
         f"machine: {cpu}, {os.cpu_count()} logical cores, {mem:.0f} GB RAM, {platform.system()} {platform.release()}",
         f"load average at start: {os.getloadavg()[0]:.2f} (shared machine)",
         f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-        f"puregmm {metadata.version('puregmm')}",
+        f"puregmm {metadata.version('puregmm')} (git {git_state()})",
     ]
+
+
+def git_state() -> str:
+    """Short commit, with "+dirty" when puregmm/ has uncommitted changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--", "../puregmm"], capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -56,7 +57,7 @@ from puregmm import _validate, keys, loop
 from puregmm.density import log_prob
 from puregmm.em import Stats, combine, m_step, sufficient_stats
 from puregmm.families import get_family
-from puregmm.fit import EM_MAX_STEPS, EM_TOL, EMState, FitResult
+from puregmm.fit import EM_MAX_STEPS, EM_TOL, ConvergenceWarning, EMState, FitResult
 from puregmm.init import init
 from puregmm.params import GMMParams, covariances
 
@@ -254,6 +255,9 @@ def fit_stream(
         ValueError / TypeError: bad source or batch (not 2-D, empty, NaN/Inf, changing D),
             bad settings, a read-once iterator with ``"em"``, a first batch with fewer than K rows.
 
+    Warns:
+        ConvergenceWarning: ``"em"`` stopped at ``max_steps`` before meeting ``tol``.
+
     >>> import numpy as np, puregmm as pg
     >>> x = np.concatenate([np.random.randn(500, 2), np.random.randn(500, 2) + 6])
     >>> r = pg.stream.fit_stream(x, 2, "diagonal", chunk_size=128)
@@ -304,7 +308,15 @@ def fit_stream(
     _check_params(params, spec.name, n_components, src)
     if method == "em":
         assert steps is not None
-        return _fit_em(src, params, key_t, steps, tol_v, reg_covar, progress, checkpoint, checkpoint_every, resume)
+        result = _fit_em(src, params, key_t, steps, tol_v, reg_covar, progress, checkpoint, checkpoint_every, resume)
+        if not result.converged:
+            warnings.warn(
+                f"fit stopped at max_steps={result.n_steps} without meeting tol; raise max_steps or tol, "
+                "or check the data for duplicated points and outliers",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return result
     return _fit_online(src, params, steps, float(kappa), reg_covar, progress)
 
 

@@ -107,7 +107,8 @@ def test_reads_stay_within_the_chunk_size(npy: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(stream, "_read", spy)
     p0 = pg.init(torch.from_numpy(np.load(npy)), K, "full", key=1)
-    stream.fit_stream(np.load(npy, mmap_mode="r"), K, init_params=p0, chunk_size=1000, max_steps=3, tol=0.0)
+    with pytest.warns(pg.ConvergenceWarning, match="max_steps=3"):
+        stream.fit_stream(np.load(npy, mmap_mode="r"), K, init_params=p0, chunk_size=1000, max_steps=3, tol=0.0)
     assert sizes and max(sizes) <= 1000
     assert len(sizes) == 4 * 6  # 3 passes + the final loss pass, 6 chunks each
 
