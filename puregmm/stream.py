@@ -90,8 +90,9 @@ class Source:
         d: columns when known before reading, else ``None``.
     """
 
-    def __init__(self, source: Any, chunk_size: int | None, dtype: torch.dtype | None) -> None:
+    def __init__(self, source: Any, chunk_size: int | None, dtype: torch.dtype | None, device: Any = None) -> None:
         self.dtype = dtype
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         self._array: Any = None
         self._factory: Callable[[], Iterable[Any]] | None = None
         self._once: Iterator[Any] | None = None
@@ -178,7 +179,7 @@ class Source:
     def _convert(self, part: Any) -> Tensor:
         """A chunk of an already verified array source as a tensor of the compute dtype."""
         t = part if isinstance(part, Tensor) else torch.from_numpy(part)
-        return t.to(self.dtype)
+        return t.to(device=self.device, dtype=self.dtype)
 
     def _check(self, batch: Any, row: int) -> Tensor:
         name = f"source rows {row}.." if self._array is not None else f"batch starting at row {row}"
@@ -189,7 +190,7 @@ class Source:
             self.d = t.shape[1]
         if t.shape[1] != self.d:
             raise ValueError(f"{name} has D={t.shape[1]} columns; earlier data had D={self.d}")
-        return t.to(self.dtype)
+        return t.to(device=self.device, dtype=self.dtype)
 
 
 def _read(arr: Any, lo: int, hi: int) -> Any:
@@ -213,6 +214,7 @@ def fit_stream(
     chunk_size: int | None = None,
     kappa: float = DEFAULT_KAPPA,
     dtype: torch.dtype | None = None,
+    device: Any = None,
     key: Any = 0,
     progress: bool = False,
     checkpoint: Any = None,
@@ -240,6 +242,8 @@ def fit_stream(
             also the size of the initialisation sample. Batches of an iterable are used as given.
         kappa: online-EM step-size exponent, γ_t = (t + 2)^-κ, in (0.5, 1].
         dtype: compute dtype; ``None``: that of ``init_params``, else the data's float type.
+        device: where chunks are moved to compute (e.g. ``"cuda"``: data larger than GPU memory
+            streams through it); ``None``: that of ``init_params``, else the CPU.
         key: int or 0-d int64 tensor (initialisation sample and method).
         progress: a tqdm progress bar.
         checkpoint, checkpoint_every, resume: as :func:`puregmm.fit` (``"em"`` only).
@@ -271,9 +275,10 @@ def fit_stream(
         raise ValueError(f"n_components must be a positive int; got {n_components!r}")
     reg_covar = _validate.reg_covar(reg_covar)
     key_t = _validate.key(key)
-    if isinstance(init_params, GMMParams) and dtype is None:
-        dtype = init_params.dtype
-    src = Source(source, chunk_size, dtype)
+    if isinstance(init_params, GMMParams):
+        dtype = init_params.dtype if dtype is None else dtype
+        device = init_params.device if device is None else device
+    src = Source(source, chunk_size, dtype, device)
     steps: int | None
     if method == "em":
         if not src.reusable:
@@ -372,10 +377,10 @@ def _fit_em(
     """Full-batch EM, one pass per step, through :func:`puregmm.loop.run` (B = 1)."""
     states = EMState(
         pytree.tree_map(lambda t: t.unsqueeze(0), params),
-        torch.zeros(1, dtype=torch.int64),
-        torch.full((1,), float("nan"), dtype=params.dtype),
-        torch.zeros(1, dtype=torch.int64),
-        key.reshape(1),
+        torch.zeros(1, dtype=torch.int64, device=params.device),
+        torch.full((1,), float("nan"), dtype=params.dtype, device=params.device),
+        torch.zeros(1, dtype=torch.int64, device=params.device),
+        key.reshape(1).to(params.device),
     )
 
     def advance(s: EMState) -> EMState:
@@ -522,8 +527,11 @@ def _fit_online(
     if bar is not None:
         bar.close()
     final = pytree.tree_map(torch.Tensor.detach, state.params)
-    loss = mean_nll(src, final) if src.reusable else torch.tensor(total / max(rows, 1), dtype=final.dtype)
-    hist = torch.stack(history) if history else torch.zeros(0, dtype=final.dtype)
+    if src.reusable:
+        loss = mean_nll(src, final)
+    else:
+        loss = torch.tensor(total / max(rows, 1), dtype=final.dtype, device=final.device)
+    hist = torch.stack(history) if history else torch.zeros(0, dtype=final.dtype, device=final.device)
     return FitResult(final, loss, state.step, True, n_resets, hist.detach())
 
 
