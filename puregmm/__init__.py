@@ -1,5 +1,6 @@
 """puregmm: Gaussian mixture models in PyTorch as pure functions over pytrees."""
 
+from puregmm import distributed, keys, stream
 from puregmm.bootstrap import bootstrap
 from puregmm.density import component_log_prob, log_prob, loss
 from puregmm.em import EMInfo, Stats, combine, em_step, m_step, sufficient_stats
@@ -51,6 +52,7 @@ __all__ = [
     "component_log_prob",
     "cosine_decay",
     "covariances",
+    "distributed",
     "em_state",
     "em_step",
     "fit",
@@ -62,6 +64,7 @@ __all__ = [
     "from_sklearn",
     "init",
     "init_state",
+    "keys",
     "kmeans_plusplus",
     "load",
     "load_tree",
@@ -86,6 +89,7 @@ __all__ = [
     "select",
     "sgd",
     "step",
+    "stream",
     "sufficient_stats",
     "to_distribution",
     "to_sklearn",

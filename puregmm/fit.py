@@ -30,7 +30,7 @@ from puregmm.init import init, init_batched
 from puregmm.params import GMMParams
 from puregmm.train import TrainState, init_state, step
 
-METHODS = ("gd", "em")
+METHODS = ("gd", "em", "online_em")  # online_em: streams only (puregmm.stream)
 GD_MAX_STEPS = 5000
 GD_TOL = 1e-7
 GD_WINDOW = 20
@@ -133,6 +133,7 @@ def fit(
     checkpoint: Any = None,
     checkpoint_every: int = 100,
     resume: Any = None,
+    distributed: bool = False,
 ) -> FitResult:
     """Fit a K-component mixture to ``data`` [N, D].
 
@@ -168,6 +169,13 @@ def fit(
             ``checkpoint_every`` steps and at the end.
         resume: path of a checkpoint of the same fit (same data shape, family, method,
             settings) to continue from; the result is bitwise identical to an uninterrupted run.
+        distributed: ``data`` is this rank's shard of a data-parallel fit over the initialised
+            ``torch.distributed`` group (:func:`puregmm.distributed.fit_distributed`); a no-op
+            without one.
+
+    Data larger than memory: a ``.npy`` path, an ``np.memmap``, or a callable returning an
+    iterator of batches goes to :func:`puregmm.stream.fit_stream` (chunked full-batch EM,
+    ``method="em"``; or one pass of stepwise EM, ``method="online_em"``).
 
     Returns:
         :class:`FitResult`.
@@ -186,6 +194,26 @@ def fit(
     >>> r.converged, sorted(round(float(m), 0) for m in pg.means(r.params)[:, 0])
     (True, [-3.0, 3.0])
     """
+    if distributed:
+        from puregmm import distributed as dist
+
+        if dist.is_active():
+            return dist.fit_distributed(
+                data, n_components, family, method=method, max_steps=max_steps, tol=tol, batch_size=batch_size,
+                n_init=n_init, reg_covar=reg_covar, init_params=init_params, init_method=init_method,
+                sample_weight=sample_weight, optimizer=optimizer, key=key, progress=progress,
+                checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+            )  # fmt: skip
+    from puregmm import stream
+
+    if method == "online_em" or (method == "em" and stream.is_stream(data)):
+        if sample_weight is not None or batch_size is not None or optimizer is not None or n_init != 1:
+            raise ValueError("streamed fits take no sample_weight, batch_size, optimizer or n_init > 1")
+        return stream.fit_stream(
+            data, n_components, family, method=method, init_params=init_params, init_method=init_method,
+            max_steps=max_steps, tol=tol, reg_covar=reg_covar, key=key, progress=progress,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+        )  # fmt: skip
     spec = get_family(family)
     x = _validate.data(data, "data")
     k = _validate.n_components(n_components, x.shape[0])

@@ -267,3 +267,18 @@ def test_bad_sources_and_settings_raise_clear_errors(npy: Path) -> None:
     p = pg.init(torch.from_numpy(x), 2, "full")
     with pytest.raises(ValueError, match="init_params is"):
         stream.fit_stream(x, K, init_params=p)
+
+
+def test_pg_fit_dispatches_paths_and_streams(tmp_path) -> None:
+    """pg.fit hands a .npy path / memmap to fit_stream (same result as in memory) and ignores
+    distributed=True without a process group."""
+    gen = np.random.default_rng(0)
+    x = np.concatenate([gen.normal(size=(400, 2)) - 3, gen.normal(size=(400, 2)) + 3])
+    np.save(tmp_path / "x.npy", x)
+    streamed = pg.fit(tmp_path / "x.npy", 2, "diagonal", method="em")
+    in_memory = pg.fit(torch.as_tensor(x), 2, "diagonal", method="em")
+    torch.testing.assert_close(streamed.params.means, in_memory.params.means, rtol=1e-8, atol=1e-10)
+    local = pg.fit(torch.as_tensor(x), 2, "diagonal", method="em", distributed=True)
+    assert torch.equal(local.params.means, in_memory.params.means)
+    with pytest.raises(ValueError, match="streamed fits"):
+        pg.fit(tmp_path / "x.npy", 2, method="em", n_init=2)
