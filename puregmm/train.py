@@ -288,4 +288,3 @@ def reset_collapsed(
         is_leaf=lambda t: isinstance(t, GMMParams),
     )
     return new, opt_state, bad.sum()
-
