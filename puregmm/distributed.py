@@ -31,7 +31,6 @@ import datetime
 import functools
 import math
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,12 +49,12 @@ from puregmm.fit import (
     GD_MAX_STEPS,
     GD_TOL,
     GD_WINDOW,
-    ConvergenceWarning,
     EMState,
     FitResult,
     _affine,
     fit,
     minibatch_indices,
+    warn_if_not_converged,
 )
 from puregmm.init import init as init_params_from
 from puregmm.params import GMMParams
@@ -383,13 +382,7 @@ def fit_distributed(
         int(_index(out.states, best).n_resets),
         out.history[:n, best].detach(),
     )
-    if not result.converged:
-        warnings.warn(
-            f"fit stopped at max_steps={result.n_steps} without meeting tol; raise max_steps or tol, "
-            "or check the data for duplicated points and outliers",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+    warn_if_not_converged(result)
     return result
 
 

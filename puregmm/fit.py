@@ -249,13 +249,7 @@ def fit(
         int(out.n_resets[best]),
         out.history[best, :n],
     )
-    if not result.converged:
-        warnings.warn(
-            f"fit stopped at max_steps={result.n_steps} without meeting tol; raise max_steps or tol, "
-            "or check the data for duplicated points and outliers",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
+    warn_if_not_converged(result)
     return result
 
 
@@ -343,6 +337,17 @@ def fit_batched(
             stacklevel=2,
         )
     return out
+
+
+def warn_if_not_converged(result: FitResult, stacklevel: int = 3) -> None:
+    """The one :class:`ConvergenceWarning` of a single fit that stopped at ``max_steps``."""
+    if not result.converged:
+        warnings.warn(
+            f"fit stopped at max_steps={result.n_steps} without meeting tol; raise max_steps or tol, "
+            "or check the data for duplicated points and outliers",
+            ConvergenceWarning,
+            stacklevel=stacklevel,
+        )
 
 
 class _Settings(NamedTuple):

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -57,7 +56,7 @@ from puregmm import _validate, keys, loop
 from puregmm.density import log_prob
 from puregmm.em import Stats, combine, m_step, sufficient_stats
 from puregmm.families import get_family
-from puregmm.fit import EM_MAX_STEPS, EM_TOL, ConvergenceWarning, EMState, FitResult
+from puregmm.fit import EM_MAX_STEPS, EM_TOL, EMState, FitResult, warn_if_not_converged
 from puregmm.init import init
 from puregmm.params import GMMParams, covariances
 
@@ -314,13 +313,7 @@ def fit_stream(
     if method == "em":
         assert steps is not None
         result = _fit_em(src, params, key_t, steps, tol_v, reg_covar, progress, checkpoint, checkpoint_every, resume)
-        if not result.converged:
-            warnings.warn(
-                f"fit stopped at max_steps={result.n_steps} without meeting tol; raise max_steps or tol, "
-                "or check the data for duplicated points and outliers",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
+        warn_if_not_converged(result)
         return result
     return _fit_online(src, params, steps, float(kappa), reg_covar, progress)
 
