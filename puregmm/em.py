@@ -12,6 +12,11 @@ One EM iteration is ``m_step(sufficient_stats(params, x), params)``:
   they are per-component, the one-pass update below keeps float32 accurate both for data with
   a large common offset and for clusters far apart (the error is ~eps·‖Δμ‖²/σ², with Δμ the
   step of the mean, not its distance from an origin).
+
+  They are computed in exponential-family form (:mod:`puregmm._moments`): per chunk, one
+  float64 block of the rows' products about the centre of the means serves two GEMMs, one with
+  the natural parameters (the joint log-densities) and one with the responsibilities (the
+  moments), which are then shifted exactly to each c_k. float32 data get float64 accuracy.
 * **M-step.** scikit-learn's update (``sklearn/mixture/_gaussian_mixture.py``), written in
   centred coordinates: n'_k = n_k + 10·eps, d_k = X_k / n'_k, μ_k ← c_k + d_k,
   w_k ← n'_k / Σ n', Σ_k ← S_k / n'_k - d_k d_kᵀ + reg·I (tied: Σ_k n'_k Σ_k / Σ n';
@@ -28,25 +33,16 @@ indexing, so ``torch.func.vmap`` (over stacked params and data) and ``torch.comp
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from puregmm import _fused, _validate
-from puregmm.density import joint_log_prob_chunk, whitening
+from puregmm import _moments as mo
+from puregmm import _validate
 from puregmm.families import get_family
 from puregmm.params import GMMParams
-
-#: Rows per E-step chunk (default): the [c, D, K] residual block of the density and the [c, P]
-#: block of products stay a few MB, reused chunk after chunk (no page faults), while the
-#: per-chunk op overhead stays small next to the two GEMMs.
-CHUNK_BYTES = 1 << 23
-MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 8192
-MAX_COMPILED_CHUNKS = 8  # under torch.compile the chunk loop is unrolled: at most this many
 
 
 class Stats(NamedTuple):
@@ -94,12 +90,6 @@ class EMInfo(NamedTuple):
     n_resets: Tensor
 
 
-def default_chunk_size(n: int, k: int, d: int, itemsize: int = 8) -> int:
-    """Rows per chunk from static shapes: a [chunk, D, K] block near :data:`CHUNK_BYTES`."""
-    rows = max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(1, k * d * itemsize)))
-    return max(1, min(n, rows))
-
-
 def combine(a: Stats, b: Stats) -> Stats:
     """Statistics of the union of two disjoint row sets (order-independent up to rounding).
 
@@ -121,205 +111,14 @@ def combine(a: Stats, b: Stats) -> Stats:
     )
 
 
-# --- moments about the global centre: one GEMM per chunk ---------------------------------------
-#
-# A chunk's rows, shifted by the detached centre g of the means (the density's own centre), are
-# expanded into a [c, P] block of products ("columns") and the responsibilities contract it in
-# one GEMM, r^T [K, c] @ [c, P], into raw moments about g:
-#
-#   full/tied  the distinct entries of [x - g, 1] [x - g, 1]^T, i.e. Σ r (x-g)(x-g)^T, Σ r (x-g), Σ r;
-#              the D+1 = m lifted columns are split in a head a (h of them) and a tail b, and
-#              the h x h block holds a a^T on and above its diagonal and b b^T below it (each
-#              entry once, the rectangular-full-packed idea), then a b^T: about m^2 / 2 columns
-#   diagonal   [(x - g)^2, x - g, 1]
-#   scalar     [||x - g||^2, x - g, 1]
-#
-# then shifted exactly to each component's centre c_k (d_k = c_k - g):
-#
-#   X_k = X_g - n d_k,   S_k = S_g - X_g d_k^T - d_k X_g^T + n d_k d_k^T.
-#
-# The products and the GEMM run in float64 (float32 rows and responsibilities are exact in
-# float64), so the shift loses nothing in float32 either, for data far from the origin or clusters
-# far apart; only the density's GEMM runs in the data's dtype.
+def default_chunk_size(n: int, k: int, d: int, family: str = "full") -> int:
+    """Rows per E-step chunk from static shapes: the chunk's float64 block of sufficient
+    statistics T [chunk, P] near :data:`puregmm._moments.CHUNK_BYTES` (a few MB)."""
+    return mo.chunk_rows(n, mo.layout(get_family(family).scale_ndim, d), None)
 
 
-class _Layout(NamedTuple):
-    """Static column layout of the products of one family and dimension (see above)."""
-
-    ndim: int  # the family's scale_ndim: 2 full/tied, 1 diagonal, 0 scalar
-    d: int
-    h: int  # full/tied: side of the folded square block; else 0
-    width: int  # P, the number of product columns
-
-
-def _layout(ndim: int, d: int) -> _Layout:
-    if ndim == 2:
-        m = d + 1
-        h = (m + 2) // 2  # ceil((m + 1) / 2): b b^T (upper, m - h <= h - 1 rows) fits below the diagonal
-        return _Layout(2, d, h, h * h + h * (m - h))
-    return _Layout(ndim, d, 0, 2 * d + 1 if ndim == 1 else d + 2)
-
-
-def _fold_tables(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """For the full layout: the [m, m] map from a pair (i, j) of lifted columns to its product
-    column, and the [h, h] mask of the folded block's upper triangle (True: a a^T, False: b b^T).
-
-    Row i < h of the folded block holds a_i a_j for j >= i and b_j b_(i-1) for j < i (b_j the
-    lifted column h + j), so a pair p <= q of tail columns sits at row q - h + 1, column p - h.
-    """
-    m, h = d + 1, _layout(2, d).h
-    ar = torch.arange(m, device=device)
-    p, q = torch.minimum(ar[:, None], ar[None, :]), torch.maximum(ar[:, None], ar[None, :])  # p <= q
-    head = p * h + q  # both in the head a
-    tail = (q - h + 1) * h + (p - h)  # both in the tail b
-    cross = h * h + p * (m - h) + (q - h)  # a_p b_(q-h)
-    index = torch.where(q < h, head, torch.where(p >= h, tail, cross))
-    return index, torch.ones(h, h, dtype=torch.bool, device=device).triu()
-
-
-class _Work:
-    """Per-call workspace of the plain (no autograd, no ``torch.func``, not compiled) chunk loop:
-    the lifted rows, the product block and float64 responsibilities, allocated once and reused
-    by every chunk (fresh multi-MB temporaries cost page faults on every chunk)."""
-
-    def __init__(self, lay: _Layout, rows: int, k: int, x: Tensor, dtype: torch.dtype) -> None:
-        opts: dict[str, Any] = {"dtype": dtype, "device": x.device}
-        d, h = lay.d, lay.h
-        self.xl = torch.zeros(rows, max(2 * h, d + 1), **opts)  # [x - g, 1, 0...]
-        self.xl[:, d] = 1.0
-        self.prod = torch.empty(rows, lay.width, **opts)
-        if lay.ndim != 2:
-            self.prod[:, -1] = 1.0  # the constant column of the diagonal and scalar layouts
-        self.resp = torch.empty(rows, k, **opts)
-
-
-def _products(lay: _Layout, x: Tensor, centre: Tensor, dtype: torch.dtype, work: _Work | None) -> Tensor:
-    """The [c, P] product block of rows ``x`` [c, D] about ``centre`` [D], in ``dtype``."""
-    c, d, h = x.shape[0], lay.d, lay.h
-    if work is None:
-        xg = (x - centre).to(dtype)  # [c, D]
-        if lay.ndim == 1:
-            return torch.cat([xg.square(), xg, xg.new_ones(c, 1)], 1)
-        if lay.ndim == 0:
-            return torch.cat([xg.square().sum(1, keepdim=True), xg, xg.new_ones(c, 1)], 1)
-        xl = F.pad(F.pad(xg, (0, 1), value=1.0), (0, max(2 * h, d + 1) - d - 1))  # [c, 2h]
-        mask = _fold_tables(d, x.device)[1]
-        a, lo, hi = xl[:, :h], xl[:, h - 1 : 2 * h - 1], xl[:, h : 2 * h]
-        folded = torch.where(mask, a.unsqueeze(2) * a.unsqueeze(1), lo.unsqueeze(2) * hi.unsqueeze(1))  # [c, h, h]
-        cross = a.unsqueeze(2) * xl[:, h : d + 1].unsqueeze(1)  # [c, h, m - h]
-        return torch.cat([folded.reshape(c, h * h), cross.reshape(c, -1)], 1)
-    xl, prod = work.xl[:c], work.prod[:c]
-    if lay.ndim == 1:
-        xg = torch.sub(x, centre, out=prod[:, d : 2 * d])
-        torch.mul(xg, xg, out=prod[:, :d])
-        return prod
-    if lay.ndim == 0:
-        xg = torch.sub(x, centre, out=prod[:, 1 : d + 1])
-        torch.sum(xg * xg, 1, keepdim=True, out=prod[:, :1])
-        return prod
-    torch.sub(x, centre, out=xl[:, :d])
-    a, lo, hi = xl[:, :h], xl[:, h - 1 : 2 * h - 1], xl[:, h : 2 * h]
-    folded = prod[:, : h * h].view(c, h, h)
-    torch.mul(a.unsqueeze(2), a.unsqueeze(1), out=folded)  # a a^T, its lower part overwritten below
-    for i in range(1, h):  # b b^T below the diagonal, row by row: no masked pass over the block
-        torch.mul(lo[:, i : i + 1], hi[:, :i], out=folded[:, i, :i])
-    torch.mul(a.unsqueeze(2), xl[:, h : d + 1].unsqueeze(1), out=prod[:, h * h :].view(c, h, d + 1 - h))
-    return prod
-
-
-def _about_centres(lay: _Layout, raw: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(n_k, X_k, S_k) about the centres c_k = g + ``shift`` [K, D] from raw moments [K, P]
-    about g (see above); S_k is [K, D, D], [K, D] or [K] by family."""
-    d = lay.d
-    if lay.ndim == 2:
-        index = _fold_tables(d, raw.device)[0]
-        full = raw[:, index.reshape(-1)].reshape(-1, d + 1, d + 1)  # [K, m, m]
-        s_g, x_g, n = full[:, :d, :d], full[:, :d, d], full[:, d, d]
-        outer = x_g.unsqueeze(2) * shift.unsqueeze(1)  # [K, D, D]  X_g d^T
-        nd = n[:, None, None] * shift.unsqueeze(2) * shift.unsqueeze(1)
-        s = s_g - outer - outer.mT + nd
-    elif lay.ndim == 1:
-        s_g, x_g, n = raw[:, :d], raw[:, d : 2 * d], raw[:, 2 * d]
-        s = s_g - 2 * shift * x_g + n.unsqueeze(1) * shift.square()
-    else:
-        s_g, x_g, n = raw[:, 0], raw[:, 1 : d + 1], raw[:, d + 1]
-        s = s_g - 2 * (shift * x_g).sum(1) + n * shift.square().sum(1)
-    return n, x_g - n.unsqueeze(1) * shift, s
-
-
-def _responsibilities(log_joint: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
-    """(r [c, K], log p [c]) from joint log-densities [c, K] in log space: r = exp(ℓ - lse).
-
-    Exponents are clamped at 3 log eps (-108 in float64): such terms are below eps³ of the
-    largest, and the clamp keeps responsibilities, and their products in the moment GEMM, out
-    of the subnormal range (10-100x slower arithmetic). A row with NaN stays NaN.
-    """
-    top = log_joint.detach().amax(1, keepdim=True)  # [c, 1]; its gradient cancels exactly
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    floor = 3.0 * math.log(torch.finfo(log_joint.dtype).eps)
-    if inplace:
-        e = log_joint.sub_(top).clamp_(min=floor).exp_()
-    else:
-        e = torch.exp(torch.clamp(log_joint - top, min=floor))
-    total = e.sum(1, keepdim=True)  # [c, 1]
-    lse = (torch.log(total) + top).squeeze(1)
-    return (e.div_(total) if inplace else e / total), lse
-
-
-def _plain(*tensors: Tensor | None) -> bool:
-    """Whether chunk code may reuse buffers and work in place: eager, no autograd graph to
-    record, no ``torch.func`` wrappers."""
-    if torch.compiler.is_compiling():
-        return False
-    ts = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return False
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return not any(wrapped(t) for t in ts)
-
-
-def _moment_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for the moment GEMM of float32 (and float64) data; other dtypes keep their own."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else dtype
-
-
-def _chunks(n: int, chunk_size: int | None, k: int, d: int, itemsize: int = 8) -> list[tuple[int, int]]:
-    size = default_chunk_size(n, k, d, itemsize) if chunk_size is None else int(chunk_size)
-    if size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-    if chunk_size is None and torch.compiler.is_compiling():  # the loop unrolls: cap the chunks
-        size = max(size, -(-n // MAX_COMPILED_CHUNKS))
-    return [(start, min(n, start + size)) for start in range(0, n, size)]
-
-
-class _Worst:
-    """The K lowest scores of the rows seen so far (stable: ties keep the earlier row), merged
-    once at the end from each chunk's K lowest (row indices, no points, until then)."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.vals: list[Tensor] = []
-        self.rows: list[Tensor] = []
-
-    def add(self, ranked: Tensor, start: int) -> None:
-        order = torch.sort(ranked, stable=True).indices[: self.k]  # [m], lowest first
-        self.vals.append(torch.gather(ranked, 0, order))
-        self.rows.append(order + start)
-
-    def result(self, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        vals, rows = torch.cat(self.vals), torch.cat(self.rows)
-        order = torch.sort(vals, stable=True).indices[: self.k]
-        worst_ll, worst_x = torch.gather(vals, 0, order).to(dtype), x.index_select(0, rows.index_select(0, order))
-        m = worst_ll.shape[0]
-        if m < self.k:  # fewer rows than components: pad with "no point"
-            worst_ll = torch.cat([worst_ll, worst_ll.new_full((self.k - m,), float("inf"))])
-            worst_x = torch.cat([worst_x, worst_x.new_zeros((self.k - m, x.shape[1]))])
-        return worst_ll, worst_x
-
-
-def _ranked(score: Tensor, w: Tensor | None) -> Tensor:
-    """Scores with zero-weight rows (padding) sent to +inf, so they are never "worst"."""
-    return score if w is None else torch.where(w > 0, score, torch.full_like(score, float("inf")))
+def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
+    return [(start, min(n, start + rows)) for start in range(0, n, rows)]
 
 
 def sufficient_stats(
@@ -328,53 +127,49 @@ def sufficient_stats(
     """E-step statistics of unbatched ``params`` on ``x`` [N, D] (see :class:`Stats`).
 
     Rows are processed in chunks of ``chunk_size`` (default from static shapes,
-    :func:`default_chunk_size`) by a static Python loop. Per chunk: the joint log-densities
-    [c, K] from the density's whitening GEMM (:func:`puregmm.density.whitening`), the
-    responsibilities in log space, and the moments as one float64 GEMM of the responsibilities
-    with the rows' products about the centre of the means (module comments above
-    :class:`_Layout`). Only [c, K], [c, D, K] and [c, P] blocks exist at a time, reused from
-    chunk to chunk when nothing is being differentiated, and an [N] vector of log-densities.
-    ``sample_weight`` [N] (non-negative, not checked here) weights rows as counts. Use
-    ``torch.func.vmap`` for stacked params/data.
+    :func:`default_chunk_size`) by a static Python loop, in exponential-family form
+    (:mod:`puregmm._moments`): per chunk, the float64 block T of the rows' products about the
+    centre of the means, the joint log-densities ℓ = η Tᵀ [K, c] (one GEMM with the natural
+    parameters η of ``params``), responsibilities in log space, and the moments r T (one GEMM),
+    shifted exactly to each component's mean at the end. Only the [c, P] and [K, c] blocks and
+    an [N] vector of log-densities exist at a time, reused chunk after chunk when nothing is
+    being differentiated. ``sample_weight`` [N] (non-negative, not checked here) weights rows
+    as counts. Use ``torch.func.vmap`` for stacked params/data.
     """
     if x.dim() != 2 or x.shape[-1] != params.dim:
         raise ValueError(f"x must be [N, D] with D={params.dim}; got shape {tuple(x.shape)}")
     if sample_weight is not None and sample_weight.shape != x.shape[:1]:
         raise ValueError(f"sample_weight must be [N]=({x.shape[0]},); got shape {tuple(sample_weight.shape)}")
-    spec, k, (n, d) = params.spec, params.n_components, x.shape
-    lay = _layout(spec.scale_ndim, d)
-    mdtype = _moment_dtype(x.dtype)
-    wh = whitening(params)
-    parts = _chunks(n, chunk_size, k, d, x.element_size())
-    rows = max(e - s for s, e in parts)
-    plain = _plain(params.logits, params.means, params.scale, x, sample_weight)
-    bufs = _fused.workspace(wh, rows, x) if plain else None
-    work = _Work(lay, rows, k, x, mdtype) if bufs is not None else None
-    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)
+    k, (n, d) = params.n_components, x.shape
+    lay = mo.layout(params.spec.scale_ndim, d)
+    mdtype = mo.moment_dtype(x.dtype)
+    centre = params.means.detach().mean(0)  # [D], g
+    eta = mo.natural(params, centre, mdtype)  # [K, P]
+    rows = mo.chunk_rows(n, lay, chunk_size)
+    work = (
+        mo.Work(lay, rows, k, x, mdtype)
+        if mo.plain(params.logits, params.means, params.scale, x, sample_weight)
+        else None
+    )
+    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
     lse_all = x.new_empty(n, dtype=mdtype) if work is not None else None
     lses: list[Tensor] = []
-    worst = _Worst(k)
-    for start, stop in parts:
-        xs = x[start:stop]
+    worst = mo.Worst(k)
+    for start, stop in _chunks(n, rows):
         ws = None if sample_weight is None else sample_weight[start:stop]
-        if work is not None and bufs is not None:  # in place, in the workspaces
-            lj = _fused.log_joint(wh, _fused.lift(wh, xs, bufs), bufs)
-            if lj.dtype != mdtype:
-                lj = work.resp[: stop - start].copy_(lj)
-            resp, lse = _responsibilities(lj, inplace=True)
+        t = mo.products(lay, x[start:stop], centre, mdtype, work)  # [c, P]
+        if work is not None:  # in place, in the workspace
+            resp, lse = mo.responsibilities(torch.mm(eta, t.mT, out=work.lj[:, : stop - start]), inplace=True)
             if ws is not None:
-                resp.mul_(ws.unsqueeze(1))
-            raw.addmm_(resp.mT, _products(lay, xs, wh.center, mdtype, work))
-            lse_all_part = lse_all[start:stop] if lse_all is not None else lse
-            lse_all_part.copy_(lse)
-            worst.add(_ranked(lse_all_part, ws), start)
+                resp.mul_(ws)
+            raw.addmm_(resp, t)
+            assert lse_all is not None
+            lse = lse_all[start:stop].copy_(lse)
         else:
-            resp, lse = _responsibilities(joint_log_prob_chunk(wh, xs).to(mdtype), inplace=False)
-            if ws is not None:
-                resp = resp * ws.unsqueeze(1)
-            raw = raw + resp.mT @ _products(lay, xs, wh.center, mdtype, None)
+            resp, lse = mo.responsibilities(eta @ t.mT, inplace=False)  # [K, c], [c]
+            raw = raw + (resp if ws is None else resp * ws) @ t
             lses.append(lse)
-            worst.add(_ranked(lse, ws), start)
+        worst.add(mo.ranked(lse, ws), start, eager=work is not None)
     lse_n = lse_all if lse_all is not None else (torch.cat(lses) if len(lses) != 1 else lses[0])
     if sample_weight is None:
         log_lik_sum = lse_n.sum()
@@ -382,9 +177,8 @@ def sufficient_stats(
     else:
         log_lik_sum = (lse_n * sample_weight).sum()
         weight_sum = sample_weight.sum()
-    centres = params.means.detach()
-    resp_sum, x_sum, xx_sum = _about_centres(lay, raw, (centres - wh.center).to(mdtype))
-    worst_ll, worst_x = worst.result(x, x.dtype)
+    resp_sum, x_sum, xx_sum = mo.about_centres(lay, raw, (params.means.detach() - centre).to(mdtype))
+    worst_ll, worst_x = worst.result(x)
     dt = params.dtype
     return Stats(resp_sum.to(dt), x_sum.to(dt), xx_sum.to(dt), log_lik_sum.to(dt), weight_sum, worst_ll, worst_x)
 
@@ -409,34 +203,30 @@ def responsibility_stats(
     spec = get_family(family)
     k, d = centres.shape
     n = x.shape[0]
-    lay = _layout(spec.scale_ndim, d)
-    mdtype = _moment_dtype(x.dtype)
+    lay = mo.layout(spec.scale_ndim, d)
+    mdtype = mo.moment_dtype(x.dtype)
     if score is None:
         score = -torch.cdist(x, centres, compute_mode="donot_use_mm_for_euclid_dist").square().amin(-1)
     centre = centres.detach().mean(0)  # [D]
-    parts = _chunks(n, chunk_size, k, d, x.element_size())
-    plain = _plain(x, resp, centres, sample_weight, score)
-    work = _Work(lay, max(e - s for s, e in parts), k, x, mdtype) if plain else None
+    rows = mo.chunk_rows(n, lay, chunk_size)
+    work = mo.Work(lay, rows, k, x, mdtype) if mo.plain(x, resp, centres, sample_weight, score) else None
     raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)
-    worst = _Worst(k)
-    for start, stop in parts:
+    worst = mo.Worst(k)
+    for start, stop in _chunks(n, rows):
         ws = None if sample_weight is None else sample_weight[start:stop]
-        r = resp[start:stop].to(mdtype)
+        r = resp[start:stop].to(mdtype)  # [c, K]
         r = r if ws is None else r * ws.unsqueeze(1)
-        prod = _products(lay, x[start:stop], centre, mdtype, work)
-        if work is not None:
-            raw.addmm_(r.mT, prod)
-        else:
-            raw = raw + r.mT @ prod
-        worst.add(_ranked(score[start:stop], ws), start)
+        t = mo.products(lay, x[start:stop], centre, mdtype, work)
+        raw = raw.addmm_(r.mT, t) if work is not None else raw + r.mT @ t
+        worst.add(mo.ranked(score[start:stop], ws), start, eager=work is not None)
     if sample_weight is None:
         log_lik_sum = score.sum()
         weight_sum = torch.full((), float(n), dtype=x.dtype, device=x.device)
     else:
         log_lik_sum = (score * sample_weight).sum()
         weight_sum = sample_weight.sum()
-    resp_sum, x_sum, xx_sum = _about_centres(lay, raw, (centres.detach() - centre).to(mdtype))
-    worst_ll, worst_x = worst.result(x, x.dtype)
+    resp_sum, x_sum, xx_sum = mo.about_centres(lay, raw, (centres.detach() - centre).to(mdtype))
+    worst_ll, worst_x = worst.result(x)
     dt = x.dtype
     return Stats(resp_sum.to(dt), x_sum.to(dt), xx_sum.to(dt), log_lik_sum, weight_sum, worst_ll, worst_x)
 

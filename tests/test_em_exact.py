@@ -21,7 +21,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import puregmm as pg
-from puregmm import em
+from puregmm import _moments, em
 from tests.oracles import mixture_data, random_params, to_np
 
 RTOL = 1e-10
@@ -160,8 +160,8 @@ def test_m_step_equals_closed_form_of_naive_stats(family: str) -> None:
 
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 8, 16, 31, 32])
 def test_folded_products_cover_every_pair_once(d: int) -> None:
-    lay = em._layout(2, d)
-    index, _ = em._fold_tables(d, torch.device("cpu"))
+    lay = _moments.layout(2, d)
+    index = _moments.fold_index(d, torch.device("cpu"))
     m = d + 1
     assert lay.width >= m * (m + 1) // 2
     upper = index[torch.triu_indices(m, m).unbind()]
@@ -169,11 +169,29 @@ def test_folded_products_cover_every_pair_once(d: int) -> None:
     assert torch.equal(index, index.T)
     x = torch.randn(9, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
     centre = torch.randn(d, dtype=torch.float64)
-    prods = em._products(lay, x, centre, torch.float64, None)  # [9, P]
+    t = _moments.products(lay, x, centre, torch.float64, None)  # [9, P]
     xl = torch.cat([x - centre, torch.ones(9, 1, dtype=torch.float64)], 1)
-    torch.testing.assert_close(prods[:, index.reshape(-1)].reshape(9, m, m), xl[:, :, None] * xl[:, None, :])
-    work = em._Work(lay, 16, 3, x, torch.float64)
-    torch.testing.assert_close(em._products(lay, x, centre, torch.float64, work), prods, rtol=0, atol=0)
+    torch.testing.assert_close(t[:, index.reshape(-1)].reshape(9, m, m), xl[:, :, None] * xl[:, None, :])
+    work = _moments.Work(lay, 16, 3, x, torch.float64)
+    torch.testing.assert_close(_moments.products(lay, x, centre, torch.float64, work), t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+@pytest.mark.parametrize("d", [1, 3, 4])
+def test_natural_parameters_give_the_log_density(family: str, d: int) -> None:
+    """⟨η_k, T(x)⟩ = log w_k + log N(x | μ_k, Σ_k): against scipy and pg.log_prob, float64."""
+    x, _ = mixture_data(3, d, 40, separation=3.0, seed=30 + d)
+    x = x + 1e3
+    p = random_params(family, 3, d, seed=31 + d)
+    p = pg.GMMParams(p.logits, p.means + 1e3, p.scale, family)
+    centre = p.means.mean(0)
+    lay = _moments.layout(p.spec.scale_ndim, d)
+    joint = _moments.natural(p, centre, torch.float64) @ _moments.products(lay, x, centre, torch.float64, None).mT
+    w, mu, cov = to_np(pg.weights(p)), to_np(p.means), to_np(pg.covariances(p))
+    ref = np.stack([np.log(w[j]) + multivariate_normal(mu[j], cov[j]).logpdf(to_np(x)).reshape(-1) for j in range(3)])
+    np.testing.assert_allclose(to_np(joint), ref, rtol=RTOL, atol=1e-9)
+    lse = to_np(torch.logsumexp(joint, 0))
+    np.testing.assert_allclose(lse, to_np(pg.log_prob(p, x)), rtol=RTOL)
 
 
 @pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])

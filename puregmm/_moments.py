@@ -1,0 +1,317 @@
+"""The E-step in exponential-family form: one block of sufficient statistics per chunk, two GEMMs
+(private; see :mod:`puregmm.em`).
+
+A Gaussian is an exponential family: with rows shifted by a fixed centre g (the detached mean
+of the means) and T(x) the products of the lifted row [x - g, 1] with itself,
+
+    ℓ_nk = log w_k + log N(x_n | μ_k, Σ_k) = ⟨η_k, T(x_n)⟩,
+    η_k  = the coefficients of  log w_k + ½ log det P_k - ½ D log 2π - ½ (x - g - d_k)ᵀ P_k (x - g - d_k),
+
+d_k = μ_k - g, P_k = Σ_k⁻¹. EM needs the data only through T: per chunk of c rows,
+
+    ℓ [K, c] = η [K, P] @ T [c, P]ᵀ           (GEMM 1: the joint log-densities)
+    r [K, c] = softmax over K of ℓ             (log space; lse [c] = log p(x))
+    M [K, P] += r [K, c] @ T [c, P]            (GEMM 2: Σ r, Σ r (x - g), Σ r (x - g)(x - g)ᵀ)
+
+and the moments about each mean follow exactly from M (X_k = X_g - n d_k,
+S_k = S_g - X_g d_kᵀ - d_k X_gᵀ + n d_k d_kᵀ). T by family:
+
+=========  =================================================  ==================
+family     T(x) (y = x - g)                                   P columns (D = 32)
+=========  =================================================  ==================
+full/tied  the distinct entries of [y, 1][y, 1]ᵀ (folded)     561
+diagonal   [y², y, 1]                                          65
+scalar     [‖y‖², y, 1]                                        34
+=========  =================================================  ==================
+
+Folded layout (full/tied): the m = D + 1 lifted columns split into a head a (the first
+h = ⌈(m+1)/2⌉) and a tail b. An h x h block holds a aᵀ on and above its diagonal and b bᵀ below it
+(row i, column j < i: b_j b_(i-1)), then comes a bᵀ: every product exactly once, about m²/2
+columns instead of m², in a few broadcast multiplications (no gather).
+
+Design decisions:
+
+* **Two GEMMs, nothing of size c x D x K.** Whitening every row for every component (the
+  density's form) costs a [c, D+1] x [D+1, D·K] GEMM plus three element-wise passes over the
+  [c, D, K] block; here the log-densities cost a [K, P] x [P, c] GEMM (half the flops for the
+  full family, 1/16 for the diagonal one) and share T with the moments.
+* **float64 for T and both GEMMs.** Products of float32 values are exact in float64, and the
+  quadratic form and the shift from g to each mean then lose only ~1e-16·(‖x - g‖/σ)² (σ the
+  smallest standard deviation): float32 data keeps float64 accuracy in the E-step, also for
+  clusters far apart relative to their width, where a float32 sum about any common centre
+  would lose every digit. The centre g removes any common offset first.
+* **Chunks of a few MB, reused.** The [c, P] block and the [K, c] responsibilities stay in
+  cache and, on plain eager tensors, are allocated once per call (fresh multi-MB temporaries
+  are page-faulted in again on every chunk); under autograd, ``torch.func`` and
+  ``torch.compile`` every op is out of place, so gradients through ``em_step`` work.
+* **Equal to the density, not a copy of it.** ``tests/test_em_exact.py`` holds the
+  log-densities of this form against :func:`puregmm.log_prob` and scipy (float64, 1e-10).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from puregmm.families import LOG_2PI, upper_factor
+from puregmm.params import GMMParams
+
+#: Target bytes of a chunk's [c, P] float64 block T: large enough that per-op and per-thread
+#: wake-up costs are small next to the two GEMMs, small enough to stay in cache (8 MB: ~1900
+#: rows at D = 32, ~6900 at D = 16; measured best with two threads on this machine).
+CHUNK_BYTES = 1 << 23
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384
+MAX_COMPILED_CHUNKS = 8  # under torch.compile the chunk loop is unrolled: at most this many
+
+
+class Layout(NamedTuple):
+    """Static column layout of T for one family and dimension (module table)."""
+
+    ndim: int  # the family's scale_ndim: 2 full/tied, 1 diagonal, 0 scalar
+    d: int
+    h: int  # full/tied: side of the folded block; else 0
+    width: int  # P
+
+
+def layout(ndim: int, d: int) -> Layout:
+    if ndim == 2:
+        m = d + 1
+        h = (m + 2) // 2  # ⌈(m+1)/2⌉: the tail's m - h <= h - 1 rows fit below the diagonal
+        return Layout(2, d, h, h * h + h * (m - h))
+    return Layout(ndim, d, 0, 2 * d + 1 if ndim == 1 else d + 2)
+
+
+def fold_index(d: int, device: torch.device) -> Tensor:
+    """Full layout: [m, m] map from a pair (i, j) of lifted columns to its column of T.
+
+    Row i < h of the folded block holds a_i a_j for j >= i and b_j b_(i-1) for j < i (b_j the
+    lifted column h + j), so tail columns p <= q sit at row q - h + 1, column p - h.
+    """
+    m, h = d + 1, layout(2, d).h
+    ar = torch.arange(m, device=device)
+    p, q = torch.minimum(ar[:, None], ar[None, :]), torch.maximum(ar[:, None], ar[None, :])  # p <= q
+    head = p * h + q
+    tail = (q - h + 1) * h + (p - h)
+    cross = h * h + p * (m - h) + (q - h)
+    return torch.where(q < h, head, torch.where(p >= h, tail, cross))
+
+
+def chunk_rows(n: int, lay: Layout, chunk_size: int | None) -> int:
+    """Rows per chunk: ``chunk_size``, or the [c, P] block near :data:`CHUNK_BYTES`."""
+    if chunk_size is not None:
+        size = int(chunk_size)
+        if size < 1:
+            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        return size
+    rows = max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (8 * lay.width)))
+    if torch.compiler.is_compiling():  # the loop unrolls into the graph: cap the chunks
+        rows = max(rows, -(-n // MAX_COMPILED_CHUNKS))
+    return max(1, min(rows, n))
+
+
+# --- T per chunk ----------------------------------------------------------------------------------
+
+
+class Work:
+    """Per-call workspace of the plain chunk loop (eager, nothing recorded): the lifted rows, T,
+    ℓ / r, allocated once and reused by every chunk."""
+
+    def __init__(self, lay: Layout, rows: int, k: int, x: Tensor, dtype: torch.dtype) -> None:
+        opts: dict[str, Any] = {"dtype": dtype, "device": x.device}
+        d, h = lay.d, lay.h
+        self.xl = torch.zeros(rows, max(2 * h, d + 1), **opts)  # [x - g, 1, 0...]
+        self.xl[:, d] = 1.0
+        self.t = torch.empty(rows, lay.width, **opts)
+        if lay.ndim != 2:
+            self.t[:, -1] = 1.0  # the constant column
+        self.lj = torch.empty(k, rows, **opts)
+
+
+def products(lay: Layout, x: Tensor, centre: Tensor, dtype: torch.dtype, work: Work | None) -> Tensor:
+    """T [c, P] of rows ``x`` [c, D] about ``centre`` [D], in ``dtype`` (module docstring)."""
+    c, d, h = x.shape[0], lay.d, lay.h
+    if work is None:  # out of place (autograd, torch.func, compile)
+        y = (x - centre).to(dtype)  # [c, D]
+        ones = y.new_ones(c, 1)
+        if lay.ndim == 1:
+            return torch.cat([y * y, y, ones], 1)
+        if lay.ndim == 0:
+            return torch.cat([(y * y).sum(1, keepdim=True), y, ones], 1)
+        xl = F.pad(torch.cat([y, ones], 1), (0, max(2 * h, d + 1) - d - 1))  # [c, 2h]
+        a, lo, hi = xl[:, :h], xl[:, h - 1 : 2 * h - 1], xl[:, h : 2 * h]
+        upper = torch.ones(h, h, dtype=torch.bool, device=x.device).triu()
+        folded = torch.where(upper, a.unsqueeze(2) * a.unsqueeze(1), lo.unsqueeze(2) * hi.unsqueeze(1))
+        cross = a.unsqueeze(2) * xl[:, h : d + 1].unsqueeze(1)  # [c, h, m - h]
+        return torch.cat([folded.reshape(c, h * h), cross.reshape(c, -1)], 1)
+    t = work.t[:c]
+    if lay.ndim == 1:
+        y = torch.sub(x, centre, out=t[:, d : 2 * d])
+        torch.mul(y, y, out=t[:, :d])
+        return t
+    if lay.ndim == 0:
+        y = torch.sub(x, centre, out=t[:, 1 : d + 1])
+        torch.sum(y * y, 1, keepdim=True, out=t[:, :1])
+        return t
+    xl = work.xl[:c]
+    torch.sub(x, centre, out=xl[:, :d])
+    a, lo, hi = xl[:, :h], xl[:, h - 1 : 2 * h - 1], xl[:, h : 2 * h]
+    folded = t[:, : h * h].view(c, h, h)
+    torch.mul(a.unsqueeze(2), a.unsqueeze(1), out=folded)  # a aᵀ; its lower part is overwritten:
+    for i in range(1, h):  # b bᵀ below the diagonal, row by row (no masked pass over the block)
+        torch.mul(lo[:, i : i + 1], hi[:, :i], out=folded[:, i, :i])
+    torch.mul(a.unsqueeze(2), xl[:, h : d + 1].unsqueeze(1), out=t[:, h * h :].view(c, h, d + 1 - h))
+    return t
+
+
+# --- natural parameters ---------------------------------------------------------------------------
+
+
+def natural(params: GMMParams, centre: Tensor, dtype: torch.dtype) -> Tensor:
+    """η [K, P] in ``dtype``: ⟨η_k, T(x)⟩ = log w_k + log N(x | μ_k, Σ_k) for T about ``centre``.
+
+    Differentiable in the params (the constant family's variance and the centre are detached,
+    as in :func:`puregmm.density.whitening`).
+    """
+    spec, k, d = params.spec, params.n_components, params.dim
+    raw = spec.per_component_raw(params.scale, k).to(dtype)
+    if not spec.learned:
+        raw = raw.detach()
+    delta = params.means.to(dtype) - centre.detach().to(dtype)  # [K, D], d_k = μ_k - g
+    log_w = torch.log_softmax(params.logits.to(dtype), -1)  # [K]
+    if spec.scale_ndim == 2:
+        u = upper_factor(raw)  # [K, D, D], P = U Uᵀ
+        half_log_det = torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1)
+        t = (delta.unsqueeze(1) @ u).squeeze(1)  # [K, D], d U
+        p_delta = (u @ t.unsqueeze(-1)).squeeze(-1)  # [K, D], P d = U Uᵀ d
+        const = log_w + half_log_det - 0.5 * d * LOG_2PI - 0.5 * t.square().sum(-1)
+        prec = u @ u.mT  # [K, D, D]
+        m = d + 1
+        # the lifted quadratic form A_k [m, m] of [y, 1]: off-diagonal coefficients count twice
+        top = torch.cat([-0.5 * prec, 0.5 * p_delta.unsqueeze(-1)], -1)  # [K, D, m]
+        bottom = torch.cat([0.5 * p_delta, const.unsqueeze(-1)], -1).unsqueeze(1)  # [K, 1, m]
+        eye = torch.eye(m, dtype=dtype, device=raw.device)
+        upper = torch.ones(m, m, dtype=dtype, device=raw.device).triu()
+        coef = torch.cat([top, bottom], 1) * (upper * (2.0 - eye))  # upper triangle, off-diagonal x2
+        return coef.reshape(k, m * m)[:, _pair_of_column(d, raw.device)]  # [K, P]
+    var_log = -2.0 * raw  # [K, D] or [K]: log variances
+    s2 = torch.exp(-var_log)  # precisions
+    if spec.scale_ndim == 1:
+        const = log_w - 0.5 * var_log.sum(-1) - 0.5 * d * LOG_2PI - 0.5 * (s2 * delta.square()).sum(-1)
+        return torch.cat([-0.5 * s2, s2 * delta, const.unsqueeze(-1)], -1)  # [K, 2D+1]
+    const = log_w - 0.5 * d * var_log - 0.5 * d * LOG_2PI - 0.5 * s2 * delta.square().sum(-1)
+    return torch.cat([-0.5 * s2.unsqueeze(-1), s2.unsqueeze(-1) * delta, const.unsqueeze(-1)], -1)  # [K, D+2]
+
+
+def _pair_of_column(d: int, device: torch.device) -> Tensor:
+    """Full layout: for each column of T the flat index i·m + j (i <= j) of the pair it holds;
+    columns holding no pair (padding, odd D) point at (1, 0), whose coefficient is 0."""
+    m, lay = d + 1, layout(2, d)
+    index = fold_index(d, device)
+    flat = torch.arange(m * m, device=device).reshape(m, m)
+    upper = torch.ones(m, m, dtype=torch.bool, device=device).triu()
+    cols = torch.full((lay.width,), m, dtype=torch.int64, device=device)  # m = flat index of (1, 0)
+    return cols.scatter(0, index[upper], flat[upper])
+
+
+# --- responsibilities and the worst rows ---------------------------------------------------------
+
+
+def responsibilities(log_joint: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
+    """(r [K, c], log p [c]) from joint log-densities ℓ [K, c]: r = exp(ℓ - logsumexp_K ℓ).
+
+    Exponents are clamped at 3 log eps (-108 in float64): such terms are below eps³ of the
+    largest, and the clamp keeps responsibilities and their products with T out of the
+    subnormal range (10-100x slower arithmetic). A row with NaN stays NaN.
+    """
+    top = log_joint.detach().amax(0, keepdim=True)  # [1, c]; its gradient cancels exactly
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    floor = 3.0 * math.log(torch.finfo(log_joint.dtype).eps)
+    if inplace:
+        e = log_joint.sub_(top).clamp_(min=floor).exp_()
+    else:
+        e = torch.exp(torch.clamp(log_joint - top, min=floor))
+    total = e.sum(0, keepdim=True)  # [1, c]
+    lse = (torch.log(total) + top).squeeze(0)
+    return (e.div_(total) if inplace else e / total), lse
+
+
+class Worst:
+    """The K lowest scores of the rows seen so far (stable: ties keep the earlier row), from each
+    chunk's K lowest, merged once at the end (row indices only until then)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.vals: list[Tensor] = []
+        self.rows: list[Tensor] = []
+
+    def add(self, ranked: Tensor, start: int, eager: bool = False) -> None:
+        """Keep the K lowest of ``ranked`` [c] (rows ``start`` + i). ``eager`` (plain tensors
+        only): sort just the rows at or below the K-th lowest value instead of all c."""
+        m = min(self.k, ranked.shape[0])
+        order = None
+        if eager:
+            kth = torch.topk(ranked, m, largest=False, sorted=False).values.max()
+            cand = (ranked <= kth).nonzero().squeeze(1)  # the m lowest and their ties, in row order
+            if cand.numel() >= m:  # else NaN among the m lowest: the full sort below
+                order = cand.index_select(0, torch.sort(ranked.index_select(0, cand), stable=True).indices[:m])
+        if order is None:
+            order = torch.sort(ranked, stable=True).indices[:m]  # [m], lowest first
+        self.vals.append(torch.gather(ranked, 0, order))
+        self.rows.append(order + start)
+
+    def result(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        vals, rows = torch.cat(self.vals), torch.cat(self.rows)
+        order = torch.sort(vals, stable=True).indices[: self.k]
+        worst_ll, worst_x = torch.gather(vals, 0, order).to(x.dtype), x.index_select(0, rows.index_select(0, order))
+        m = worst_ll.shape[0]
+        if m < self.k:  # fewer rows than components: pad with "no point"
+            worst_ll = torch.cat([worst_ll, worst_ll.new_full((self.k - m,), float("inf"))])
+            worst_x = torch.cat([worst_x, worst_x.new_zeros((self.k - m, x.shape[1]))])
+        return worst_ll, worst_x
+
+
+def ranked(score: Tensor, w: Tensor | None) -> Tensor:
+    """Scores with zero-weight rows (padding) at +inf, so that they are never "worst"."""
+    return score if w is None else torch.where(w > 0, score, torch.full_like(score, float("inf")))
+
+
+# --- moments about the means ---------------------------------------------------------------------
+
+
+def about_centres(lay: Layout, raw: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(n_k, X_k, S_k) about c_k = g + ``shift`` [K, D] from M = Σ r T [K, P] about g; S_k is
+    [K, D, D], [K, D] or [K] by family."""
+    d = lay.d
+    if lay.ndim == 2:
+        full = raw[:, fold_index(d, raw.device).reshape(-1)].reshape(-1, d + 1, d + 1)  # [K, m, m]
+        s_g, x_g, n = full[:, :d, :d], full[:, :d, d], full[:, d, d]
+        outer = x_g.unsqueeze(2) * shift.unsqueeze(1)  # X_g dᵀ
+        s = s_g - outer - outer.mT + n[:, None, None] * shift.unsqueeze(2) * shift.unsqueeze(1)
+    elif lay.ndim == 1:
+        s_g, x_g, n = raw[:, :d], raw[:, d : 2 * d], raw[:, 2 * d]
+        s = s_g - 2 * shift * x_g + n.unsqueeze(1) * shift.square()
+    else:
+        s_g, x_g, n = raw[:, 0], raw[:, 1 : d + 1], raw[:, d + 1]
+        s = s_g - 2 * (shift * x_g).sum(1) + n * shift.square().sum(1)
+    return n, x_g - n.unsqueeze(1) * shift, s
+
+
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for T and the GEMMs of float32 and float64 data; other dtypes keep their own."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else dtype
+
+
+def plain(*tensors: Tensor | None) -> bool:
+    """Whether chunk code may reuse buffers and work in place: eager, no autograd graph to
+    record, no ``torch.func`` wrappers."""
+    if torch.compiler.is_compiling():
+        return False
+    ts = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not any(wrapped(t) for t in ts)
