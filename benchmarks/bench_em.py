@@ -12,8 +12,9 @@ family) on the same data and runs exactly one EM iteration (E-step + M-step):
   max_iter=1).fit`` from the same params; skipped with a note when not installed.
 
 Times are medians over interleaved rounds (one call of each contender per round, after one
-warm-up round), so load changes on a shared machine hit all contenders alike; CPU seconds of
-the process are printed next to them. ``bound`` is the time of 4·N·K·D² flops (the two
+warm-up round, each call after a pause that lets the other library's spinning worker threads go
+idle), so load changes on a shared machine hit all contenders alike; CPU seconds of the
+process are printed next to them. ``bound`` is the time of 4·N·K·D² flops (the two
 [N, D] x [D, K·D]-sized GEMMs of a full-covariance iteration) at the GEMM peak of this
 machine with two threads (100 GFLOP/s float64, 196 GFLOP/s float32; FACTS.md), and ``of
 bound`` is bound / puregmm time (puregmm's E-step runs two float64 GEMMs on the distinct
@@ -162,13 +163,21 @@ def gmmx_fn(params: pg.GMMParams, x: torch.Tensor) -> Callable[[], Any] | str:
     return lambda: jax.block_until_ready(fitter.fit(x=xj, gmm=gmm))
 
 
-def timed_rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Wall and process-CPU seconds per call, contenders interleaved, after one warm-up round."""
+def timed_rounds(
+    fns: dict[str, Callable[[], Any]], repeats: int, pause: float = 0.0
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call, contenders interleaved, after one warm-up round.
+
+    ``pause`` seconds of sleep before each call let the worker threads of the previous
+    contender's library (OpenMP for torch, OpenBLAS for numpy; both spin for a while after a
+    parallel region) go idle, so that they do not steal the cores of the next one.
+    """
     for fn in fns.values():
         fn()
     out: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(pause)
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             out[name]["wall"].append(time.perf_counter() - t0)
@@ -213,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
     ap.add_argument("--memory-config", default="1e6,32,32", help="N,D,K of the memory run (full, float64)")
     ap.add_argument("--omp-default", action="store_true", help="keep OpenMP's default wait policy (see above)")
+    ap.add_argument("--pause", type=float, default=0.5, help="seconds of sleep before each timed call")
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not isinstance(g, str):
                     fns["gmmx"] = g
                 gmmx_note = g if isinstance(g, str) else ""
-            t = timed_rounds(fns, args.repeats)
+            t = timed_rounds(fns, args.repeats, args.pause)
             med = {name: _common.median(v["wall"]) for name, v in t.items()}
             cpu = {name: _common.median(v["cpu"]) for name, v in t.items()}
             bound = 4 * n * k * d * d / PEAK_FLOPS[dtype]

@@ -60,10 +60,10 @@ from torch import Tensor
 from puregmm.families import LOG_2PI, upper_factor
 from puregmm.params import GMMParams
 
-#: Target bytes of a chunk's [c, P] float64 block T: large enough that per-op and per-thread
-#: wake-up costs are small next to the two GEMMs, small enough to stay in cache (8 MB: ~1900
-#: rows at D = 32, ~6900 at D = 16; measured best with two threads on this machine).
-CHUNK_BYTES = 1 << 23
+#: Target bytes of a chunk's float64 block T: large enough that per-op and thread wake-up costs
+#: are small next to the two GEMMs, small enough to stay in cache (6 MB: ~1400 rows at D = 32,
+#: ~5100 at D = 16; measured best on this machine with one and two threads).
+CHUNK_BYTES = 6 << 20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384
 MAX_COMPILED_CHUNKS = 8  # under torch.compile the chunk loop is unrolled: at most this many
 
@@ -100,6 +100,13 @@ def fold_index(d: int, device: torch.device) -> Tensor:
     return torch.where(q < h, head, torch.where(p >= h, tail, cross))
 
 
+def centre_of(params: GMMParams) -> Tensor:
+    """The expansion centre g [D]: the mixture's mean Σ w_k μ_k (detached), where the data are,
+    so that y = x - g stays small for the rows that matter (an empty component far away does
+    not pull it, as it would pull the plain mean of the means)."""
+    return torch.softmax(params.logits.detach(), -1) @ params.means.detach()
+
+
 def chunk_rows(n: int, lay: Layout, chunk_size: int | None) -> int:
     """Rows per chunk: ``chunk_size``, or the [c, P] block near :data:`CHUNK_BYTES`."""
     if chunk_size is not None:
@@ -117,54 +124,55 @@ def chunk_rows(n: int, lay: Layout, chunk_size: int | None) -> int:
 
 
 class Work:
-    """Per-call workspace of the plain chunk loop (eager, nothing recorded): the lifted rows, T,
-    ℓ / r, allocated once and reused by every chunk."""
+    """Per-call workspace of the plain chunk loop (eager, nothing recorded): the lifted rows and
+    T, both stored transposed (rows of the chunk along the last, contiguous axis, so that every
+    product is a long vectorised pass), and ℓ / r [K, c]; allocated once, reused by every chunk."""
 
     def __init__(self, lay: Layout, rows: int, k: int, x: Tensor, dtype: torch.dtype) -> None:
         opts: dict[str, Any] = {"dtype": dtype, "device": x.device}
         d, h = lay.d, lay.h
-        self.xl = torch.zeros(rows, max(2 * h, d + 1), **opts)  # [x - g, 1, 0...]
-        self.xl[:, d] = 1.0
-        self.t = torch.empty(rows, lay.width, **opts)
+        self.yt = torch.zeros(max(2 * h, d + 1), rows, **opts)  # [x - g, 1, 0...]ᵀ
+        self.yt[d] = 1.0
+        self.tt = torch.empty(lay.width, rows, **opts)  # Tᵀ
         if lay.ndim != 2:
-            self.t[:, -1] = 1.0  # the constant column
+            self.tt[-1] = 1.0  # the constant column
         self.lj = torch.empty(k, rows, **opts)
 
 
 def products(lay: Layout, x: Tensor, centre: Tensor, dtype: torch.dtype, work: Work | None) -> Tensor:
     """T [c, P] of rows ``x`` [c, D] about ``centre`` [D], in ``dtype`` (module docstring)."""
     c, d, h = x.shape[0], lay.d, lay.h
-    if work is None:  # out of place (autograd, torch.func, compile)
-        y = (x - centre).to(dtype)  # [c, D]
-        ones = y.new_ones(c, 1)
+    if work is None:  # out of place (autograd, torch.func, compile); the same layout, Tᵀ [P, c]
+        yt = (x - centre).to(dtype).mT  # [D, c]
+        ones = yt.new_ones(1, c)
         if lay.ndim == 1:
-            return torch.cat([y * y, y, ones], 1)
+            return torch.cat([yt * yt, yt, ones], 0).mT
         if lay.ndim == 0:
-            return torch.cat([(y * y).sum(1, keepdim=True), y, ones], 1)
-        xl = F.pad(torch.cat([y, ones], 1), (0, max(2 * h, d + 1) - d - 1))  # [c, 2h]
-        a, lo, hi = xl[:, :h], xl[:, h - 1 : 2 * h - 1], xl[:, h : 2 * h]
-        upper = torch.ones(h, h, dtype=torch.bool, device=x.device).triu()
-        folded = torch.where(upper, a.unsqueeze(2) * a.unsqueeze(1), lo.unsqueeze(2) * hi.unsqueeze(1))
-        cross = a.unsqueeze(2) * xl[:, h : d + 1].unsqueeze(1)  # [c, h, m - h]
-        return torch.cat([folded.reshape(c, h * h), cross.reshape(c, -1)], 1)
-    t = work.t[:c]
+            return torch.cat([(yt * yt).sum(0, keepdim=True), yt, ones], 0).mT
+        yl = F.pad(torch.cat([yt, ones], 0), (0, 0, 0, max(2 * h, d + 1) - d - 1))  # [2h, c]
+        a, lo, hi = yl[:h], yl[h - 1 : 2 * h - 1], yl[h : 2 * h]
+        upper = torch.ones(h, h, dtype=torch.bool, device=x.device).triu().unsqueeze(-1)
+        folded = torch.where(upper, a.unsqueeze(1) * a.unsqueeze(0), lo.unsqueeze(1) * hi.unsqueeze(0))  # [h, h, c]
+        cross = a.unsqueeze(1) * yl[h : d + 1].unsqueeze(0)  # [h, m - h, c]
+        return torch.cat([folded.reshape(h * h, c), cross.reshape(-1, c)], 0).mT
+    tt = work.tt[:, :c]  # Tᵀ [P, c]; returned as T = ttᵀ
+    xt = x.mT
     if lay.ndim == 1:
-        y = torch.sub(x, centre, out=t[:, d : 2 * d])
-        torch.mul(y, y, out=t[:, :d])
-        return t
+        yt = torch.sub(xt, centre.unsqueeze(1), out=tt[d : 2 * d])
+        torch.mul(yt, yt, out=tt[:d])
+        return tt.mT
     if lay.ndim == 0:
-        y = torch.sub(x, centre, out=t[:, 1 : d + 1])
-        torch.sum(y * y, 1, keepdim=True, out=t[:, :1])
-        return t
-    xl = work.xl[:c]
-    torch.sub(x, centre, out=xl[:, :d])
-    a, lo, hi = xl[:, :h], xl[:, h - 1 : 2 * h - 1], xl[:, h : 2 * h]
-    folded = t[:, : h * h].view(c, h, h)
-    torch.mul(a.unsqueeze(2), a.unsqueeze(1), out=folded)  # a aᵀ; its lower part is overwritten:
-    for i in range(1, h):  # b bᵀ below the diagonal, row by row (no masked pass over the block)
-        torch.mul(lo[:, i : i + 1], hi[:, :i], out=folded[:, i, :i])
-    torch.mul(a.unsqueeze(2), xl[:, h : d + 1].unsqueeze(1), out=t[:, h * h :].view(c, h, d + 1 - h))
-    return t
+        yt = torch.sub(xt, centre.unsqueeze(1), out=tt[1 : d + 1])
+        torch.sum(yt * yt, 0, keepdim=True, out=tt[:1])
+        return tt.mT
+    yt = work.yt[:, :c]  # [2h, c]
+    torch.sub(xt, centre.unsqueeze(1), out=yt[:d])
+    a = yt[:h]
+    torch.mul(a.unsqueeze(1), a.unsqueeze(0), out=tt[: h * h].view(h, h, c))  # a aᵀ; lower part overwritten:
+    for i in range(1, h):  # b bᵀ below the diagonal: row i holds b_j b_(i-1), j < i
+        torch.mul(yt[h - 1 + i].unsqueeze(0), yt[h : h + i], out=tt[i * h : i * h + i])
+    torch.mul(a.unsqueeze(1), yt[h : d + 1].unsqueeze(0), out=tt[h * h :].view(h, d + 1 - h, c))
+    return tt.mT
 
 
 # --- natural parameters ---------------------------------------------------------------------------
@@ -220,23 +228,19 @@ def _pair_of_column(d: int, device: torch.device) -> Tensor:
 # --- responsibilities and the worst rows ---------------------------------------------------------
 
 
-def responsibilities(log_joint: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
+def responsibilities(log_joint: Tensor, inplace: bool, lse_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(r [K, c], log p [c]) from joint log-densities ℓ [K, c]: r = exp(ℓ - logsumexp_K ℓ).
 
-    Exponents are clamped at 3 log eps (-108 in float64): such terms are below eps³ of the
-    largest, and the clamp keeps responsibilities and their products with T out of the
-    subnormal range (10-100x slower arithmetic). A row with NaN stays NaN.
+    Exponents are clamped at 3 log eps (-108 in float64): such responsibilities are below eps³
+    and the clamp keeps them, and their products with T, out of the subnormal range (10-100x
+    slower arithmetic). A row with NaN stays NaN. ``inplace`` overwrites ℓ with r; ``lse_out``
+    receives log p.
     """
-    top = log_joint.detach().amax(0, keepdim=True)  # [1, c]; its gradient cancels exactly
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     floor = 3.0 * math.log(torch.finfo(log_joint.dtype).eps)
+    lse = torch.logsumexp(log_joint, 0, out=lse_out) if lse_out is not None else torch.logsumexp(log_joint, 0)
     if inplace:
-        e = log_joint.sub_(top).clamp_(min=floor).exp_()
-    else:
-        e = torch.exp(torch.clamp(log_joint - top, min=floor))
-    total = e.sum(0, keepdim=True)  # [1, c]
-    lse = (torch.log(total) + top).squeeze(0)
-    return (e.div_(total) if inplace else e / total), lse
+        return log_joint.sub_(lse).clamp_(min=floor).exp_(), lse
+    return torch.exp(torch.clamp(log_joint - lse, min=floor)), lse
 
 
 class Worst:

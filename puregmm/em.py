@@ -143,7 +143,7 @@ def sufficient_stats(
     k, (n, d) = params.n_components, x.shape
     lay = mo.layout(params.spec.scale_ndim, d)
     mdtype = mo.moment_dtype(x.dtype)
-    centre = params.means.detach().mean(0)  # [D], g
+    centre = mo.centre_of(params)  # [D], g
     eta = mo.natural(params, centre, mdtype)  # [K, P]
     rows = mo.chunk_rows(n, lay, chunk_size)
     work = (
@@ -159,12 +159,12 @@ def sufficient_stats(
         ws = None if sample_weight is None else sample_weight[start:stop]
         t = mo.products(lay, x[start:stop], centre, mdtype, work)  # [c, P]
         if work is not None:  # in place, in the workspace
-            resp, lse = mo.responsibilities(torch.mm(eta, t.mT, out=work.lj[:, : stop - start]), inplace=True)
+            assert lse_all is not None
+            lj = torch.mm(eta, t.mT, out=work.lj[:, : stop - start])  # [K, c]
+            resp, lse = mo.responsibilities(lj, inplace=True, lse_out=lse_all[start:stop])
             if ws is not None:
                 resp.mul_(ws)
             raw.addmm_(resp, t)
-            assert lse_all is not None
-            lse = lse_all[start:stop].copy_(lse)
         else:
             resp, lse = mo.responsibilities(eta @ t.mT, inplace=False)  # [K, c], [c]
             raw = raw + (resp if ws is None else resp * ws) @ t
