@@ -68,8 +68,9 @@ def _kmeans_plusplus(x: Tensor, xt: Tensor, w: Tensor, key: Tensor, k: int, tria
     d2 = _sq_dist(xt, centres[0], x2)[0].to(torch.float64)  # [N]
     for i in range(1, k):  # static: K is a shape
         cand = x.index_select(0, draw(w * d2, i, trials))  # [L, D]
-        new_d2 = torch.minimum(d2, _sq_dist(xt, cand, x2).to(torch.float64))  # [L, N]
-        best = (new_d2 * w).sum(-1).argmin().reshape(1)  # the candidate lowering Σ ω d² most
+        sq = _sq_dist(xt, cand, x2).to(torch.float64)  # [L, N]
+        new_d2 = sq.clamp_max_(d2)  # min(d2, sq) in place: no fresh [L, N] block per centre
+        best = (new_d2 @ w).argmin().reshape(1)  # the candidate lowering Σ ω d² most
         centres.append(cand.index_select(0, best))
         d2 = new_d2.index_select(0, best)[0]
     return torch.cat(centres)  # [K, D]
