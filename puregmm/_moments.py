@@ -66,6 +66,7 @@ from puregmm.params import GMMParams
 CHUNK_BYTES = 6 << 20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384
 MAX_COMPILED_CHUNKS = 8  # under torch.compile the chunk loop is unrolled: at most this many
+ARGMIN_MAX_K = 8  # up to this many components, the K lowest rows by K argmin passes, not a sort
 
 
 class Layout(NamedTuple):
@@ -150,11 +151,13 @@ def products(lay: Layout, x: Tensor, centre: Tensor, dtype: torch.dtype, work: W
         if lay.ndim == 0:
             return torch.cat([(yt * yt).sum(0, keepdim=True), yt, ones], 0).mT
         yl = F.pad(torch.cat([yt, ones], 0), (0, 0, 0, max(2 * h, d + 1) - d - 1))  # [2h, c]
-        a, lo, hi = yl[:h], yl[h - 1 : 2 * h - 1], yl[h : 2 * h]
-        upper = torch.ones(h, h, dtype=torch.bool, device=x.device).triu().unsqueeze(-1)
-        folded = torch.where(upper, a.unsqueeze(1) * a.unsqueeze(0), lo.unsqueeze(1) * hi.unsqueeze(0))  # [h, h, c]
-        cross = a.unsqueeze(1) * yl[h : d + 1].unsqueeze(0)  # [h, m - h, c]
-        return torch.cat([folded.reshape(h * h, c), cross.reshape(-1, c)], 0).mT
+        parts = []  # row i of the folded block: b_j b_(i-1) for j < i, then a_i a_j for j >= i
+        for i in range(h):
+            if i:
+                parts.append(yl[h - 1 + i].unsqueeze(0) * yl[h : h + i])
+            parts.append(yl[i].unsqueeze(0) * yl[i:h])
+        parts.append((yl[:h].unsqueeze(1) * yl[h : d + 1].unsqueeze(0)).reshape(-1, c))  # a bᵀ
+        return torch.cat(parts, 0).mT
     tt = work.tt[:, :c]  # Tᵀ [P, c]; returned as T = ttᵀ
     xt = x.mT
     if lay.ndim == 1:
@@ -214,6 +217,27 @@ def natural(params: GMMParams, centre: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.cat([-0.5 * s2.unsqueeze(-1), s2.unsqueeze(-1) * delta, const.unsqueeze(-1)], -1)  # [K, D+2]
 
 
+def tied_natural(params: GMMParams, centre: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Tied family: (U [D, D], η_lin [K, D+1]) with ℓ_nk = ⟨η_lin_k, [y, 1]⟩ - ½‖yᵀU‖², y = x - g.
+
+    The quadratic part -½ yᵀPy is common to all components: it shifts every ℓ_nk of a row alike,
+    so responsibilities need only the [K, D+1] GEMM, and log p(x) adds the quadratic part once
+    (one [c, D] x [D, D] GEMM per chunk instead of the [K, P] one).
+    """
+    spec, k, d = params.spec, params.n_components, params.dim
+    raw = spec.per_component_raw(params.scale, k).to(dtype)[0]  # [D, D], the one factor
+    u = upper_factor(raw)
+    delta = params.means.to(dtype) - centre.detach().to(dtype)  # [K, D]
+    t = delta @ u  # [K, D], d U
+    const = (
+        torch.log_softmax(params.logits.to(dtype), -1)
+        + torch.diagonal(raw).sum()
+        - 0.5 * d * LOG_2PI
+        - 0.5 * t.square().sum(-1)
+    )
+    return u, torch.cat([t @ u.mT, const.unsqueeze(-1)], -1)  # P d = U Uᵀ d
+
+
 def _pair_of_column(d: int, device: torch.device) -> Tensor:
     """Full layout: for each column of T the flat index i·m + j (i <= j) of the pair it holds;
     columns holding no pair (padding, odd D) point at (1, 0), whose coefficient is 0."""
@@ -229,7 +253,9 @@ def _pair_of_column(d: int, device: torch.device) -> Tensor:
 
 
 def responsibilities(log_joint: Tensor, inplace: bool, lse_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(r [K, c], log p [c]) from joint log-densities ℓ [K, c]: r = exp(ℓ - logsumexp_K ℓ).
+    """(r [K, c], log p [c]) from joint log-densities ℓ [K, c]: with m = max_K ℓ,
+    e = exp(ℓ - m), r = e / Σ_K e and log p = m + log Σ_K e (one exponential per entry, not the
+    two of ``logsumexp`` followed by ``exp(ℓ - logsumexp)``).
 
     Exponents are clamped at 3 log eps (-108 in float64): such responsibilities are below eps³
     and the clamp keeps them, and their products with T, out of the subnormal range (10-100x
@@ -237,10 +263,15 @@ def responsibilities(log_joint: Tensor, inplace: bool, lse_out: Tensor | None = 
     receives log p.
     """
     floor = 3.0 * math.log(torch.finfo(log_joint.dtype).eps)
-    lse = torch.logsumexp(log_joint, 0, out=lse_out) if lse_out is not None else torch.logsumexp(log_joint, 0)
+    top = log_joint.detach().amax(0)  # [c]; detached: log p's gradient is r either way
     if inplace:
-        return log_joint.sub_(lse).clamp_(min=floor).exp_(), lse
-    return torch.exp(torch.clamp(log_joint - lse, min=floor)), lse
+        e = log_joint.sub_(top).clamp_(min=floor).exp_()
+        total = e.sum(0)
+        lse = torch.log(total, out=lse_out) if lse_out is not None else torch.log(total)
+        return e.div_(total), lse.add_(top)
+    e = torch.exp(torch.clamp(log_joint - top, min=floor))
+    total = e.sum(0)
+    return e / total, torch.log(total) + top
 
 
 class Worst:
@@ -262,6 +293,14 @@ class Worst:
             cand = (ranked <= kth).nonzero().squeeze(1)  # the m lowest and their ties, in row order
             if cand.numel() >= m:  # else NaN among the m lowest: the full sort below
                 order = cand.index_select(0, torch.sort(ranked.index_select(0, cand), stable=True).indices[:m])
+        if order is None and m <= ARGMIN_MAX_K:  # m passes of argmin (first occurrence: stable)
+            left = torch.nan_to_num(ranked, nan=math.inf)
+            picks = []
+            for _ in range(m):
+                pick = torch.argmin(left, 0, keepdim=True)
+                picks.append(pick)
+                left = left.scatter(0, pick, math.inf)
+            order = torch.cat(picks)
         if order is None:
             order = torch.sort(ranked, stable=True).indices[:m]  # [m], lowest first
         self.vals.append(torch.gather(ranked, 0, order))

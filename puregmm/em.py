@@ -63,8 +63,10 @@ class Stats(NamedTuple):
     ========================  ==================  =================================  ========
 
     ``xx_sum`` is [K, D, D] for full/tied, its diagonal [K, D] for diagonal, its trace [K] for
-    isotropic/shared/constant. Rows with zero weight never enter ``worst_*`` (padding: +inf
-    log-likelihood, zero point). The worst points re-seed empty components in :func:`m_step`.
+    isotropic/shared/constant. For tied only Σ_k ``xx_sum[k]`` is defined (what its M-step
+    uses; the per-component split is an equal share, see :func:`_tied_stats`). Rows with zero
+    weight never enter ``worst_*`` (padding: +inf log-likelihood, zero point). The worst points
+    re-seed empty components in :func:`m_step`.
     """
 
     resp_sum: Tensor
@@ -140,6 +142,8 @@ def sufficient_stats(
         raise ValueError(f"x must be [N, D] with D={params.dim}; got shape {tuple(x.shape)}")
     if sample_weight is not None and sample_weight.shape != x.shape[:1]:
         raise ValueError(f"sample_weight must be [N]=({x.shape[0]},); got shape {tuple(sample_weight.shape)}")
+    if params.spec.scale_ndim == 2 and not params.spec.per_component:
+        return _tied_stats(params, x, sample_weight, chunk_size)
     k, (n, d) = params.n_components, x.shape
     lay = mo.layout(params.spec.scale_ndim, d)
     mdtype = mo.moment_dtype(x.dtype)
@@ -183,6 +187,62 @@ def sufficient_stats(
     return Stats(resp_sum.to(dt), x_sum.to(dt), xx_sum.to(dt), log_lik_sum.to(dt), weight_sum, worst_ll, worst_x)
 
 
+def _tied_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None) -> Stats:
+    """:func:`sufficient_stats` of the tied family: no per-component second moments.
+
+    The tied M-step needs only Σ_k S_k = Σ_n ω (y - ...)(y - ...)ᵀ summed over components, and
+    Σ_k r_nk = 1, so per chunk: the linear log-densities [K, c] (a [K, D+1] GEMM, the common
+    quadratic part added to log p only, :func:`puregmm._moments.tied_natural`), the moments
+    r [y, 1] [K, D+1] and the pooled scatter yᵀ ω y [D, D]: O(c·(K + D)·D) instead of the full
+    family's O(c·K·D²). ``xx_sum[k]`` holds S_g / K (an equal share of the pooled scatter about
+    the centre g) shifted to c_k, so that Σ_k xx_sum[k] = Σ_k S_k exactly and every consumer
+    that sums, combines or re-centres statistics per component stays exact for the sum.
+    """
+    k, (n, d) = params.n_components, x.shape
+    mdtype = mo.moment_dtype(x.dtype)
+    centre = mo.centre_of(params)  # [D], g
+    u, eta = mo.tied_natural(params, centre, mdtype)  # [D, D], [K, D+1]
+    rows = mo.chunk_rows(n, mo.layout(1, d), chunk_size)
+    inplace = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
+    lin = torch.zeros(k, d + 1, dtype=mdtype, device=x.device)  # Σ ω r [y, 1]
+    scatter = torch.zeros(d, d, dtype=mdtype, device=x.device)  # Σ ω y yᵀ
+    lses: list[Tensor] = []
+    worst = mo.Worst(k)
+    for start, stop in _chunks(n, rows):
+        ws = None if sample_weight is None else sample_weight[start:stop].to(mdtype)
+        y = (x[start:stop] - centre).to(mdtype)  # [c, D]
+        lift = torch.cat([y, y.new_ones(stop - start, 1)], 1)  # [c, D+1]
+        resp, lse = mo.responsibilities(eta @ lift.mT, inplace=inplace)  # [K, c], [c]
+        lse = lse - 0.5 * (y @ u).square().sum(1)
+        wy = y if ws is None else y * ws.unsqueeze(1)
+        lin = lin + (resp if ws is None else resp * ws) @ lift
+        scatter = scatter + wy.mT @ y
+        lses.append(lse)
+        worst.add(mo.ranked(lse, None if ws is None else sample_weight[start:stop]), start, eager=inplace)
+    lse_n = torch.cat(lses) if len(lses) != 1 else lses[0]
+    if sample_weight is None:
+        log_lik_sum = lse_n.sum()
+        weight_sum = torch.full((), float(n), dtype=x.dtype, device=x.device)
+    else:
+        log_lik_sum = (lse_n * sample_weight.to(mdtype)).sum()
+        weight_sum = sample_weight.sum()
+    resp_sum, x_sum, xx_sum = _pooled_about_centres(lin, scatter, params.means.detach() - centre)
+    worst_ll, worst_x = worst.result(x)
+    dt = params.dtype
+    return Stats(resp_sum.to(dt), x_sum.to(dt), xx_sum.to(dt), log_lik_sum.to(dt), weight_sum, worst_ll, worst_x)
+
+
+def _pooled_about_centres(lin: Tensor, scatter: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(n_k, X_k, S_k) about c_k = g + ``shift`` [K, D] from Σ ω r [y, 1] [K, D+1] and the pooled
+    Σ ω y yᵀ [D, D] about g; S_k takes the equal share S_g / K (see :func:`_tied_stats`)."""
+    k, d = lin.shape[0], lin.shape[1] - 1
+    shift = shift.to(lin.dtype)
+    x_g, n = lin[:, :d], lin[:, d]
+    outer = x_g.unsqueeze(2) * shift.unsqueeze(1)  # X_g dᵀ
+    s = scatter / k - outer - outer.mT + n[:, None, None] * shift.unsqueeze(2) * shift.unsqueeze(1)
+    return n, x_g - n.unsqueeze(1) * shift, s
+
+
 def responsibility_stats(
     x: Tensor,
     resp: Tensor,
@@ -208,24 +268,36 @@ def responsibility_stats(
     if score is None:
         score = -torch.cdist(x, centres, compute_mode="donot_use_mm_for_euclid_dist").square().amin(-1)
     centre = centres.detach().mean(0)  # [D]
-    rows = mo.chunk_rows(n, lay, chunk_size)
-    work = mo.Work(lay, rows, k, x, mdtype) if mo.plain(x, resp, centres, sample_weight, score) else None
-    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)
+    tied = spec.scale_ndim == 2 and not spec.per_component  # the pooled scatter (see _tied_stats)
+    rows = mo.chunk_rows(n, mo.layout(1, d) if tied else lay, chunk_size)
+    plain = mo.plain(x, resp, centres, sample_weight, score)
+    work = mo.Work(lay, rows, k, x, mdtype) if plain and not tied else None
+    raw = torch.zeros(k, d + 1 if tied else lay.width, dtype=mdtype, device=x.device)
+    scatter = torch.zeros(d, d, dtype=mdtype, device=x.device)
     worst = mo.Worst(k)
     for start, stop in _chunks(n, rows):
         ws = None if sample_weight is None else sample_weight[start:stop]
         r = resp[start:stop].to(mdtype)  # [c, K]
         r = r if ws is None else r * ws.unsqueeze(1)
-        t = mo.products(lay, x[start:stop], centre, mdtype, work)
+        if tied:  # rows of r sum to one: Σ_k Σ_n r (y yᵀ) = Σ_n ω y yᵀ
+            y = (x[start:stop] - centre).to(mdtype)
+            t = torch.cat([y, y.new_ones(stop - start, 1)], 1)  # [c, D+1]
+            scatter = scatter + (y if ws is None else y * ws.unsqueeze(1).to(mdtype)).mT @ y
+        else:
+            t = mo.products(lay, x[start:stop], centre, mdtype, work)
         raw = raw.addmm_(r.mT, t) if work is not None else raw + r.mT @ t
-        worst.add(mo.ranked(score[start:stop], ws), start, eager=work is not None)
+        worst.add(mo.ranked(score[start:stop], ws), start, eager=plain)
     if sample_weight is None:
         log_lik_sum = score.sum()
         weight_sum = torch.full((), float(n), dtype=x.dtype, device=x.device)
     else:
         log_lik_sum = (score * sample_weight).sum()
         weight_sum = sample_weight.sum()
-    resp_sum, x_sum, xx_sum = mo.about_centres(lay, raw, (centres.detach() - centre).to(mdtype))
+    shift = (centres.detach() - centre).to(mdtype)
+    if tied:
+        resp_sum, x_sum, xx_sum = _pooled_about_centres(raw, scatter, shift)
+    else:
+        resp_sum, x_sum, xx_sum = mo.about_centres(lay, raw, shift)
     worst_ll, worst_x = worst.result(x)
     dt = x.dtype
     return Stats(resp_sum.to(dt), x_sum.to(dt), xx_sum.to(dt), log_lik_sum, weight_sum, worst_ll, worst_x)

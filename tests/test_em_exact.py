@@ -55,7 +55,9 @@ def naive_stats(params: pg.GMMParams, x: torch.Tensor, w: torch.Tensor | None = 
         out["xx_sum"].append(s)
     xx = np.stack(out["xx_sum"])
     spec = params.spec
-    if spec.scale_ndim == 1:
+    if spec.scale_ndim == 2 and not spec.per_component:  # tied: only the sum over components is defined
+        xx = xx.sum(0)
+    elif spec.scale_ndim == 1:
         xx = np.diagonal(xx, axis1=1, axis2=2)
     elif spec.scale_ndim == 0:
         xx = np.trace(xx, axis1=1, axis2=2)
@@ -72,6 +74,8 @@ def naive_stats(params: pg.GMMParams, x: torch.Tensor, w: torch.Tensor | None = 
 def assert_stats_match(stats: em.Stats, ref: dict[str, np.ndarray], rtol: float = RTOL) -> None:
     for name in ("resp_sum", "x_sum", "xx_sum", "log_lik_sum", "weight_sum"):
         got, want = to_np(getattr(stats, name)), ref[name]
+        if name == "xx_sum" and got.ndim == want.ndim + 1:  # tied: Σ_k S_k (see em._tied_stats)
+            got = got.sum(0)
         scale = max(np.abs(want).max(), 1e-300)
         err = np.abs(got - want).max() / scale
         assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
@@ -141,9 +145,12 @@ def test_m_step_equals_closed_form_of_naive_stats(family: str) -> None:
     np.testing.assert_allclose(to_np(pg.weights(new)), nk / nk.sum(), rtol=RTOL)
     d = x.shape[1]
     if family in ("full", "tied"):
-        cov = ref["xx_sum"] / nk[:, None, None] - shift[:, :, None] * shift[:, None, :]
-        if family == "tied":
-            cov = np.broadcast_to((nk[:, None, None] * cov).sum(0) / nk.sum(), cov.shape)
+        outer = shift[:, :, None] * shift[:, None, :]
+        if family == "tied":  # Σ_k n'_k Σ_k / Σ n' with n'_k Σ_k = S_k - n'_k d_k d_kᵀ
+            pooled = (ref["xx_sum"] - (nk[:, None, None] * outer).sum(0)) / nk.sum()
+            cov = np.broadcast_to(pooled, outer.shape)
+        else:
+            cov = ref["xx_sum"] / nk[:, None, None] - outer
         cov = cov + reg * np.eye(d)
     elif family == "diagonal":
         cov = np.stack([np.diag(v) for v in ref["xx_sum"] / nk[:, None] - shift**2 + reg])
@@ -225,9 +232,11 @@ def _offset_data(far: float) -> torch.Tensor:
     return x
 
 
-def _second_moments(stats: em.Stats) -> torch.Tensor:
+def _second_moments(stats: em.Stats, family: str) -> torch.Tensor:
     """S_k / n_k in float64, whatever the family's shape of ``xx_sum``."""
     n, xx = stats.resp_sum.double(), stats.xx_sum.double()
+    if xx.dim() == 3 and family == "tied":  # only Σ_k S_k is defined (see em._tied_stats)
+        return xx.sum(0) / n.sum()
     return xx / n.reshape(n.shape + (1,) * (xx.dim() - 1))
 
 
@@ -241,8 +250,8 @@ def test_float32_stats_match_float64(family: str, far: float) -> None:
     p32 = pg.init(x32, 2, family, key=1)
     s32 = em.sufficient_stats(p32, x32)
     s64 = em.sufficient_stats(p32.to(torch.float64), x32.double())
-    ref = _second_moments(s64)
-    err = float((_second_moments(s32) - ref).abs().max() / ref.abs().max())
+    ref = _second_moments(s64, family)
+    err = float((_second_moments(s32, family) - ref).abs().max() / ref.abs().max())
     assert err < 1e-6, err
     torch.testing.assert_close(s32.resp_sum.double(), s64.resp_sum, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(
