@@ -209,7 +209,8 @@ def _tied_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chun
     lses: list[Tensor] = []
     worst = mo.Worst(k)
     for start, stop in _chunks(n, rows):
-        ws = None if sample_weight is None else sample_weight[start:stop].to(mdtype)
+        w_rows = None if sample_weight is None else sample_weight[start:stop]
+        ws = None if w_rows is None else w_rows.to(mdtype)
         y = (x[start:stop] - centre).to(mdtype)  # [c, D]
         lift = torch.cat([y, y.new_ones(stop - start, 1)], 1)  # [c, D+1]
         resp, lse = mo.responsibilities(eta @ lift.mT, inplace=inplace)  # [K, c], [c]
@@ -218,7 +219,7 @@ def _tied_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chun
         lin = lin + (resp if ws is None else resp * ws) @ lift
         scatter = scatter + wy.mT @ y
         lses.append(lse)
-        worst.add(mo.ranked(lse, None if ws is None else sample_weight[start:stop]), start, eager=inplace)
+        worst.add(mo.ranked(lse, w_rows), start, eager=inplace)
     lse_n = torch.cat(lses) if len(lses) != 1 else lses[0]
     if sample_weight is None:
         log_lik_sum = lse_n.sum()
