@@ -7,6 +7,7 @@ static shapes and so work under ``vmap`` and ``torch.compile(fullgraph=True)``. 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,6 +57,14 @@ def finite(t: Tensor, name: str) -> None:
         rows = torch.nonzero(bad.reshape(t.shape[0], -1).any(-1)).flatten()[:5].tolist() if t.dim() else []
         where = f" (first bad rows: {rows})" if rows else ""
         raise ValueError(f"{name} contains NaN or Inf{where}; drop or impute those values first")
+
+
+def logits(t: Tensor, name: str = "params.logits") -> None:
+    """Finite logits, except -inf for masked components; at least one live per mixture."""
+    if bool((torch.isnan(t) | (t == math.inf)).any()):
+        raise ValueError(f"{name} contains NaN or +Inf (only -inf is allowed: it masks a component out)")
+    if bool((t == -math.inf).all(-1).any()):
+        raise ValueError(f"{name}: every component is masked (-inf); at least one must be live")
 
 
 def n_components(k: Any, n: int) -> int:

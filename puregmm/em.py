@@ -33,6 +33,7 @@ indexing, so ``torch.func.vmap`` (over stacked params and data) and ``torch.comp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -318,6 +319,10 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
 
     Both are counted. Never divides by zero. The constant family's ``scale`` is not updated.
 
+    A component whose logit is -inf is *masked*: weight 0, never re-seeded, its mean and scale
+    kept as they are. Padding a K-component fit to K_max components this way gives the
+    K-component fit (how :func:`puregmm.fit_batched` sweeps K in one batch).
+
     Args:
         stats: from :func:`sufficient_stats` with the same (unbatched) ``params``.
         params: the params of the E-step.
@@ -330,13 +335,15 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
     spec, k, d = params.spec, params.n_components, params.dim
     finfo = torch.finfo(params.dtype)
     eps, floor = finfo.eps, finfo.tiny**0.5
-    empty = stats.resp_sum <= eps * stats.weight_sum  # [K]
-    good = ~empty
+    active = params.logits.detach() != -math.inf  # [K]; masked components stay as they are
+    empty = (stats.resp_sum <= eps * stats.weight_sum) & active  # [K]
+    good = ~empty & active
     nk = stats.resp_sum + 10 * eps  # [K], scikit-learn's guard
     shift = stats.x_sum / nk.unsqueeze(-1)  # [K, D], new mean - centre
     means = params.means.detach() + shift
     rank = (torch.cumsum(empty.to(torch.int64), 0) - 1).clamp_min(0)  # j-th empty -> j-th worst
     means = torch.where(empty.unsqueeze(-1), stats.worst_x.index_select(0, rank), means)
+    means = torch.where(active.unsqueeze(-1), means, params.means)
 
     goodf = good.to(nk.dtype)
     n_good = goodf.sum().clamp_min(1.0)
@@ -353,8 +360,13 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
             cov = torch.where(empty[:, None, None], pooled.expand_as(cov), cov)
         else:  # tied: Σ_k n'_k Σ_k / Σ n'
             cov = (nk[:, None, None] * cov).sum(0) / nk.sum()
-        cov = 0.5 * (cov + cov.mT) + reg_covar * torch.eye(d, dtype=cov.dtype, device=cov.device)
+        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+        cov = 0.5 * (cov + cov.mT) + reg_covar * eye
+        if spec.per_component:  # masked: a placeholder that factorises, then the old scale back
+            cov = torch.where(active[:, None, None], cov, eye)
         scale, n_fixed = _raw_from_cov(cov, eps, floor)
+        if spec.per_component:
+            scale = torch.where(active[:, None, None], scale, params.scale)
     else:
         if spec.scale_ndim == 1:
             var = (stats.xx_sum / nk.unsqueeze(-1) - shift.square()).clamp_min(0.0)  # [K, D]
@@ -367,10 +379,15 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
                 var = (nk * var).sum() / nk.sum()
         var = var + reg_covar
         small = var < floor
+        if spec.per_component:
+            small = small & active.reshape((k,) + (1,) * (small.dim() - 1))
         n_fixed = small.reshape(k if spec.per_component else 1, -1).any(-1).sum()
         scale = -0.5 * torch.log(torch.where(small, torch.full_like(var, floor), var))
+        if spec.per_component:
+            scale = torch.where(active.reshape((k,) + (1,) * (scale.dim() - 1)), scale, params.scale)
 
     nk = torch.where(empty, (nk_good.sum() / n_good).expand_as(nk), nk)
+    nk = torch.where(active, nk, torch.zeros_like(nk))  # log 0 = -inf: masked stays masked
     logits = torch.log(nk) - torch.log(nk.sum())
     new = GMMParams(logits, means, scale, params.family)
     if return_info:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -27,7 +27,7 @@ from puregmm.density import loss as nll
 from puregmm.em import em_step
 from puregmm.families import get_family
 from puregmm.init import init, init_batched
-from puregmm.params import GMMParams
+from puregmm.params import GMMParams, pad_components
 from puregmm.train import TrainState, init_state, step
 
 METHODS = ("gd", "em", "online_em")  # online_em: streams only (puregmm.stream)
@@ -255,7 +255,7 @@ def fit(
 
 def fit_batched(
     xs: Any,
-    n_components: int,
+    n_components: int | Sequence[int] | Tensor,
     family: str = "full",
     *,
     method: str = "em",
@@ -281,7 +281,11 @@ def fit_batched(
     (full-batch; mini-batches also draw padded rows).
 
     Args:
-        xs: [B, N, D] data.
+        xs: [B, N, D] data (``x.expand(B, -1, -1)`` fits one dataset B times without a copy).
+        n_components: K for every dataset, or one K per dataset ([B] ints): a sweep over K in
+            one batch. Dataset b then gets K_max = max K components of which the last
+            K_max - K_b are masked (logit -inf: weight 0, never updated or re-seeded), and its
+            result equals the K_b-component fit.
         mask: [B, N] bool, True for real rows (ragged datasets); padded rows are ignored (they
             may hold anything, NaN included). ``None``: every row is real.
         key: one key for every dataset; ``keys`` [B] gives each its own.
@@ -311,7 +315,7 @@ def fit_batched(
     x = torch.where(m.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
     _validate.finite(x.reshape(b * n, d), "xs (real rows)")
     counts = m.sum(-1)
-    k = _validate.n_components(n_components, int(counts.min()))
+    ks = _components_per_dataset(n_components, counts)
     w = None if mask is None else m.to(x.dtype)
     cfg = _settings(method, max_steps, tol, batch_size, optimizer, reg_covar, x[0], None)
     if keys is None:
@@ -325,10 +329,11 @@ def fit_batched(
     if init_params is not None:
         if not isinstance(init_params, GMMParams) or init_params.batch_shape != (b,):
             raise ValueError(f"init_params must be GMMParams with batch shape ({b},); got {init_params!r}")
+        _validate.logits(init_params.logits, "init_params.logits")
         starts = init_params
     else:
         real = None if mask is None else m  # vmapped init kernels: dataset i gets init(x[i][m[i]], key=run_keys[i])
-        starts = init_batched(x, k, spec.name, keys=run_keys, method=init_method, mask=real, reg_covar=cfg.reg_covar)
+        starts = _init_per_k(x, ks, spec.name, run_keys, init_method, real, cfg.reg_covar)
     out = _run(x, w, starts, run_keys, cfg, True, progress, checkpoint, checkpoint_every, resume)
     if not bool(out.converged.all()):
         warnings.warn(
@@ -337,6 +342,47 @@ def fit_batched(
             stacklevel=2,
         )
     return out
+
+
+def _components_per_dataset(n_components: Any, counts: Tensor) -> list[int]:
+    """[B] ints from one K or B of them, each in 1..(real rows of its dataset)."""
+    b = counts.shape[0]
+    if isinstance(n_components, Tensor):
+        n_components = n_components.tolist()
+    if isinstance(n_components, (list, tuple)):
+        if len(n_components) != b:
+            raise ValueError(f"n_components must be one int or {b} of them (one per dataset); got {len(n_components)}")
+        values = list(n_components)
+    else:
+        values = [n_components] * b
+    per = counts.tolist()
+    return [_validate.n_components(kb, nb) for kb, nb in zip(values, per, strict=True)]
+
+
+def _init_per_k(
+    x: Tensor, ks: list[int], family: str, run_keys: Tensor, method: str, mask: Tensor | None, reg_covar: float
+) -> GMMParams:
+    """Batched init: one vmapped :func:`init_batched` per distinct K (so dataset b starts where
+    ``init(x[b], K_b, key=keys[b])`` starts), padded to max K with masked components."""
+    k_max = max(ks)
+    if len(set(ks)) == 1:
+        return init_batched(x, k_max, family, keys=run_keys, method=method, mask=mask, reg_covar=reg_covar)
+    parts: list[tuple[Tensor, GMMParams]] = []
+    for kb in sorted(set(ks)):
+        idx = torch.tensor([i for i, v in enumerate(ks) if v == kb], dtype=torch.int64, device=x.device)
+        sub_mask = None if mask is None else mask.index_select(0, idx)
+        p = init_batched(
+            x.index_select(0, idx),
+            kb,
+            family,
+            keys=run_keys.index_select(0, idx.cpu()),
+            method=method,
+            mask=sub_mask,
+            reg_covar=reg_covar,
+        )
+        parts.append((idx, pad_components(p, k_max)))
+    order = torch.argsort(torch.cat([idx for idx, _ in parts]))
+    return pytree.tree_map(lambda *leaves: torch.cat(leaves).index_select(0, order), *[p for _, p in parts])
 
 
 def warn_if_not_converged(result: FitResult, stacklevel: int = 3) -> None:
@@ -527,7 +573,8 @@ def _check_init_params(params: GMMParams, family: str, k: int, x: Tensor) -> Non
         raise ValueError(
             f"init_params is {params!r} but the fit asks for family={family!r}, K={k}, D={x.shape[1]} (unbatched)"
         )
-    for name in ("logits", "means", "scale"):
+    _validate.logits(params.logits, "init_params.logits")
+    for name in ("means", "scale"):
         _validate.finite(getattr(params, name).reshape(1, -1), f"init_params.{name}")
 
 

@@ -80,11 +80,19 @@ def predict(params: GMMParams, x: Any) -> Tensor:
     return _per_batch(params, _data(params, x), lambda p, xs: component_log_prob(p, xs).argmax(-1))
 
 
-def n_parameters(params: GMMParams) -> int:
+def n_parameters(params: GMMParams) -> Any:
     """Free parameters: (K - 1) weights + K·D means + the family's covariance parameters
-    (full K·D(D+1)/2, tied D(D+1)/2, diagonal K·D, isotropic K, shared 1, constant 0)."""
-    k, d = params.n_components, params.dim
-    return params.spec.n_scale_parameters(k, d) + k * d + k - 1
+    (full K·D(D+1)/2, tied D(D+1)/2, diagonal K·D, isotropic K, shared 1, constant 0).
+
+    K counts live components only (masked ones, logit -inf, see :func:`puregmm.pad_components`).
+    An int for unbatched params; an int64 tensor of the batch shape for batched ones.
+    """
+    d, spec = params.dim, params.spec
+    live = (params.logits != -math.inf).sum(-1)  # [B...]
+    counts = [spec.n_scale_parameters(k, d) + k * d + k - 1 for k in range(params.n_components + 1)]
+    table = torch.tensor(counts, dtype=torch.int64, device=live.device)
+    per = table[live]
+    return int(per) if not params.batch_shape else per
 
 
 def bic(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:

@@ -9,6 +9,7 @@ Leaves may carry leading batch dimensions (stacked params for ``vmap`` or batche
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,37 @@ def from_moments(weights: Any, means: Any, covariances: Any, family: str = "full
     _validate.covariance_structure(cov, spec)
     logits = torch.log(w)
     return GMMParams(logits, mu, spec.raw_from_covariances(cov), family)
+
+
+def pad_components(params: GMMParams, n_components: int) -> GMMParams:
+    """``params`` (any batch dims) grown to ``n_components`` >= K by *masked* components.
+
+    A masked component has logit -inf, so weight 0: it adds nothing to any density, EM and
+    gradient descent leave it as it is, and the padded mixture fits exactly as the K-component
+    one does. Its mean and scale are copies of component 0's (placeholders that keep every
+    leaf finite). This is how mixtures with different K share one batch
+    (:func:`puregmm.fit_batched` with one K per dataset).
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.pad_components(pg.from_moments(torch.ones(2) / 2, torch.zeros(2, 1), torch.ones(2, 1, 1)), 3)
+    >>> pg.weights(p)
+    tensor([0.5000, 0.5000, 0.0000])
+    """
+    k = params.n_components
+    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < k:
+        raise ValueError(f"n_components must be an int >= K={k}; got {n_components!r}")
+    extra = n_components - k
+    if extra == 0:
+        return params
+
+    def grow(t: Tensor, axis: int) -> Tensor:
+        first = t.narrow(axis, 0, 1)
+        return torch.cat([t, first.expand(*t.shape[:axis], extra, *t.shape[axis + 1 :])], axis)
+
+    nb = len(params.batch_shape)
+    logits = torch.cat([params.logits, params.logits.new_full((*params.batch_shape, extra), -math.inf)], -1)
+    scale = grow(params.scale, nb) if params.spec.per_component else params.scale
+    return GMMParams(logits, grow(params.means, nb), scale, params.family)
 
 
 def weights(params: GMMParams) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +114,8 @@ def init_state(
         raise ValueError(f"reset must be one of {RESETS}; got {reset!r}")
     if not min_variance > 0:
         raise ValueError(f"min_variance must be positive; got {min_variance!r}")
-    for name in ("logits", "means", "scale"):
+    _validate.logits(params.logits)
+    for name in ("means", "scale"):
         _validate.finite(getattr(params, name).reshape(1, -1), f"params.{name}")
     optimizer = default_optimizer() if optimizer is None else optimizer
     if not isinstance(optimizer, Optimizer):
@@ -204,11 +206,12 @@ def bad_components(params: GMMParams, min_variance: float) -> tuple[Tensor, Tens
         safe = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
         return ~finite | (spec.log_min_variance(safe) < log_floor)
 
+    active = params.logits != -math.inf  # a logit of -inf masks its component out: never bad
     bad = ~torch.isfinite(params.logits) | ~torch.isfinite(params.means).all(-1)
     if spec.per_component:
-        return bad | torch.func.vmap(scale_bad)(params.scale), torch.zeros((), dtype=torch.bool)
+        return (bad | torch.func.vmap(scale_bad)(params.scale)) & active, torch.zeros((), dtype=torch.bool)
     shared_bad = scale_bad(params.scale) if spec.learned else torch.zeros((), dtype=torch.bool)
-    return bad | shared_bad.expand(k), shared_bad
+    return (bad | shared_bad.expand(k)) & active, shared_bad
 
 
 def reset_collapsed(
@@ -232,9 +235,10 @@ def reset_collapsed(
     Returns the new params, the new optimiser state and the number of components reset.
     """
     spec, k = params.spec, params.n_components
+    active = params.logits != -math.inf  # masked components (logit -inf) are left alone
     bad, shared_bad = bad_components(params, min_variance)
     if mode == "all":
-        bad = bad.any().expand(k)
+        bad = bad.any().expand(k) & active
         shared_bad = shared_bad | bad.any() if not spec.per_component and spec.learned else shared_bad
     finite_rows = torch.isfinite(batch).all(-1, keepdim=True)
     x = torch.where(finite_rows, batch, torch.zeros_like(batch))  # NaN rows cannot poison the reset
@@ -256,8 +260,9 @@ def reset_collapsed(
 
     good = ~bad
     log_w = torch.log_softmax(torch.where(good, params.logits, torch.zeros_like(params.logits)), -1)
-    n_good = good.sum().clamp_min(1)
-    mean_good = torch.where(good, log_w, torch.zeros_like(log_w)).sum() / n_good
+    live_good = good & active  # the mean weight is over the live good components
+    n_good = live_good.sum().clamp_min(1)
+    mean_good = torch.where(live_good, log_w, torch.zeros_like(log_w)).sum() / n_good
     kept = torch.where(good, params.logits, torch.zeros_like(params.logits))
     new_logits = torch.where(bad, mean_good.expand(k), kept)
 

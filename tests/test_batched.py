@@ -67,3 +67,53 @@ def test_bad_batched_input():
         pg.fit_batched(torch.zeros(2, 5, 2), 1, mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="NaN"):
         pg.fit_batched(torch.full((2, 5, 2), float("nan")), 1)
+
+
+@pytest.mark.parametrize(
+    "method, family",
+    [("em", "full"), ("em", "tied"), ("em", "diagonal"), ("em", "isotropic"), ("em", "shared"), ("gd", "full")],
+)
+def test_sweep_over_k_in_one_batch_equals_each_fit(method, family):
+    """One K per dataset: masked padding components give exactly the K-component fit."""
+    x = datasets(b=1, n=150, seed=5)[0]
+    ks = [1, 2, 3, 4]
+    steps = 40 if method == "gd" else 100
+    keys = torch.tensor([7, 7, 7, 7])
+    sweep = quiet(pg.fit_batched, x.expand(4, -1, -1), ks, family, method=method, keys=keys, max_steps=steps)
+    assert sweep.params.means.shape == (4, 4, 2)
+    w = pg.weights(sweep.params)
+    for b, kb in enumerate(ks):
+        assert bool((w[b, kb:] == 0).all()) and bool(torch.isinf(sweep.params.logits[b, kb:]).all())
+        single = quiet(pg.fit, x, kb, family, method=method, key=7, max_steps=steps)
+        assert int(sweep.n_steps[b]) == single.n_steps
+        torch.testing.assert_close(sweep.loss[b], single.loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(sweep.params.means[b, :kb], single.params.means, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(w[b, :kb], pg.weights(single.params), rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(
+            pg.covariances(sweep.params)[b, :kb], pg.covariances(single.params), rtol=1e-6, atol=1e-9
+        )
+    assert pg.n_parameters(sweep.params).tolist() == [pg.n_parameters(pg.init(x, kb, family)) for kb in ks]
+    bics = pg.bic(sweep.params, x)
+    assert bics.shape == (4,)
+    assert int(torch.argmin(bics)) + 1 == 3  # the data has three clusters
+
+
+def test_pad_components_leaves_the_density_unchanged():
+    x = datasets(b=1, n=50, seed=6)[0]
+    p = pg.init(x, 2, "full", key=0)
+    padded = pg.pad_components(p, 5)
+    torch.testing.assert_close(pg.log_prob(padded, x), pg.log_prob(p, x), rtol=1e-12, atol=0)
+    torch.testing.assert_close(pg.em_step(padded, x).means[:2], pg.em_step(p, x).means, rtol=1e-10, atol=1e-12)
+    assert pg.n_parameters(padded) == pg.n_parameters(p)
+    with pytest.raises(ValueError, match="n_components"):
+        pg.pad_components(p, 1)
+
+
+def test_k_per_dataset_is_checked():
+    xs = datasets(b=2, n=20)
+    with pytest.raises(ValueError, match="one per dataset"):
+        pg.fit_batched(xs, [1, 2, 3])
+    with pytest.raises(ValueError, match="more than the number of samples"):
+        pg.fit_batched(xs, [1, 21])
+    with pytest.raises(TypeError, match="must be an int"):
+        pg.fit_batched(xs, [1, 2.5])
