@@ -305,6 +305,49 @@ def responsibility_stats(
     return Stats(resp_sum.to(dt), x_sum.to(dt), xx_sum.to(dt), log_lik_sum, weight_sum, worst_ll, worst_x)
 
 
+def label_stats(
+    x: Tensor, labels: Tensor, centres: Tensor, family: str, sample_weight: Tensor | None, score: Tensor
+) -> Stats:
+    """:func:`responsibility_stats` of hard assignments ``labels`` [N] (eager tensors only).
+
+    Rows are grouped by label (one stable argsort) and each cluster's moments about its centre
+    come from its own rows: O(N·D²) work in all instead of the O(N·K·D²) of a one-hot GEMM, one
+    cluster's rows copied at a time. Used by :func:`puregmm.init` after k-means(++).
+    """
+    spec = get_family(family)
+    k = centres.shape[0]
+    mdtype = mo.moment_dtype(x.dtype)
+    order = torch.argsort(labels, stable=True)
+    sizes = torch.bincount(labels, minlength=k).tolist()
+    n_k, x_k, s_k = [], [], []
+    start = 0
+    for j, size in enumerate(sizes):
+        rows = order[start : start + size]
+        start += size
+        y = x.index_select(0, rows).to(mdtype) - centres[j].to(mdtype)  # [n_j, D]
+        wy = y if sample_weight is None else y * sample_weight.index_select(0, rows).to(mdtype).unsqueeze(1)
+        n_k.append(wy.new_tensor(float(size)) if sample_weight is None else sample_weight.index_select(0, rows).sum())
+        x_k.append(wy.sum(0))
+        if spec.scale_ndim == 2:
+            s_k.append(wy.mT @ y)
+        elif spec.scale_ndim == 1:
+            s_k.append((wy * y).sum(0))
+        else:
+            s_k.append((wy * y).sum())
+    worst = mo.Worst(k)
+    worst.add(mo.ranked(score, sample_weight), 0, eager=True)
+    worst_ll, worst_x = worst.result(x)
+    if sample_weight is None:
+        log_lik_sum = score.sum()
+        weight_sum = torch.full((), float(x.shape[0]), dtype=x.dtype, device=x.device)
+    else:
+        log_lik_sum = (score * sample_weight).sum()
+        weight_sum = sample_weight.sum()
+    dt = x.dtype
+    resp_sum = torch.stack(n_k).to(dt)
+    return Stats(resp_sum, torch.stack(x_k).to(dt), torch.stack(s_k).to(dt), log_lik_sum, weight_sum, worst_ll, worst_x)
+
+
 def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_info: bool = False) -> Any:
     """New params (same family) from :class:`Stats` taken about ``params``' means.
 

@@ -39,8 +39,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from puregmm import _moments as mo
 from puregmm import _validate, keys
-from puregmm.em import m_step, responsibility_stats
+from puregmm.em import label_stats, m_step, responsibility_stats
 from puregmm.families import get_family
 from puregmm.params import GMMParams
 
@@ -221,20 +222,26 @@ def _finish(
     """Kernel: responsibilities (one-hot to the nearest centre, or random), then the M-step."""
     spec = get_family(family)
     k, d = centres.shape
+    labels = None
     if method == "random" and not keep_means:
         resp = keys.uniform(key, 0, rows.unsqueeze(-1), torch.arange(k, device=xc.device)).to(xc)  # [N, K]
         resp = resp / resp.sum(-1, keepdim=True)
         score = -xc.square().sum(-1)  # [N]
     else:
         labels, dist2 = _nearest(xt, centres)
-        resp, score = _one_hot(labels, k, xc.dtype).mT, -dist2  # [N, K], [N]
+        score = -dist2  # [N]
     if spec.learned:
         scale = torch.zeros(spec.scale_shape(k, d), dtype=xc.dtype, device=xc.device)
     else:
         assert variance is not None
         scale = -0.5 * torch.log(variance)
     start = GMMParams(torch.zeros(k, dtype=xc.dtype, device=xc.device), centres, scale, spec.name)
-    stats = responsibility_stats(xc, resp, centres, spec.name, w, score)
+    if labels is None:
+        stats = responsibility_stats(xc, resp, centres, spec.name, w, score)
+    elif mo.plain(xc, centres, w, score):  # eager: each cluster's moments from its own rows
+        stats = label_stats(xc, labels, centres, spec.name, w, score)
+    else:  # under vmap/compile: the one-hot GEMM
+        stats = responsibility_stats(xc, _one_hot(labels, k, xc.dtype).mT, centres, spec.name, w, score)
     params = m_step(stats, start, reg_covar=reg_covar)
     new_means = centres if keep_means else params.means
     return GMMParams(params.logits, new_means + offset, params.scale, spec.name)

@@ -53,7 +53,6 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from puregmm import _validate, keys, loop
-from puregmm.density import log_prob
 from puregmm.em import Stats, combine, m_step, sufficient_stats
 from puregmm.families import get_family
 from puregmm.fit import EM_MAX_STEPS, EM_TOL, EMState, FitResult, warn_if_not_converged
@@ -339,13 +338,14 @@ def pass_stats(src: Source, params: GMMParams) -> Stats:
 
 
 def mean_nll(src: Source, params: GMMParams) -> Tensor:
-    """Mean negative log-likelihood of the whole source (one pass)."""
+    """Mean negative log-likelihood of the whole source (one pass of the E-step's
+    log-likelihood, as :func:`puregmm.fit` reports for EM)."""
     total = torch.zeros((), dtype=params.dtype, device=params.device)
     count = 0
     with torch.no_grad():
         for xb in src.passes():
             _check_dim(params, xb)
-            total = total - log_prob(params, xb).sum()
+            total = total - sufficient_stats(params, xb).log_lik_sum
             count += xb.shape[0]
     return total / count
 
