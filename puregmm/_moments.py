@@ -150,7 +150,8 @@ def products(lay: Layout, x: Tensor, centre: Tensor, dtype: torch.dtype, work: W
             return torch.cat([yt * yt, yt, ones], 0).mT
         if lay.ndim == 0:
             return torch.cat([(yt * yt).sum(0, keepdim=True), yt, ones], 0).mT
-        yl = F.pad(torch.cat([yt, ones], 0), (0, 0, 0, max(2 * h, d + 1) - d - 1))  # [2h, c]
+        pad = max(2 * h, d + 1) - d - 1
+        yl = torch.cat([yt, ones] + ([yt.new_zeros(pad, c)] if pad else []), 0)  # [2h, c]: [y, 1, 0...]
         parts = []  # row i of the folded block: b_j b_(i-1) for j < i, then a_i a_j for j >= i
         for i in range(h):
             if i:
@@ -263,15 +264,17 @@ def responsibilities(log_joint: Tensor, inplace: bool, lse_out: Tensor | None = 
     receives log p.
     """
     floor = 3.0 * math.log(torch.finfo(log_joint.dtype).eps)
-    top = log_joint.detach().amax(0)  # [c]; detached: log p's gradient is r either way
     if inplace:
+        top = log_joint.amax(0)  # [c]
         e = log_joint.sub_(top).clamp_(min=floor).exp_()
         total = e.sum(0)
         lse = torch.log(total, out=lse_out) if lse_out is not None else torch.log(total)
         return e.div_(total), lse.add_(top)
-    e = torch.exp(torch.clamp(log_joint - top, min=floor))
-    total = e.sum(0)
-    return e / total, torch.log(total) + top
+    # out of place (vmap, autograd): one fused softmax; log p = max ℓ - log max r (r's largest
+    # entry is 1 / Σ exp(ℓ - max ℓ)); the floor applied to r keeps the same eps³ minimum
+    r = torch.softmax(log_joint, 0)
+    lse = log_joint.amax(0) - torch.log(r.amax(0))
+    return r.clamp_min(math.exp(floor)), lse
 
 
 class Worst:
