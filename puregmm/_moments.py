@@ -54,7 +54,6 @@ import math
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from puregmm.families import LOG_2PI, upper_factor

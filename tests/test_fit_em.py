@@ -78,7 +78,10 @@ def test_n_init_keeps_the_best_restart() -> None:
     x = blobs(2.5, seed=3)
     best = pg.fit(x, 3, "diagonal", method="em", n_init=3, key=11)
     runs = [pg.fit(x, 3, "diagonal", method="em", key=keys.fold_in(torch.tensor(11), r)) for r in range(3)]
-    assert float(best.loss) == min(float(r.loss) for r in runs)
+    winner = min(runs, key=lambda r: float(r.loss))
+    # the batched restarts run the vmapped kernels: equal to the single fits up to rounding
+    assert float(best.loss) == pytest.approx(float(winner.loss), rel=1e-12, abs=0)
+    torch.testing.assert_close(best.params.means, winner.params.means, rtol=1e-10, atol=1e-12)
 
 
 def test_init_params_means_only() -> None:
