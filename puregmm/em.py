@@ -146,16 +146,13 @@ def sufficient_stats(
     if params.spec.scale_ndim == 2 and not params.spec.per_component:
         return _tied_stats(params, x, sample_weight, chunk_size)
     k, (n, d) = params.n_components, x.shape
-    lay = mo.layout(params.spec.scale_ndim, d)
+    plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
+    lay = mo.layout(params.spec.scale_ndim, d, square=not plain and d <= mo.SQUARE_MAX_D)
     mdtype = mo.moment_dtype(x.dtype)
     centre = mo.centre_of(params)  # [D], g
-    eta = mo.natural(params, centre, mdtype)  # [K, P]
+    eta = mo.natural(params, centre, mdtype, lay)  # [K, P]
     rows = mo.chunk_rows(n, lay, chunk_size)
-    work = (
-        mo.Work(lay, rows, k, x, mdtype)
-        if mo.plain(params.logits, params.means, params.scale, x, sample_weight)
-        else None
-    )
+    work = mo.Work(lay, rows, k, x, mdtype) if plain else None
     raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
     lse_all = x.new_empty(n, dtype=mdtype) if work is not None else None
     lses: list[Tensor] = []

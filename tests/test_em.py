@@ -155,10 +155,12 @@ def test_compiled_em_step_equals_eager(family: str) -> None:
     far = random_params(family, 3, 2, seed=9)
     far = pg.GMMParams(far.logits, far.means.index_fill(0, torch.tensor([2]), 1e3), far.scale, family)
     step = torch.compile(lambda p, xx: pg.em_step(p, xx, return_info=True), fullgraph=True, backend="aot_eager")
-    for p in (random_params(family, 3, 2, seed=9), far):  # also through the reset path
+    for p, tol in ((random_params(family, 3, 2, seed=9), 1e-12), (far, 1e-9)):  # also through the reset path
         a, ia = step(p, x)
         b, ib = pg.em_step(p, x, return_info=True)
-        assert_params_close(a, b)
+        # compiled code runs the out-of-place layout (unfolded for small D): the same sums in
+        # another order, ~1e-16·(‖x - g‖/σ)² apart, ~1e-11 with a component 1e3 away
+        assert_params_close(a, b, rtol=tol, atol=tol)
         assert int(ia.n_resets) == int(ib.n_resets)
 
 
