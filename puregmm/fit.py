@@ -329,6 +329,8 @@ def fit_batched(
     if init_params is not None:
         if not isinstance(init_params, GMMParams) or init_params.batch_shape != (b,):
             raise ValueError(f"init_params must be GMMParams with batch shape ({b},); got {init_params!r}")
+        if init_params.n_components != max(ks):
+            raise ValueError(f"init_params has K={init_params.n_components} components; the fit asks for {max(ks)}")
         _validate.logits(init_params.logits, "init_params.logits")
         starts = init_params
     else:
@@ -531,8 +533,9 @@ def _run(
 
 
 def _em_nll(params: GMMParams, x: Tensor, w: Tensor | None) -> Tensor:
-    """Mean NLL by the E-step's exponential-family pass (:mod:`puregmm._moments`; equal to
-    :func:`puregmm.loss` to ~1e-15, and faster for the matrix families than the whitening)."""
+    """Mean NLL by the E-step's exponential-family pass (:mod:`puregmm._moments`): equal to
+    :func:`puregmm.loss` up to rounding (~1e-16·(‖x - g‖/σ)²), faster for the matrix families
+    than the whitening, and the same computation as the EM history's values."""
     stats = sufficient_stats(params, x, w)
     return -stats.log_lik_sum / stats.weight_sum
 

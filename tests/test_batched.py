@@ -117,3 +117,13 @@ def test_k_per_dataset_is_checked():
         pg.fit_batched(xs, [1, 21])
     with pytest.raises(TypeError, match="must be an int"):
         pg.fit_batched(xs, [1, 2.5])
+
+
+def test_init_params_must_have_the_largest_k():
+    xs = datasets(b=2, n=20)
+    start = pg.pad_components(pg.init(xs[0], 2, "full"), 3)
+    stacked = pg.GMMParams(
+        *(t.unsqueeze(0).expand(2, *t.shape) for t in (start.logits, start.means, start.scale)), "full"
+    )
+    with pytest.raises(ValueError, match="K=3 components; the fit asks for 2"):
+        pg.fit_batched(xs, [1, 2], "full", init_params=stacked)
