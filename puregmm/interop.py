@@ -18,6 +18,7 @@ What is not kept: the learned/fixed distinction (``constant`` comes back as what
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,16 @@ def to_distribution(params: GMMParams) -> MixtureSameFamily:
     return MixtureSameFamily(mix, comp)
 
 
+def _with_masked(w: Tensor, mean: Tensor, cov: Tensor, family: str) -> GMMParams:
+    """:func:`from_moments`, a zero weight giving a masked component (logit -inf)."""
+    zero = w == 0
+    if bool(zero.all()):
+        raise ValueError("every mixture weight is zero")
+    live = torch.where(zero, torch.ones_like(w), w)
+    p = from_moments(live / live.sum(), mean, cov, family)
+    return GMMParams(torch.where(zero, torch.full_like(w, -math.inf), torch.log(w)), p.means, p.scale, p.family)
+
+
 def from_distribution(d: Any, family: str | None = None) -> GMMParams:
     """Params from a ``MixtureSameFamily`` of Gaussians (the inverse of :func:`to_distribution`).
 
@@ -102,7 +113,8 @@ def from_distribution(d: Any, family: str | None = None) -> GMMParams:
 
     Raises:
         TypeError: ``d`` is not a mixture of Gaussians of these kinds.
-        ValueError: the covariances lack the structure of ``family``, or zero weights.
+        ValueError: the covariances lack the structure of ``family``. A component of weight
+            0 becomes a masked one (logit -inf, :func:`puregmm.pad_components`).
     """
     if not isinstance(d, MixtureSameFamily):
         raise TypeError(f"d must be a torch.distributions.MixtureSameFamily; got {type(d).__name__}")
@@ -128,7 +140,7 @@ def from_distribution(d: Any, family: str | None = None) -> GMMParams:
     cov = cov.expand(batch + cov.shape[-3:])
     k, dim = mean.shape[-2:]
     rows = zip(w.reshape(-1, k), mean.reshape(-1, k, dim), cov.reshape(-1, k, dim, dim))
-    flat = [from_moments(wi, mi, ci, family) for wi, mi, ci in rows]
+    flat = [_with_masked(wi, mi, ci, family) for wi, mi, ci in rows]
     if not batch:
         return flat[0].to(dtype)
     return pytree.tree_map(lambda *leaves: torch.stack(leaves).unflatten(0, batch).to(dtype), *flat)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 import struct
@@ -43,6 +44,14 @@ LIBRARY = "puregmm"
 FORMAT_VERSION = 1
 PARAMS_KIND = "params"
 _PARAM_LEAVES = ("logits", "means", "scale")
+
+
+def _usable(name: str, leaf: Tensor) -> Tensor:
+    """Finite entries, and logits of -inf (masked components, :func:`puregmm.pad_components`)."""
+    ok = torch.isfinite(leaf)
+    return ok | (leaf == -math.inf) if name == "logits" else ok
+
+
 # Keys of the metadata that the writer owns; callers of save_tree may not set them.
 RESERVED = ("library", "kind", "format_version", "puregmm_version", "torch_version", "tensors", "checksum")
 
@@ -76,7 +85,7 @@ def save(params: GMMParams, path: PathLike) -> None:
     if not isinstance(params, GMMParams):
         raise TypeError(f"params must be GMMParams (e.g. from pg.fit(...).params); got {type(params).__name__}")
     for name in _PARAM_LEAVES:
-        if not bool(torch.isfinite(getattr(params, name)).all()):
+        if not bool(_usable(name, getattr(params, name)).all()):
             raise ValueError(f"params.{name} holds NaN or Inf; refusing to save a broken model to {os.fspath(path)!r}")
     meta = {
         "family": params.family,
@@ -121,7 +130,7 @@ def load(path: PathLike, *, device: Any = None) -> GMMParams:
     )
     params = GMMParams(tensors["logits"], tensors["means"], tensors["scale"], spec.name)
     for name in _PARAM_LEAVES:
-        if not bool(torch.isfinite(getattr(params, name)).all()):
+        if not bool(_usable(name, getattr(params, name)).all()):
             raise ValueError(f"{where}: params.{name} holds NaN or Inf")
     return params if device is None else params.to(device)
 

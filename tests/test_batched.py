@@ -127,3 +127,17 @@ def test_init_params_must_have_the_largest_k():
     )
     with pytest.raises(ValueError, match="K=3 components; the fit asks for 2"):
         pg.fit_batched(xs, [1, 2], "full", init_params=stacked)
+
+
+def test_masked_components_survive_save_load_and_distribution_round_trips(tmp_path):
+    x = datasets(b=1, n=80, seed=8)[0]
+    p = pg.pad_components(pg.fit(x, 2, "full", method="em", key=0).params, 4)
+    path = tmp_path / "masked.safetensors"
+    pg.save(p, path)
+    back = pg.load(path)
+    torch.testing.assert_close(back.logits, p.logits)
+    d = pg.to_distribution(p)
+    again = pg.from_distribution(d)
+    assert bool(torch.isinf(again.logits[2:]).all())
+    torch.testing.assert_close(pg.log_prob(again, x), pg.log_prob(p, x), rtol=1e-10, atol=0)
+    assert pg.sample(p, 50, key=1)[1].max() < 2  # never a masked component
