@@ -24,6 +24,11 @@ diagonal   [y², y, 1]                                          65
 scalar     [‖y‖², y, 1]                                        34
 =========  =================================================  ==================
 
+The tied family does not build T at all (:func:`tied_natural`, ``em._tied_stats``): its
+quadratic part is common to all components. Out of place (vmap, autograd) with D <= 4, the
+full family uses the unfolded square layout (every product, m² columns) built by one
+broadcast multiplication.
+
 Folded layout (full/tied): the m = D + 1 lifted columns split into a head a (the first
 h = ⌈(m+1)/2⌉) and a tail b. An h x h block holds a aᵀ on and above its diagonal and b bᵀ below it
 (row i, column j < i: b_j b_(i-1)), then comes a bᵀ: every product exactly once, about m²/2
