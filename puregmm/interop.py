@@ -168,6 +168,9 @@ def to_sklearn(params: GMMParams) -> Any:
     docstring), ``n_features_in_``, ``converged_=True``, ``n_iter_=0`` and ``lower_bound_=nan``,
     so ``score_samples``, ``predict``, ``predict_proba``, ``sample``, ``bic`` and ``aic`` work.
 
+    Masked components (logit -inf, :func:`puregmm.pad_components`) are left out: scikit-learn has
+    no such notion and would take the log of their zero weight.
+
     Args:
         params: unbatched mixture params.
 
@@ -188,6 +191,11 @@ def to_sklearn(params: GMMParams) -> Any:
             f"params must be unbatched for to_sklearn; got batch dims {list(params.batch_shape)} "
             "(convert each mixture separately)"
         )
+    live = params.logits != -math.inf
+    if not bool(live.all()):  # drop masked components (a tied/shared scale is not per component)
+        idx = torch.nonzero(live).flatten()
+        scale = params.scale.index_select(0, idx) if params.spec.per_component else params.scale
+        params = GMMParams(params.logits.index_select(0, idx), params.means.index_select(0, idx), scale, params.family)
     k, d = params.n_components, params.dim
 
     def np64(t: Tensor) -> np.ndarray:

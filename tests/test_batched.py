@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +142,6 @@ def test_masked_components_survive_save_load_and_distribution_round_trips(tmp_pa
     assert bool(torch.isinf(again.logits[2:]).all())
     torch.testing.assert_close(pg.log_prob(again, x), pg.log_prob(p, x), rtol=1e-10, atol=0)
     assert pg.sample(p, 50, key=1)[1].max() < 2  # never a masked component
+    gm = pg.to_sklearn(p)  # masked components left out
+    assert gm.weights_.shape == (2,)
+    np.testing.assert_allclose(gm.score_samples(x.numpy()), pg.log_prob(p, x).numpy(), rtol=1e-10)
