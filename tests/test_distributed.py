@@ -150,8 +150,17 @@ def _failing_worker(rank: int, port: int, out: str, mode: str) -> None:
     dist.destroy_process_group()  # a failed group must be torn down before the process exits
 
 
-def _spawn(fn: Any, *args: Any) -> None:
-    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+def _spawn(fn: Any, *args: Any, attempts: int = 3) -> None:
+    """Run ``fn`` on WORLD ranks. A free port found here can be taken by another process before
+    rank 0 binds it (two xdist workers, a loaded machine): such a start is retried on a new
+    port; a failure that repeats on every attempt is raised."""
+    for attempt in range(attempts):
+        try:
+            mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+            return
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            if attempt == attempts - 1:
+                raise
 
 
 def _assert_tree_close(a: Any, b: Any, what: str, **tol: float) -> None:
