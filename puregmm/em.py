@@ -120,6 +120,13 @@ def default_chunk_size(n: int, k: int, d: int, family: str = "full") -> int:
     return mo.chunk_rows(n, mo.layout(get_family(family).scale_ndim, d), None)
 
 
+def _total(values: Tensor, sample_weight: Tensor | None, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ ω v, Σ ω) over the rows of ``x``; without weights (Σ v, N in ``x``'s dtype)."""
+    if sample_weight is None:
+        return values.sum(), torch.full((), float(x.shape[0]), dtype=x.dtype, device=x.device)
+    return (values * sample_weight.to(values.dtype)).sum(), sample_weight.sum()
+
+
 def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(n, start + rows)) for start in range(0, n, rows)]
 
@@ -173,12 +180,7 @@ def sufficient_stats(
             lses.append(lse)
         worst.add(mo.ranked(lse, ws), start, eager=work is not None)
     lse_n = lse_all if lse_all is not None else (torch.cat(lses) if len(lses) != 1 else lses[0])
-    if sample_weight is None:
-        log_lik_sum = lse_n.sum()
-        weight_sum = torch.full((), float(n), dtype=x.dtype, device=x.device)
-    else:
-        log_lik_sum = (lse_n * sample_weight).sum()
-        weight_sum = sample_weight.sum()
+    log_lik_sum, weight_sum = _total(lse_n, sample_weight, x)
     resp_sum, x_sum, xx_sum = mo.about_centres(lay, raw, (params.means.detach() - centre).to(mdtype))
     worst_ll, worst_x = worst.result(x)
     dt = params.dtype
@@ -219,12 +221,7 @@ def _tied_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chun
         lses.append(lse)
         worst.add(mo.ranked(lse, w_rows), start, eager=inplace)
     lse_n = torch.cat(lses) if len(lses) != 1 else lses[0]
-    if sample_weight is None:
-        log_lik_sum = lse_n.sum()
-        weight_sum = torch.full((), float(n), dtype=x.dtype, device=x.device)
-    else:
-        log_lik_sum = (lse_n * sample_weight.to(mdtype)).sum()
-        weight_sum = sample_weight.sum()
+    log_lik_sum, weight_sum = _total(lse_n, sample_weight, x)
     resp_sum, x_sum, xx_sum = _pooled_about_centres(lin, scatter, params.means.detach() - centre)
     worst_ll, worst_x = worst.result(x)
     dt = params.dtype
@@ -286,12 +283,7 @@ def responsibility_stats(
             t = mo.products(lay, x[start:stop], centre, mdtype, work)
         raw = raw.addmm_(r.mT, t) if work is not None else raw + r.mT @ t
         worst.add(mo.ranked(score[start:stop], ws), start, eager=plain)
-    if sample_weight is None:
-        log_lik_sum = score.sum()
-        weight_sum = torch.full((), float(n), dtype=x.dtype, device=x.device)
-    else:
-        log_lik_sum = (score * sample_weight).sum()
-        weight_sum = sample_weight.sum()
+    log_lik_sum, weight_sum = _total(score, sample_weight, x)
     shift = (centres.detach() - centre).to(mdtype)
     if tied:
         resp_sum, x_sum, xx_sum = _pooled_about_centres(raw, scatter, shift)
@@ -334,12 +326,7 @@ def label_stats(
     worst = mo.Worst(k)
     worst.add(mo.ranked(score, sample_weight), 0, eager=True)
     worst_ll, worst_x = worst.result(x)
-    if sample_weight is None:
-        log_lik_sum = score.sum()
-        weight_sum = torch.full((), float(x.shape[0]), dtype=x.dtype, device=x.device)
-    else:
-        log_lik_sum = (score * sample_weight).sum()
-        weight_sum = sample_weight.sum()
+    log_lik_sum, weight_sum = _total(score, sample_weight, x)
     dt = x.dtype
     resp_sum = torch.stack(n_k).to(dt)
     return Stats(resp_sum, torch.stack(x_k).to(dt), torch.stack(s_k).to(dt), log_lik_sum, weight_sum, worst_ll, worst_x)
