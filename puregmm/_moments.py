@@ -316,7 +316,9 @@ class Worst:
             if cand.numel() >= m:  # else NaN among the m lowest: the full sort below
                 order = cand.index_select(0, torch.sort(ranked.index_select(0, cand), stable=True).indices[:m])
         if order is None and m <= ARGMIN_MAX_K:  # m passes of argmin (first occurrence: stable)
-            left = torch.nan_to_num(ranked, nan=math.inf)
+            # +inf marks a taken row, so +inf and NaN scores rank as the largest finite value
+            big = torch.finfo(ranked.dtype).max
+            left = torch.nan_to_num(ranked, nan=big, posinf=big)
             picks = []
             for _ in range(m):
                 pick = torch.argmin(left, 0, keepdim=True)

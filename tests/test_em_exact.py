@@ -273,3 +273,22 @@ def test_float32_em_loss_matches_float64_with_large_offset(family: str) -> None:
     assert abs(loss32 - loss64) <= 1e-5 * max(1.0, abs(loss64)), (loss32, loss64)
     own32 = float(pg.loss(p32, x32))  # and as float32 scores it
     assert abs(own32 - loss64) <= 1e-5 * max(1.0, abs(loss64)), (own32, loss64)
+
+
+def test_worst_rows_are_distinct_with_few_finite_scores() -> None:
+    """The argmin passes (vmap path) never pick a row twice, also when most scores are +inf
+    (padding) or NaN, and agree with the stable sort."""
+    ranked = torch.tensor([float("inf"), 3.0, float("nan"), float("inf"), 1.0, 3.0], dtype=torch.float64)
+    for k in (2, 4, 6):
+        plain = _moments.Worst(k)
+        plain.add(ranked, 0)  # not eager: the argmin passes
+        rows = plain.rows[0].tolist()
+        assert len(set(rows)) == k and rows[:3] == [4, 1, 5][: min(k, 3)]
+        batched = torch.func.vmap(lambda r, k=k: _worst_rows(r, k))(ranked.unsqueeze(0))[0]
+        assert batched.tolist() == rows
+
+
+def _worst_rows(r: torch.Tensor, k: int) -> torch.Tensor:
+    w = _moments.Worst(k)
+    w.add(r, 0)
+    return w.rows[0]
