@@ -80,10 +80,10 @@ class Layout(NamedTuple):
     d: int
     h: int  # full/tied: side of the folded block; else 0
     width: int  # P
-    square: bool = False  # full/tied: every product [y, 1][y, 1]ᵀ, unfolded (m² columns)
+    square: bool = False  # full: every product [y, 1][y, 1]ᵀ, unfolded (m² columns)
 
 
-#: Out of place (vmap, autograd), full/tied with D up to this: the unfolded square layout,
+#: Out of place (vmap, autograd), full family with D up to this: the unfolded square layout,
 #: built by one broadcast multiplication (the folded one costs a few slices and a
 #: concatenation: at D = 2, B = 1000 batched fits, 20 % of an EM step), for m² instead of
 #: about m²/2 columns in the GEMMs.

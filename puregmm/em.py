@@ -190,13 +190,14 @@ def sufficient_stats(
 def _tied_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None) -> Stats:
     """:func:`sufficient_stats` of the tied family: no per-component second moments.
 
-    The tied M-step needs only Σ_k S_k = Σ_n ω (y - ...)(y - ...)ᵀ summed over components, and
-    Σ_k r_nk = 1, so per chunk: the linear log-densities [K, c] (a [K, D+1] GEMM, the common
-    quadratic part added to log p only, :func:`puregmm._moments.tied_natural`), the moments
-    r [y, 1] [K, D+1] and the pooled scatter yᵀ ω y [D, D]: O(c·(K + D)·D) instead of the full
-    family's O(c·K·D²). ``xx_sum[k]`` holds S_g / K (an equal share of the pooled scatter about
-    the centre g) shifted to c_k, so that Σ_k xx_sum[k] = Σ_k S_k exactly and every consumer
-    that sums, combines or re-centres statistics per component stays exact for the sum.
+    The tied M-step needs only Σ_k S_k = Σ_k Σ_n ω r_nk (x_n - c_k)(x_n - c_k)ᵀ, and as
+    Σ_k r_nk = 1 its part about g is the pooled Σ_n ω y yᵀ. So per chunk: the linear
+    log-densities [K, c] (a [K, D+1] GEMM; the common quadratic part is added to log p only,
+    :func:`puregmm._moments.tied_natural`), the moments r [y, 1] [K, D+1] and the pooled
+    scatter yᵀ ω y [D, D]: O(c·(K + D)·D) instead of the full family's O(c·K·D²).
+    ``xx_sum[k]`` holds S_g / K (an equal share of the pooled scatter about the centre g)
+    shifted to c_k, so that Σ_k xx_sum[k] = Σ_k S_k exactly and every consumer that sums,
+    combines or re-centres statistics per component stays exact for the sum.
     """
     k, (n, d) = params.n_components, x.shape
     mdtype = mo.moment_dtype(x.dtype)
