@@ -59,6 +59,7 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from puregmm.families import LOG_2PI, upper_factor
@@ -159,16 +160,15 @@ def products(lay: Layout, x: Tensor, centre: Tensor, dtype: torch.dtype, work: W
     c, d, h = x.shape[0], lay.d, lay.h
     if work is None:  # out of place (autograd, torch.func, compile); the same layout, Tᵀ [P, c]
         yt = (x - centre).to(dtype).mT  # [D, c]
-        ones = yt.new_ones(1, c)
+        yl = F.pad(yt, (0, 0, 0, 1), value=1.0)  # [m, c]: [y, 1], one op (no ones + concatenation)
         if lay.ndim == 1:
-            return torch.cat([yt * yt, yt, ones], 0).mT
+            return torch.cat([yt * yt, yl], 0).mT
         if lay.ndim == 0:
-            return torch.cat([(yt * yt).sum(0, keepdim=True), yt, ones], 0).mT
+            return torch.cat([(yt * yt).sum(0, keepdim=True), yl], 0).mT
         if lay.square:
-            yl = torch.cat([yt, ones], 0)  # [m, c]
             return (yl.unsqueeze(1) * yl.unsqueeze(0)).reshape(-1, c).mT
         pad = max(2 * h, d + 1) - d - 1
-        yl = torch.cat([yt, ones] + ([yt.new_zeros(pad, c)] if pad else []), 0)  # [2h, c]: [y, 1, 0...]
+        yl = F.pad(yl, (0, 0, 0, pad))  # [2h, c]: [y, 1, 0...]
         parts = []  # row i of the folded block: b_j b_(i-1) for j < i, then a_i a_j for j >= i
         for i in range(h):
             if i:
@@ -320,10 +320,11 @@ class Worst:
             big = torch.finfo(ranked.dtype).max
             left = torch.nan_to_num(ranked, nan=big, posinf=big)
             picks = []
-            for _ in range(m):
+            for j in range(m):
                 pick = torch.argmin(left, 0, keepdim=True)
                 picks.append(pick)
-                left = left.scatter(0, pick, math.inf)
+                if j + 1 < m:
+                    left = left.scatter(0, pick, math.inf)
             order = torch.cat(picks)
         if order is None:
             order = torch.sort(ranked, stable=True).indices[:m]  # [m], lowest first
