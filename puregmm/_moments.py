@@ -44,7 +44,13 @@ Design decisions:
   quadratic form and the shift from g to each mean then lose only ~1e-16·(‖x - g‖/σ)² (σ the
   smallest standard deviation): float32 data keeps float64 accuracy in the E-step, also for
   clusters far apart relative to their width, where a float32 sum about any common centre
-  would lose every digit. The centre g removes any common offset first.
+  would lose every digit. The centre g removes any common offset first. The same bound is
+  the form's limit: a component whose smallest standard deviation falls below ~1e-7 of its
+  mean's distance from g (``reg_covar=0`` on degenerate data: a component on a plane of few
+  points) gets log-densities off by up to nats near its mean, and EM can then lose likelihood
+  in a step without counting a repair; the default ``reg_covar=1e-6`` keeps σ ≥ 1e-3.
+  (Weighting g towards narrow components does not help: the shift back to the other
+  components' means then cancels instead.)
 * **Chunks of a few MB, reused.** The [c, P] block and the [K, c] responsibilities stay in
   cache and, on plain eager tensors, are allocated once per call (fresh multi-MB temporaries
   are page-faulted in again on every chunk); under autograd, ``torch.func`` and

@@ -460,7 +460,9 @@ def em_step(
     Args:
         params: mixture params, optionally with leading batch dims ``B...``.
         x: data [N, D] (shared by the batch) or [B..., N, D].
-        reg_covar: non-negative value added to every variance (not checked here).
+        reg_covar: non-negative value added to every variance (not checked here); 0 on
+            degenerate data lets a component narrow until the E-step's rounding shows
+            (:mod:`puregmm._moments`, "float64 for T").
         sample_weight: [N] or [B..., N] non-negative weights acting as counts (not checked).
         return_info: also return an :class:`EMInfo`.
         chunk_size: rows per E-step chunk (default from static shapes).
