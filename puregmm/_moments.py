@@ -44,13 +44,17 @@ Design decisions:
   quadratic form and the shift from g to each mean then lose only ~1e-16·(‖x - g‖/σ)² (σ the
   smallest standard deviation): float32 data keeps float64 accuracy in the E-step, also for
   clusters far apart relative to their width, where a float32 sum about any common centre
-  would lose every digit. The centre g removes any common offset first. The same bound is
-  the form's limit: a component whose smallest standard deviation falls below ~1e-7 of its
-  mean's distance from g (``reg_covar=0`` on degenerate data: a component on a plane of few
-  points) gets log-densities off by up to nats near its mean, and EM can then lose likelihood
-  in a step without counting a repair; the default ``reg_covar=1e-6`` keeps σ ≥ 1e-3.
-  (Weighting g towards narrow components does not help: the shift back to the other
-  components' means then cancels instead.)
+  would lose every digit. The centre g removes any common offset first.
+* **Precision.** That bound is the form's limit: ⟨η_k, T(x)⟩ rounds by about
+  :func:`rounding_bound` = eps·tr P_k·(‖μ_k - g‖² + tr Σ_k) nats, ~eps·(distance / width)², which
+  passes 1e-8 for a component narrower than ~1e-4 of its mean's distance from g (or for a
+  covariance of condition number above ~1e8). Plain eager E-steps then whiten each row per
+  component instead, the way scikit-learn does (``em._whitened_stats``: rounding
+  ~eps·distance / width, not its square). Under ``vmap``, autograd and ``torch.compile`` the
+  check would be a value-dependent branch, so they keep this form and its bound. A width
+  below what float64 resolves at all (``reg_covar=0`` with a component on one point or on a
+  plane of few points) is a collapse: :func:`puregmm.m_step` widens it (see
+  :data:`POSITION_RESOLUTION`) and counts a repair.
 * **Chunks of a few MB, reused.** The [c, P] block and the [K, c] responsibilities stay in
   cache and, on plain eager tensors, are allocated once per call (fresh multi-MB temporaries
   are page-faulted in again on every chunk); under autograd, ``torch.func`` and
@@ -127,6 +131,42 @@ def centre_of(params: GMMParams) -> Tensor:
     so that y = x - g stays small for the rows that matter (an empty component far away does
     not pull it, as it would pull the plain mean of the means)."""
     return torch.softmax(params.logits.detach(), -1) @ params.means.detach()
+
+
+#: Largest rounding bound (nats, :func:`rounding_bound`) at which plain eager E-steps keep the
+#: exponential-family form; above it they whiten each row per component instead (em.py).
+MAX_ROUNDING = 1e-8
+#: A component narrower than this times the distance of its mean from the origin has collapsed
+#: below what float64 resolves (its rows minus its mean are rounding): the M-step widens it to
+#: that and counts a repair (float32 params: 10·eps of float32).
+POSITION_RESOLUTION = 1e-10
+
+
+def position_resolution(dtype: torch.dtype) -> float:
+    """:data:`POSITION_RESOLUTION`, or 10·eps of ``dtype`` when that is coarser."""
+    return max(POSITION_RESOLUTION, 10 * torch.finfo(dtype).eps)
+
+
+def rounding_bound(params: GMMParams, centre: Tensor) -> Tensor:
+    """[K] bound, in nats up to a small factor, on the rounding of ⟨η_k, T(x)⟩ for rows x that
+    component k can claim: eps·λ(P_k)·(‖μ_k - g‖² + spread²), i.e. eps·tr P_k·(‖d_k‖² + tr Σ_k)
+    for the matrix families and eps·(Σ_i d_ki²/σ_ki² + D) for the others (float64 eps: T and
+    the GEMMs are float64). Masked components get 0.
+    """
+    spec, k, d = params.spec, params.n_components, params.dim
+    raw = spec.per_component_raw(params.scale.detach(), k).to(torch.float64)
+    delta = params.means.detach().to(torch.float64) - centre.detach().to(torch.float64)  # [K, D]
+    if spec.scale_ndim == 2:
+        u = upper_factor(raw)  # [K, D, D], P = U Uᵀ
+        eye = torch.eye(d, dtype=u.dtype, device=u.device).expand_as(u)
+        u_inv = torch.linalg.solve_triangular(u, eye, upper=True)  # Σ = U⁻ᵀ U⁻¹
+        bound = u.square().sum((-2, -1)) * (delta.square().sum(-1) + u_inv.square().sum((-2, -1)))
+    else:
+        prec = torch.exp(2.0 * raw)  # [K, D] or [K]
+        scaled = prec * delta.square() if spec.scale_ndim == 1 else prec.unsqueeze(-1) * delta.square()
+        bound = scaled.sum(-1) + d
+    bound = bound * torch.finfo(torch.float64).eps
+    return torch.where(params.logits.detach() == -math.inf, torch.zeros_like(bound), bound)
 
 
 def chunk_rows(n: int, lay: Layout, chunk_size: int | None) -> int:

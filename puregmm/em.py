@@ -28,7 +28,10 @@ K-smallest merge) over rows, so ``combine`` folds chunks, shards or ranks togeth
 order, and a distributed fit all-reduces the sums and min-merges the two ``worst_*`` fields.
 
 Kernels here check static shapes only: no ``.item()``, no value-dependent branches, no boolean
-indexing, so ``torch.func.vmap`` (over stacked params and data) and ``torch.compile`` work.
+indexing, so ``torch.func.vmap`` (over stacked params and data) and ``torch.compile`` work. The
+one exception runs on plain eager tensors only: an E-step whose exponential-family form would
+round by more than 1e-8 nats (a very narrow component far from the centre) whitens each row
+per component instead (:mod:`puregmm._moments`, "Precision").
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import torch
 from torch import Tensor
 
 from puregmm import _moments as mo
-from puregmm import _validate
+from puregmm import _validate, density
 from puregmm.families import get_family
 from puregmm.params import GMMParams
 
@@ -144,16 +147,20 @@ def sufficient_stats(
     shifted exactly to each component's mean at the end. Only the [c, P] and [K, c] blocks and
     an [N] vector of log-densities exist at a time, reused chunk after chunk when nothing is
     being differentiated. ``sample_weight`` [N] (non-negative, not checked here) weights rows
-    as counts. Use ``torch.func.vmap`` for stacked params/data.
+    as counts. Use ``torch.func.vmap`` for stacked params/data. On plain eager tensors, when
+    that form would round by more than 1e-8 nats (:func:`puregmm._moments.rounding_bound`),
+    the statistics come from whitening each row per component instead (exact; slower).
     """
     if x.dim() != 2 or x.shape[-1] != params.dim:
         raise ValueError(f"x must be [N, D] with D={params.dim}; got shape {tuple(x.shape)}")
     if sample_weight is not None and sample_weight.shape != x.shape[:1]:
         raise ValueError(f"sample_weight must be [N]=({x.shape[0]},); got shape {tuple(sample_weight.shape)}")
+    plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
+    if plain and bool((mo.rounding_bound(params, mo.centre_of(params)) > mo.MAX_ROUNDING).any()):
+        return _whitened_stats(params, x, sample_weight, chunk_size)
     if params.spec.scale_ndim == 2 and not params.spec.per_component:
         return _tied_stats(params, x, sample_weight, chunk_size)
     k, (n, d) = params.n_components, x.shape
-    plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
     lay = mo.layout(params.spec.scale_ndim, d, square=not plain and d <= mo.SQUARE_MAX_D)
     mdtype = mo.moment_dtype(x.dtype)
     centre = mo.centre_of(params)  # [D], g
@@ -185,6 +192,45 @@ def sufficient_stats(
     worst_ll, worst_x = worst.result(x)
     dt = params.dtype
     return Stats(resp_sum.to(dt), x_sum.to(dt), xx_sum.to(dt), log_lik_sum.to(dt), weight_sum, worst_ll, worst_x)
+
+
+def _whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None) -> Stats:
+    """:func:`sufficient_stats` the way scikit-learn computes them, for plain eager tensors whose
+    exponential-family form would round too much (:func:`puregmm._moments.rounding_bound`: a
+    component narrower than ~1e-4 of its mean's distance from the centre, e.g. collapsing onto
+    a few points with ``reg_covar=0``): float64 log-densities by whitening each row per
+    component (:func:`puregmm.density.joint_log_prob_chunk`; rounding ~eps·‖x - μ_k‖/σ instead
+    of its square) and moments about each mean directly (K GEMMs per chunk)."""
+    spec, k, (n, d) = params.spec, params.n_components, x.shape
+    mdtype = mo.moment_dtype(x.dtype)
+    p64 = params.to(mdtype)
+    white = density.whitening(p64)
+    means = p64.means
+    shape = (k, d, d) if spec.scale_ndim == 2 else (k, d) if spec.scale_ndim == 1 else (k,)
+    n_k, x_k, s_k = (torch.zeros(sh, dtype=mdtype, device=x.device) for sh in ((k,), (k, d), shape))
+    lses: list[Tensor] = []
+    worst = mo.Worst(k)
+    rows = chunk_size if chunk_size is not None else default_chunk_size(n, k, d, params.family)
+    for start, stop in _chunks(n, int(rows)):
+        xc = x[start:stop].to(mdtype)
+        lj = density.joint_log_prob_chunk(white, xc)  # [c, K]
+        lse = torch.logsumexp(lj, 1)
+        r = torch.exp(lj - lse.unsqueeze(1))
+        ws = None if sample_weight is None else sample_weight[start:stop]
+        if ws is not None:
+            r = r * ws.to(mdtype).unsqueeze(1)
+        n_k += r.sum(0)
+        for j in range(k):
+            y = xc - means[j]
+            ry = r[:, j : j + 1] * y
+            x_k[j] += ry.sum(0)
+            s_k[j] += ry.mT @ y if spec.scale_ndim == 2 else (ry * y).sum(0) if spec.scale_ndim == 1 else (ry * y).sum()
+        lses.append(lse)
+        worst.add(mo.ranked(lse, ws), start, eager=True)
+    log_lik_sum, weight_sum = _total(torch.cat(lses), sample_weight, x)
+    worst_ll, worst_x = worst.result(x)
+    dt = params.dtype
+    return Stats(n_k.to(dt), x_k.to(dt), s_k.to(dt), log_lik_sum.to(dt), weight_sum, worst_ll, worst_x)
 
 
 def _tied_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None) -> Stats:
@@ -343,7 +389,12 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
       covariance of the non-empty components and their mean count n';
     * a covariance that is not positive definite (rounding, ``reg_covar=0`` on degenerate
       data) gets ``10·D·eps·max diag`` added to its diagonal, or failing that is replaced by
-      its floored diagonal; variances are floored at sqrt(tiny).
+      its floored diagonal; variances are floored at sqrt(tiny);
+    * a *collapsed* component (``reg_covar=0``: on one point, or on a plane of few points),
+      whose smallest variance is below what float64 resolves, is widened to it: to
+      (:data:`~puregmm._moments.POSITION_RESOLUTION`·|μ|)² per dimension (its rows minus its
+      mean are rounding below that), and for the matrix families to 10·D·eps·max variance
+      (the float64 moments' resolution: condition numbers above ~1e14).
 
     Both are counted. Never divides by zero. The constant family's ``scale`` is not updated.
 
@@ -378,6 +429,13 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
     nk_good = nk * goodf
     pool = nk_good / nk_good.sum().clamp_min(finfo.tiny)  # [K], pooling weights of the good ones
 
+    nk_new = torch.where(empty, (nk_good.sum() / n_good).expand_as(nk), nk)
+    nk_new = torch.where(active, nk_new, torch.zeros_like(nk_new))  # log 0 = -inf: masked stays masked
+    # the least variance a component can resolve at its position: below it, its rows minus its
+    # mean are rounding (a collapse onto a few points with reg_covar=0); per dimension
+    least = mo.position_resolution(params.dtype) ** 2 * means.detach().square()  # [K, D]
+    least = torch.where(active.unsqueeze(-1), least, torch.zeros_like(least))
+
     n_fixed = torch.zeros((), dtype=torch.int64, device=nk.device)
     if not spec.learned:
         scale = params.scale
@@ -392,7 +450,8 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
         cov = 0.5 * (cov + cov.mT) + reg_covar * eye
         if spec.per_component:  # masked: a placeholder that factorises, then the old scale back
             cov = torch.where(active[:, None, None], cov, eye)
-        scale, n_fixed = _raw_from_cov(cov, eps, floor)
+        lowest = least.amax(-1) if spec.per_component else least.amax()
+        scale, n_fixed = _raw_from_cov(cov, eps, floor, lowest)
         if spec.per_component:
             scale = torch.where(active[:, None, None], scale, params.scale)
     else:
@@ -406,38 +465,47 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
             else:  # shared: one variance pooled over components
                 var = (nk * var).sum() / nk.sum()
         var = var + reg_covar
-        small = var < floor
+        if spec.scale_ndim == 1:
+            lim = least
+        else:
+            lim = least.amax(-1) if spec.per_component else least.amax()
+        lim = lim.clamp_min(floor)
+        small = var < lim
         if spec.per_component:
             small = small & active.reshape((k,) + (1,) * (small.dim() - 1))
         n_fixed = small.reshape(k if spec.per_component else 1, -1).any(-1).sum()
-        scale = -0.5 * torch.log(torch.where(small, torch.full_like(var, floor), var))
+        scale = -0.5 * torch.log(torch.where(small, lim, var))
         if spec.per_component:
             scale = torch.where(active.reshape((k,) + (1,) * (scale.dim() - 1)), scale, params.scale)
 
-    nk = torch.where(empty, (nk_good.sum() / n_good).expand_as(nk), nk)
-    nk = torch.where(active, nk, torch.zeros_like(nk))  # log 0 = -inf: masked stays masked
-    logits = torch.log(nk) - torch.log(nk.sum())
+    logits = torch.log(nk_new) - torch.log(nk_new.sum())
     new = GMMParams(logits, means, scale, params.family)
     if return_info:
         return new, empty.sum() + n_fixed
     return new
 
 
-def _raw_from_cov(cov: Tensor, eps: float, floor: float) -> tuple[Tensor, Tensor]:
+def _raw_from_cov(cov: Tensor, eps: float, floor: float, lowest: Tensor) -> tuple[Tensor, Tensor]:
     """The matrix families' ``raw`` (see :mod:`puregmm.families`) from covariances [..., D, D],
-    repairing (and counting) the ones whose Cholesky factorisation fails."""
+    repairing (and counting) the ones whose Cholesky factorisation fails and widening (by j·I,
+    counted) the numerically singular ones: a Cholesky pivot L_ii² (each at least λ_min) below
+    ``lowest`` [...] (the position's resolution) or below 10·D·eps₆₄ times the largest
+    variance (what the float64 moments resolve)."""
     d = cov.shape[-1]
     eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
     diag = torch.diagonal(cov, dim1=-2, dim2=-1)  # [..., D]
     chol, info = torch.linalg.cholesky_ex(cov)
-    jitter = 10 * d * eps * diag.amax(-1).clamp_min(floor) + floor  # [...]
+    limit = torch.maximum(lowest.to(cov.dtype), 10 * d * torch.finfo(torch.float64).eps * diag.amax(-1))
+    pivot = torch.diagonal(chol, dim1=-2, dim2=-1).square().amin(-1)
+    redo = (info != 0) | ~(pivot >= limit)  # NaN counts as singular
+    jitter = torch.where(info != 0, 10 * d * eps * diag.amax(-1).clamp_min(floor) + floor, 0.0)
+    jitter = jitter + torch.where(redo, d * limit, 0.0)  # then λ_min >= D·limit
     chol2, info2 = torch.linalg.cholesky_ex(cov + jitter[..., None, None] * eye)
     chol3 = torch.diag_embed(diag.clamp_min(floor).sqrt())
-    bad, bad2 = (info != 0)[..., None, None], (info2 != 0)[..., None, None]
-    chol = torch.where(bad, torch.where(bad2, chol3, chol2), chol)
+    chol = torch.where(redo[..., None, None], torch.where((info2 != 0)[..., None, None], chol3, chol2), chol)
     u = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).mT  # U = L⁻ᵀ
     raw = torch.triu(u, 1) + torch.diag_embed(torch.log(torch.diagonal(u, dim1=-2, dim2=-1)))
-    return raw, (info != 0).sum()
+    return raw, redo.sum()
 
 
 def em_step(
@@ -460,9 +528,9 @@ def em_step(
     Args:
         params: mixture params, optionally with leading batch dims ``B...``.
         x: data [N, D] (shared by the batch) or [B..., N, D].
-        reg_covar: non-negative value added to every variance (not checked here); 0 on
-            degenerate data lets a component narrow until the E-step's rounding shows
-            (:mod:`puregmm._moments`, "float64 for T").
+        reg_covar: non-negative value added to every variance (not checked here); with 0,
+            a component that collapses onto a few points is widened to what float64 resolves
+            and counted (:func:`m_step`).
         sample_weight: [N] or [B..., N] non-negative weights acting as counts (not checked).
         return_info: also return an :class:`EMInfo`.
         chunk_size: rows per E-step chunk (default from static shapes).

@@ -292,3 +292,99 @@ def _worst_rows(r: torch.Tensor, k: int) -> torch.Tensor:
     w = _moments.Worst(k)
     w.add(r, 0)
     return w.rows[0]
+
+
+# --- narrow components: the whitened fallback and the collapse repair ------------------------------
+
+
+def _narrow(family: str, width: float = 1e-5) -> tuple[pg.GMMParams, torch.Tensor]:
+    """Two clusters of 40 points, 36 apart, each of standard deviation ``width``, and params one
+    step from their moments (means off by width/2, covariances width²·I)."""
+    g = torch.Generator().manual_seed(4)
+    centres = torch.tensor([[0.0, 0.0], [30.0, 20.0]], dtype=torch.float64)
+    x = (centres.repeat_interleave(40, 0) + width * torch.randn(80, 2, generator=g, dtype=torch.float64))[
+        torch.randperm(80, generator=g)
+    ]
+    cov = (width**2 * torch.eye(2, dtype=torch.float64)).expand(2, 2, 2)
+    weights = torch.tensor([0.4, 0.6], dtype=torch.float64)
+    return pg.from_moments(weights, centres + 0.5 * width, cov, family), x
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+def test_narrow_far_components_get_exact_stats(family: str) -> None:
+    """Components 1e6 widths from the centre: the exponential-family form would round by
+    ~eps·(18/1e-5)² = 7e-4 nats, so eager E-steps whiten each row per component instead: the
+    statistics equal the naive per-component loop at 1e-8."""
+    p, x = _narrow(family)
+    assert float(_moments.rounding_bound(p, _moments.centre_of(p)).max()) > _moments.MAX_ROUNDING
+    assert_stats_match(em.sufficient_stats(p, x), naive_stats(p, x), rtol=1e-8)
+    assert_stats_match(em.sufficient_stats(p, x, chunk_size=7), naive_stats(p, x), rtol=1e-8)
+    info = pg.em_step(p, x, reg_covar=0.0, return_info=True)[1]
+    torch.testing.assert_close(info.log_likelihood, -pg.loss(p, x), rtol=1e-10, atol=0)
+
+
+def test_narrow_far_components_step_like_sklearn() -> None:
+    """Three EM steps without regularisation on the narrow clusters equal scikit-learn's (full:
+    its M-step takes each covariance about its own mean; its tied/diag/spherical M-steps use
+    E[x x] - μ μ, which loses every digit here, so those are held against the naive loop above)."""
+    from tests.oracles import sk_covariances_full, sklearn_em
+
+    p0, x = _narrow("full")
+    p = p0
+    for _ in range(3):
+        p, info = pg.em_step(p, x, reg_covar=0.0, return_info=True)
+        assert int(info.n_resets) == 0
+    gm = sklearn_em(p0, x, 3, reg_covar=0.0)
+    np.testing.assert_allclose(to_np(pg.weights(p)), gm.weights_, rtol=1e-9)
+    np.testing.assert_allclose(to_np(p.means), gm.means_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(to_np(pg.covariances(p)), sk_covariances_full(gm, 2, 2), rtol=1e-7, atol=1e-20)
+
+
+def _collapsing(family: str) -> tuple[pg.GMMParams, torch.Tensor]:
+    """30 points of N(0, I₃) and one lone point at (4, 4, 4) that a component sits on."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(30, 3, generator=g, dtype=torch.float64), torch.full((1, 3), 4.0, dtype=torch.float64)])
+    cov = torch.stack([torch.eye(3, dtype=torch.float64), 1e-6 * torch.eye(3, dtype=torch.float64)])
+    means = torch.stack([torch.zeros(3, dtype=torch.float64), torch.full((3,), 4.0 + 1e-4, dtype=torch.float64)])
+    return pg.from_moments(torch.tensor([0.9, 0.1], dtype=torch.float64), means, cov, family), x
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
+def test_collapse_onto_one_point_is_repaired_and_counted(family: str) -> None:
+    """Without regularisation a component on one point collapses: its variance would be the
+    rounding of (x - μ)² (~1e-37), which no float64 E-step resolves. The M-step widens it to
+    (1e-10·‖μ‖)² and counts a repair; everything stays finite and EM goes on."""
+    p, x = _collapsing(family)
+    p = pg.em_step(p, x, reg_covar=0.0)  # the mean lands on the point; its variance is ~1e-15 of rounding
+    assert float(pg.covariances(p)[1].diagonal().max()) < 1e-12
+    least = (_moments.POSITION_RESOLUTION**2) * float(x[-1].square().max())
+    for _ in range(3):
+        p, info = pg.em_step(p, x, reg_covar=0.0, return_info=True)
+        assert int(info.n_resets) == 1
+        assert torch.isfinite(info.log_likelihood) and all(torch.isfinite(t).all() for t in (p.means, p.scale))
+        var = torch.linalg.eigvalsh(pg.covariances(p)[1])
+        assert least * (1 - 1e-9) <= float(var.min()) and float(var.max()) <= 10 * least
+    torch.testing.assert_close(p.means[1], x[-1], rtol=0, atol=1e-12)
+
+
+def test_numerically_singular_covariance_is_repaired_and_counted() -> None:
+    """Three points in 3-D span a plane: without regularisation the component on them gets a
+    covariance whose smallest eigenvalue is rounding (~1e-17 of the largest). The M-step adds
+    D·10·D·eps·max variance to it, counted; EM never loses likelihood in uncounted steps."""
+    g = torch.Generator().manual_seed(6)
+    plane = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64) + 5.0
+    x = torch.cat([torch.randn(25, 3, generator=g, dtype=torch.float64), plane])
+    cov = torch.stack([torch.eye(3, dtype=torch.float64), 0.3 * torch.eye(3, dtype=torch.float64)])
+    means = torch.stack([torch.zeros(3, dtype=torch.float64), plane.mean(0)])
+    p = pg.from_moments(torch.tensor([0.9, 0.1], dtype=torch.float64), means, cov, "full")
+    counted, last = 0, float(-pg.loss(p, x))
+    for _ in range(12):
+        p, info = pg.em_step(p, x, reg_covar=0.0, return_info=True)
+        now = float(-pg.loss(p, x))
+        counted += int(info.n_resets)
+        if int(info.n_resets) == 0:
+            assert now >= last - 1e-10 * abs(last), (now, last)
+        last = now
+        eig = torch.linalg.eigvalsh(pg.covariances(p)[1])
+        assert float(eig[0]) >= 10 * torch.finfo(torch.float64).eps * float(eig[-1])
+    assert counted >= 1
