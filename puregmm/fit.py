@@ -278,7 +278,11 @@ def fit_batched(
 
     The same kernels as :func:`fit` run under ``torch.func.vmap``; each dataset stops updating
     once it has converged, so dataset b's result equals ``fit(xs[b][mask[b]], ..., key=...)``
-    (full-batch; mini-batches also draw padded rows).
+    (full-batch; mini-batches also draw padded rows). One exception: where a component gets
+    narrower than ~1e-4 of its mean's distance from the data's centre (``reg_covar=0`` on
+    degenerate data), a single eager fit switches its E-step to per-component whitening and a
+    vmapped one cannot, so the two then agree only to ~1e-16·(distance / width)² nats
+    (:mod:`puregmm._moments`, "Precision").
 
     Args:
         xs: [B, N, D] data (``x.expand(B, -1, -1)`` fits one dataset B times without a copy).
