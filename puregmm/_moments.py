@@ -136,10 +136,14 @@ def centre_of(params: GMMParams) -> Tensor:
 #: Largest rounding bound (nats, :func:`rounding_bound`) at which plain eager E-steps keep the
 #: exponential-family form; above it they whiten each row per component instead (em.py).
 MAX_ROUNDING = 1e-8
-#: A component narrower than this times the distance of its mean from the origin has collapsed
-#: below what float64 resolves (its rows minus its mean are rounding): the M-step widens it to
-#: that and counts a repair (float32 params: 10·eps of float32).
-POSITION_RESOLUTION = 1e-10
+#: A component narrower than this times the distance of its mean from the origin (~4500 float64
+#: ulps of its position) has collapsed below what float64 resolves: its rows minus its mean are
+#: mostly rounding. The M-step widens it to that and counts a repair (float32 params: 10·eps of
+#: float32, the resolution of their means). At this width the rounding of x - μ (half an ulp
+#: of |μ|) moves the variance by ~2e-4 of itself; narrower, rounding decides it (a component on
+#: one point gets ~1e-37 with ``reg_covar=0``) and the likelihood is the singularity's, not the
+#: data's: the repair makes the result well defined and tells the user (``n_resets``).
+POSITION_RESOLUTION = 1e-12
 
 
 def position_resolution(dtype: torch.dtype) -> float:

@@ -353,7 +353,7 @@ def _collapsing(family: str) -> tuple[pg.GMMParams, torch.Tensor]:
 def test_collapse_onto_one_point_is_repaired_and_counted(family: str) -> None:
     """Without regularisation a component on one point collapses: its variance would be the
     rounding of (x - μ)² (~1e-37), which no float64 E-step resolves. The M-step widens it to
-    (1e-10·‖μ‖)² and counts a repair; everything stays finite and EM goes on."""
+    (POSITION_RESOLUTION·max |μ_i|)² and counts a repair; everything stays finite and EM goes on."""
     p, x = _collapsing(family)
     p = pg.em_step(p, x, reg_covar=0.0)  # the mean lands on the point; its variance is ~1e-15 of rounding
     assert float(pg.covariances(p)[1].diagonal().max()) < 1e-12
