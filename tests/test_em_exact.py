@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -321,6 +323,14 @@ def test_narrow_far_components_get_exact_stats(family: str) -> None:
     assert_stats_match(em.sufficient_stats(p, x, chunk_size=7), naive_stats(p, x), rtol=1e-8)
     info = pg.em_step(p, x, reg_covar=0.0, return_info=True)[1]
     torch.testing.assert_close(info.log_likelihood, -pg.loss(p, x), rtol=1e-10, atol=0)
+    # with weights (zeros among them: padding) and a masked component (weight 0)
+    w = torch.rand(80, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    w[::7] = 0.0
+    padded = pg.pad_components(p, 3)
+    with np.errstate(divide="ignore"):  # log 0 of the masked component's weight
+        ref = naive_stats(padded, x, w)
+    assert_stats_match(em.sufficient_stats(padded, x, w), ref, rtol=1e-8)
+    assert float(pg.em_step(padded, x, sample_weight=w, reg_covar=0.0).logits[-1]) == -math.inf
 
 
 def test_narrow_far_components_step_like_sklearn() -> None:
