@@ -391,12 +391,13 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
       data) gets ``10·D·eps·max diag`` added to its diagonal, or failing that is replaced by
       its floored diagonal; variances are floored at sqrt(tiny);
     * a *collapsed* component (``reg_covar=0``: on one point, or on a plane of few points),
-      whose smallest variance is below what float64 resolves, is widened to it: to
-      (:data:`~puregmm._moments.POSITION_RESOLUTION`·|μ|)² per dimension (its rows minus its
-      mean are rounding below that), and for the matrix families to 10·D·eps·max variance
-      (the float64 moments' resolution: condition numbers above ~1e14).
+      whose smallest variance is below what float64 resolves, is widened: a variance below
+      (:data:`~puregmm._moments.POSITION_RESOLUTION`·|μ_i|)² (its rows minus its mean are
+      rounding there) is raised to it; for the matrix families a Cholesky pivot below that or
+      below 10·D·eps·max variance (the float64 moments' resolution: condition numbers above
+      ~1e14) adds D times the larger of the two to the diagonal.
 
-    Both are counted. Never divides by zero. The constant family's ``scale`` is not updated.
+    All are counted. Never divides by zero. The constant family's ``scale`` is not updated.
 
     A component whose logit is -inf is *masked*: weight 0, never re-seeded, its mean and scale
     kept as they are. Padding a K-component fit to K_max components this way gives the
