@@ -224,13 +224,20 @@ def _whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, 
             y = xc - means[j]
             ry = r[:, j : j + 1] * y
             x_k[j] += ry.sum(0)
-            s_k[j] += ry.mT @ y if spec.scale_ndim == 2 else (ry * y).sum(0) if spec.scale_ndim == 1 else (ry * y).sum()
+            s_k[j] += _scatter(spec.scale_ndim, ry, y)
         lses.append(lse)
         worst.add(mo.ranked(lse, ws), start, eager=True)
     log_lik_sum, weight_sum = _total(torch.cat(lses), sample_weight, x)
     worst_ll, worst_x = worst.result(x)
     dt = params.dtype
     return Stats(n_k.to(dt), x_k.to(dt), s_k.to(dt), log_lik_sum.to(dt), weight_sum, worst_ll, worst_x)
+
+
+def _scatter(ndim: int, wy: Tensor, y: Tensor) -> Tensor:
+    """Σ_n wy_n y_nᵀ [D, D], its diagonal [D] or its trace [] for a family's ``scale_ndim``."""
+    if ndim == 2:
+        return wy.mT @ y
+    return (wy * y).sum(0) if ndim == 1 else (wy * y).sum()
 
 
 def _tied_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None) -> Stats:
@@ -364,12 +371,7 @@ def label_stats(
         wy = y if sample_weight is None else y * sample_weight.index_select(0, rows).to(mdtype).unsqueeze(1)
         n_k.append(wy.new_tensor(float(size)) if sample_weight is None else sample_weight.index_select(0, rows).sum())
         x_k.append(wy.sum(0))
-        if spec.scale_ndim == 2:
-            s_k.append(wy.mT @ y)
-        elif spec.scale_ndim == 1:
-            s_k.append((wy * y).sum(0))
-        else:
-            s_k.append((wy * y).sum())
+        s_k.append(_scatter(spec.scale_ndim, wy, y))
     worst = mo.Worst(k)
     worst.add(mo.ranked(score, sample_weight), 0, eager=True)
     worst_ll, worst_x = worst.result(x)
