@@ -156,14 +156,14 @@ def sufficient_stats(
     if sample_weight is not None and sample_weight.shape != x.shape[:1]:
         raise ValueError(f"sample_weight must be [N]=({x.shape[0]},); got shape {tuple(sample_weight.shape)}")
     plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
-    if plain and bool((mo.rounding_bound(params, mo.centre_of(params)) > mo.MAX_ROUNDING).any()):
+    centre = mo.centre_of(params)  # [D], g
+    if plain and bool((mo.rounding_bound(params, centre) > mo.MAX_ROUNDING).any()):
         return _whitened_stats(params, x, sample_weight, chunk_size)
     if params.spec.scale_ndim == 2 and not params.spec.per_component:
         return _tied_stats(params, x, sample_weight, chunk_size)
     k, (n, d) = params.n_components, x.shape
     lay = mo.layout(params.spec.scale_ndim, d, square=not plain and d <= mo.SQUARE_MAX_D)
     mdtype = mo.moment_dtype(x.dtype)
-    centre = mo.centre_of(params)  # [D], g
     eta = mo.natural(params, centre, mdtype, lay)  # [K, P]
     rows = mo.chunk_rows(n, lay, chunk_size)
     work = mo.Work(lay, rows, k, x, mdtype) if plain else None
