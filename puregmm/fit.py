@@ -478,6 +478,7 @@ def _run(
         "tol": cfg.tol,
         "batch_size": cfg.batch_size,
         "reg_covar": cfg.reg_covar,
+        "keys": run_keys.tolist(),  # the key is part of the fit's identity: resuming under another key is refused
     }
     loop_args = dict(
         progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, meta=meta
