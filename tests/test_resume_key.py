@@ -7,6 +7,7 @@ import puregmm as pg
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # max_steps is hit on purpose
 
+
 @pytest.mark.parametrize("method", ["em", "gd"])
 def test_resume_with_another_key_raises(tmp_path, method):
     x = torch.randn(60, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
