@@ -38,7 +38,20 @@ def _per_batch(params: GMMParams, x: Tensor, fn: Callable[[GMMParams, Tensor], T
 
 
 def score_samples(params: GMMParams, x: Any) -> Tensor:
-    """log p(x_n) [..., N]; the same as :func:`puregmm.log_prob`."""
+    """log p(x_n) [..., N]; the same as :func:`puregmm.log_prob`.
+
+    Args:
+        params: mixture params, optionally batched [B..., ...].
+        x: data [N, D] or [B..., N, D] (array-likes are converted to the params' dtype).
+
+    Returns:
+        the log-density of each row, [N] (or [B..., N]).
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> pg.score_samples(p, [[0.0], [2.4], [5.0]])
+    tensor([-1.6121, -4.0180, -1.6121])
+    """
     return log_prob(params, _data(params, x))
 
 
@@ -65,18 +78,53 @@ def score(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
         params: mixture params.
         x: data [N, D].
         sample_weight: optional [N] non-negative weights, not all zero (checked).
+
+    Returns:
+        Σ ω log p(x_n) / Σ ω: 0-d, or [B...] for batched params.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> pg.score(p, [[0.0], [2.4], [5.0]])
+    tensor(-2.4141)
     """
     total, count = _log_lik_and_count(params, x, sample_weight)
     return total / count
 
 
 def predict_proba(params: GMMParams, x: Any) -> Tensor:
-    """Responsibilities p(k | x_n) [..., N, K] = softmax_k(log w_k + log N(x_n | μ_k, Σ_k))."""
+    """Responsibilities p(k | x_n) [..., N, K] = softmax_k(log w_k + log N(x_n | μ_k, Σ_k)).
+
+    Args:
+        params: mixture params, optionally batched [B..., ...].
+        x: data [N, D] or [B..., N, D].
+
+    Returns:
+        [N, K] (or [B..., N, K]), each row summing to 1.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> pg.predict_proba(p, [[0.0], [2.4]]).round(decimals=3)
+    tensor([[1.0000, 0.0000],
+            [0.6220, 0.3780]])
+    """
     return _per_batch(params, _data(params, x), lambda p, xs: torch.softmax(component_log_prob(p, xs), -1))
 
 
 def predict(params: GMMParams, x: Any) -> Tensor:
-    """Most probable component [..., N] (int64), argmax_k of :func:`predict_proba`."""
+    """Most probable component [..., N] (int64), argmax_k of :func:`predict_proba`.
+
+    Args:
+        params: mixture params, optionally batched [B..., ...].
+        x: data [N, D] or [B..., N, D].
+
+    Returns:
+        component indices [N] (or [B..., N]), int64.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> pg.predict(p, [[0.0], [2.4], [5.0]])
+    tensor([0, 0, 1])
+    """
     return _per_batch(params, _data(params, x), lambda p, xs: component_log_prob(p, xs).argmax(-1))
 
 
@@ -85,7 +133,17 @@ def n_parameters(params: GMMParams) -> Any:
     (full K·D(D+1)/2, tied D(D+1)/2, diagonal K·D, isotropic K, shared 1, constant 0).
 
     K counts live components only (masked ones, logit -inf, see :func:`puregmm.pad_components`).
-    An int for unbatched params; an int64 tensor of the batch shape for batched ones.
+
+    Args:
+        params: mixture params, optionally batched.
+
+    Returns:
+        an int for unbatched params; an int64 tensor of the batch shape for batched ones.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.full((3,), 1 / 3), torch.zeros(3, 2), torch.eye(2).expand(3, 2, 2))
+    >>> pg.n_parameters(p)  # 2 weights + 6 means + 3 · 3 covariance entries
+    17
     """
     d, spec = params.dim, params.spec
     live = (params.logits != -math.inf).sum(-1)  # [B...]
@@ -99,13 +157,41 @@ def bic(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
     """Bayesian information criterion, -2 Σ ω log p(x) + p·log(Σ ω) (lower is better).
 
     Without weights Σ ω = N: scikit-learn's ``bic``. (Schwarz 1978.)
+
+    Args:
+        params: mixture params, optionally batched (p counts live components per batch entry).
+        x: data [N, D] (or [B..., N, D]).
+        sample_weight: optional [N] non-negative weights, not all zero (checked).
+
+    Returns:
+        0-d, or [B...] for batched params.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> x = torch.tensor([[0.0], [2.4], [5.0]])
+    >>> pg.bic(p, x), -2 * 3 * pg.score(p, x) + 5 * torch.log(torch.tensor(3.0))
+    (tensor(19.9774), tensor(19.9774))
     """
     total, count = _log_lik_and_count(params, x, sample_weight)
     return -2.0 * total + n_parameters(params) * torch.log(count)
 
 
 def aic(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
-    """Akaike information criterion, -2 Σ ω log p(x) + 2p (lower is better; Akaike 1974)."""
+    """Akaike information criterion, -2 Σ ω log p(x) + 2p (lower is better; Akaike 1974).
+
+    Args:
+        params: mixture params, optionally batched.
+        x: data [N, D] (or [B..., N, D]).
+        sample_weight: optional [N] non-negative weights, not all zero (checked).
+
+    Returns:
+        0-d, or [B...] for batched params.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> pg.aic(p, [[0.0], [2.4], [5.0]])  # p = 5 free parameters
+    tensor(24.4843)
+    """
     total, _ = _log_lik_and_count(params, x, sample_weight)
     return -2.0 * total + 2.0 * n_parameters(params)
 
@@ -117,6 +203,11 @@ def sample(params: GMMParams, n: int, *, key: Any) -> tuple[Tensor, Tensor]:
     the weights at u_i = uniform(key, 0, i); ε_i [D] are standard normals by Box–Muller from
     uniform(key, 1, i, j) and uniform(key, 2, i, j) (32-bit uniforms, so |ε| ≤ 6.7).
     Same key, same output. The params must be unbatched.
+
+    Args:
+        params: unbatched mixture params.
+        n: a positive int, the number of draws.
+        key: int or 0-d int64 tensor.
 
     Returns:
         x [n, D] in the params' dtype and labels [n] int64.

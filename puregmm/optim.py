@@ -22,19 +22,54 @@ LearningRate = Union[float, Schedule]
 
 
 class Optimizer(NamedTuple):
-    """A pair of pure functions; see the module docstring."""
+    """A pair of pure functions; see the module docstring.
+
+    Attributes:
+        init: ``init(params) -> state``, the optimiser's state for a params pytree.
+        update: ``update(grads, state, params) -> (updates, state)``; add the updates with
+            :func:`apply_updates`.
+
+    >>> import torch, puregmm as pg
+    >>> opt = pg.sgd(0.5)
+    >>> p = torch.tensor([2.0])
+    >>> u, s = opt.update(2 * p, opt.init(p), p)  # gradient of p²
+    >>> pg.apply_updates(p, u), s.count
+    (tensor([0.]), tensor(1))
+    """
 
     init: Callable[[Any], Any]
     update: Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
 class AdamState(NamedTuple):
+    """The state of :func:`adam`: a pytree, so it vmaps and checkpoints with the params.
+
+    Attributes:
+        count: 0-d int64, updates taken (the learning-rate schedule's argument).
+        mu: first moments (mean of the gradients), the params' pytree.
+        nu: second moments (mean of the squared gradients), the params' pytree.
+
+    >>> import torch, puregmm as pg
+    >>> pg.adam().init({"w": torch.zeros(2)})
+    AdamState(count=tensor(0), mu={'w': tensor([0., 0.])}, nu={'w': tensor([0., 0.])})
+    """
+
     count: Tensor  # type: ignore[assignment]  # 0-d int64, steps taken (shadows tuple.count)
     mu: Any  # first moments, same pytree as params
     nu: Any  # second moments
 
 
 class SgdState(NamedTuple):
+    """The state of :func:`sgd`.
+
+    Attributes:
+        count: 0-d int64, updates taken (the learning-rate schedule's argument).
+
+    >>> import torch, puregmm as pg
+    >>> pg.sgd().init(torch.zeros(2))
+    SgdState(count=tensor(0))
+    """
+
     count: Tensor  # type: ignore[assignment]  # shadows tuple.count
 
 
@@ -47,6 +82,15 @@ def adam(learning_rate: LearningRate = 1e-3, b1: float = 0.9, b2: float = 0.999,
 
         m ← b1 m + (1 - b1) g;   v ← b2 v + (1 - b2) g²
         update = -lr · m̂ / (√v̂ + eps),  m̂ = m / (1 - b1ᵗ),  v̂ = v / (1 - b2ᵗ)
+
+    Args:
+        learning_rate: a float, or a schedule ``count -> lr`` such as :func:`cosine_decay`.
+        b1: decay of the first moment.
+        b2: decay of the second moment.
+        eps: added to √v̂ (not checked).
+
+    Returns:
+        an :class:`Optimizer` whose state is an :class:`AdamState`.
 
     >>> import torch, puregmm as pg
     >>> opt = pg.adam(0.1)
@@ -76,7 +120,21 @@ def adam(learning_rate: LearningRate = 1e-3, b1: float = 0.9, b2: float = 0.999,
 
 
 def sgd(learning_rate: LearningRate = 1e-2) -> Optimizer:
-    """Plain gradient descent: update = -lr · g."""
+    """Plain gradient descent: update = -lr · g.
+
+    Args:
+        learning_rate: a float, or a schedule ``count -> lr`` such as :func:`cosine_decay`.
+
+    Returns:
+        an :class:`Optimizer` whose state is an :class:`SgdState`.
+
+    >>> import torch, puregmm as pg
+    >>> opt = pg.sgd(0.1)
+    >>> p = torch.tensor([1.0])
+    >>> u, _ = opt.update(2 * p, opt.init(p), p)  # gradient of p²
+    >>> pg.apply_updates(p, u)
+    tensor([0.8000])
+    """
 
     def init(params: Any) -> SgdState:
         return SgdState(torch.zeros((), dtype=torch.int64))
@@ -89,7 +147,19 @@ def sgd(learning_rate: LearningRate = 1e-2) -> Optimizer:
 
 
 def apply_updates(params: Any, updates: Any) -> Any:
-    """``params + updates`` leaf by leaf (a new pytree; inputs are unchanged)."""
+    """``params + updates`` leaf by leaf (a new pytree; inputs are unchanged).
+
+    Args:
+        params: a pytree of tensors (e.g. :class:`puregmm.GMMParams`).
+        updates: the same pytree, e.g. from ``Optimizer.update``; cast to each param's dtype.
+
+    Returns:
+        the updated pytree.
+
+    >>> import torch, puregmm as pg
+    >>> pg.apply_updates({"a": torch.ones(2)}, {"a": torch.tensor([0.5, -1.0])})
+    {'a': tensor([1.5000, 0.0000])}
+    """
     return tree_map2(lambda p, u: p + u.to(p.dtype), params, updates)
 
 
@@ -98,6 +168,20 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, warmup
 
     A linear warm-up over ``warmup_steps`` W (so a good initialisation is not kicked away by
     Adam's first, full-size steps), then a cosine decay over ``decay_steps`` T, then flat.
+
+    Args:
+        init_value: the peak learning rate.
+        decay_steps: T > 0, steps from the peak to ``alpha · init_value`` (not checked).
+        alpha: the final fraction of ``init_value``.
+        warmup_steps: W, steps of the linear warm-up (0: none).
+
+    Returns:
+        a schedule: 0-d int64 step count -> 0-d float64 learning rate.
+
+    >>> import torch, puregmm as pg
+    >>> lr = pg.cosine_decay(0.1, 100, alpha=0.01)
+    >>> [round(float(lr(torch.tensor(t))), 4) for t in (0, 50, 100, 1000)]
+    [0.1, 0.0505, 0.001, 0.001]
     """
 
     def schedule(count: Tensor) -> Tensor:
