@@ -30,6 +30,14 @@ class GMMParams:
         means: [..., K, D] component means.
         scale: the family's unconstrained precision factor (shape in :mod:`puregmm.families`).
         family: one of :data:`puregmm.FAMILIES`; static, not a tensor leaf.
+
+    Build them with :func:`puregmm.from_moments`, :func:`puregmm.init` or a fit; the
+    constructor checks nothing.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.GMMParams(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3), "diagonal")
+    >>> p, p.n_components, p.dim, pg.weights(p)
+    (GMMParams(family='diagonal', K=2, D=3, dtype=float32, device=cpu), 2, 3, tensor([0.5000, 0.5000]))
     """
 
     logits: Tensor
@@ -112,6 +120,15 @@ def from_moments(weights: Any, means: Any, covariances: Any, family: str = "full
     equal across components for ``tied``/``shared``/``constant``, multiples of the identity
     for ``isotropic``/``shared``/``constant``), within 1e-8 relative.
 
+    Args:
+        weights: [K] positive mixture weights summing to 1.
+        means: [K, D] component means.
+        covariances: [K, D, D] symmetric positive definite component covariances.
+        family: one of :data:`puregmm.FAMILIES`.
+
+    Returns:
+        unbatched :class:`GMMParams` in the dtype of the inputs.
+
     Raises:
         ValueError: weights not positive or not summing to 1 (within 1e-6), covariances not
             symmetric positive definite or not of the family's structure, or shapes that
@@ -139,6 +156,16 @@ def pad_components(params: GMMParams, n_components: int) -> GMMParams:
     leaf finite). This is how mixtures with different K share one batch
     (:func:`puregmm.fit_batched` with one K per dataset).
 
+    Args:
+        params: mixture params with K components, any batch dims.
+        n_components: the new number of components, an int >= K.
+
+    Returns:
+        params with ``n_components`` components (``params`` itself when it equals K).
+
+    Raises:
+        ValueError: ``n_components`` not an int >= K.
+
     >>> import torch, puregmm as pg
     >>> p = pg.pad_components(pg.from_moments(torch.ones(2) / 2, torch.zeros(2, 1), torch.ones(2, 1, 1)), 3)
     >>> pg.weights(p)
@@ -162,23 +189,76 @@ def pad_components(params: GMMParams, n_components: int) -> GMMParams:
 
 
 def weights(params: GMMParams) -> Tensor:
-    """Mixture weights [..., K] (softmax of the logits)."""
+    """Mixture weights [..., K] (softmax of the logits).
+
+    Args:
+        params: mixture params, any batch dims.
+
+    Returns:
+        [..., K], summing to 1 over K (masked components: 0).
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.25, 0.75]), torch.zeros(2, 1), torch.ones(2, 1, 1))
+    >>> pg.weights(p)
+    tensor([0.2500, 0.7500])
+    """
     return torch.softmax(params.logits, dim=-1)
 
 
 def means(params: GMMParams) -> Tensor:
-    """Component means [..., K, D]."""
+    """Component means [..., K, D].
+
+    Args:
+        params: mixture params, any batch dims.
+
+    Returns:
+        ``params.means`` [..., K, D] (the same tensor, not a copy).
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.25, 0.75]), torch.tensor([[0.0], [3.0]]), torch.ones(2, 1, 1))
+    >>> pg.means(p)
+    tensor([[0.],
+            [3.]])
+    """
     return params.means
 
 
 def covariances(params: GMMParams) -> Tensor:
-    """Component covariances [..., K, D, D], expanded to full matrices for every family."""
+    """Component covariances [..., K, D, D], expanded to full matrices for every family.
+
+    Args:
+        params: mixture params, any batch dims.
+
+    Returns:
+        Σ_k [..., K, D, D] (the shared matrix repeated K times for tied/shared/constant).
+
+    >>> import torch, puregmm as pg
+    >>> cov = torch.diag_embed(torch.tensor([[4.0, 1.0], [1.0, 0.25]]))  # [2, 2, 2]
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.zeros(2, 2), cov, "diagonal")
+    >>> pg.covariances(p)[0]
+    tensor([[4., 0.],
+            [0., 1.]])
+    """
     return _per_batch(params, lambda p: p.spec.covariances(p.scale, p.n_components, p.dim))
 
 
 def precision_cholesky(params: GMMParams) -> Tensor:
     """Upper factors U [..., K, D, D] with precision = U Uᵀ (scikit-learn's
-    ``precisions_cholesky_``, expanded to full matrices for every family)."""
+    ``precisions_cholesky_``, expanded to full matrices for every family).
+
+    Args:
+        params: mixture params, any batch dims.
+
+    Returns:
+        upper-triangular U_k [..., K, D, D] with a positive diagonal.
+
+    >>> import torch, puregmm as pg
+    >>> cov = torch.diag_embed(torch.tensor([[4.0, 1.0], [1.0, 0.25]]))  # [2, 2, 2]
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.zeros(2, 2), cov, "diagonal")
+    >>> pg.precision_cholesky(p)[0]  # Σ⁻¹ = U Uᵀ = diag(1/4, 1)
+    tensor([[0.5000, 0.0000],
+            [0.0000, 1.0000]])
+    """
 
     def one(p: GMMParams) -> Tensor:
         raw = p.spec.per_component_raw(p.scale, p.n_components)
@@ -188,7 +268,21 @@ def precision_cholesky(params: GMMParams) -> Tensor:
 
 
 def precisions(params: GMMParams) -> Tensor:
-    """Precision matrices [..., K, D, D] = U Uᵀ."""
+    """Precision matrices [..., K, D, D] = U Uᵀ.
+
+    Args:
+        params: mixture params, any batch dims.
+
+    Returns:
+        Σ_k⁻¹ [..., K, D, D].
+
+    >>> import torch, puregmm as pg
+    >>> cov = torch.diag_embed(torch.tensor([[4.0, 1.0], [1.0, 0.25]]))  # [2, 2, 2]
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.zeros(2, 2), cov, "diagonal")
+    >>> pg.precisions(p)[1]
+    tensor([[1., 0.],
+            [0., 4.]])
+    """
     u = precision_cholesky(params)
     return u @ u.mT
 
