@@ -41,6 +41,11 @@ class SelectionRow(NamedTuple):
         converged: whether the fit met its tolerance before ``max_steps``.
         n_steps: steps taken by the best restart.
         n_resets: components reset during the best restart.
+
+    >>> import puregmm as pg
+    >>> row = pg.SelectionRow("full", 2, 250.5, 238.0, 1.2, True, 9, 0)
+    >>> row.K, row._asdict()["bic"]
+    (2, 250.5)
     """
 
     family: str
@@ -54,7 +59,21 @@ class SelectionRow(NamedTuple):
 
 
 class SelectionTable(list):
-    """A list of :class:`SelectionRow` that prints as an aligned table, best row starred."""
+    """A list of :class:`SelectionRow` that prints as an aligned table, best row starred.
+
+    Attributes:
+        criterion: ``"bic"`` or ``"aic"``, the column that :meth:`best` and the star minimise.
+
+    >>> import puregmm as pg
+    >>> table = pg.SelectionTable([pg.SelectionRow("full", 1, 310.2, 300.1, 1.5, True, 3, 0),
+    ...                            pg.SelectionRow("full", 2, 250.5, 238.0, 1.2, True, 9, 0)])
+    >>> print(table)
+      family  K        bic        aic      loss  converged  steps  resets
+      full    1      310.2      300.1       1.5  yes            3       0
+    * full    2      250.5        238       1.2  yes            9       0
+    >>> table.best().K
+    2
+    """
 
     criterion: str = "bic"
 
@@ -76,6 +95,12 @@ class Selection(NamedTuple):
     Attributes:
         table: a :class:`SelectionTable`, one row per (family, K), in the order fitted.
         params: the fitted params of the best row.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.cat([torch.randn(100, 1) - 5, torch.randn(100, 1) + 5])
+    >>> selection = pg.select(x, [1, 2], families="isotropic", progress=False)
+    >>> selection.table.best().K, selection.params.n_components
+    (2, 2)
     """
 
     table: SelectionTable
@@ -181,6 +206,13 @@ def select(
 
 def format_table(table: Iterable[SelectionRow], criterion: str = "bic") -> str:
     """The rows as an aligned text table; ``*`` marks the lowest ``criterion``.
+
+    Args:
+        table: :class:`SelectionRow` rows (a :class:`SelectionTable` or any iterable).
+        criterion: ``"bic"`` or ``"aic"``; non-finite values print as ``n/a`` and never win.
+
+    Returns:
+        the table as one string of lines (``"(no candidates)"`` for no rows).
 
     >>> print(format_table([SelectionRow("full", 2, 10.0, 8.0, 1.5, True, 12, 0)]))
       family  K        bic        aic      loss  converged  steps  resets
