@@ -102,6 +102,17 @@ def plot_fit(
 
     Returns:
         The matplotlib Axes.
+
+    For D > 2 data and ellipses are projected on the first two principal components of the
+    data (of the mixture's covariance without data); D = 1 draws a histogram and the
+    weighted component densities.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0, 0.0], [4.0, 0.0]]),
+    ...                     torch.eye(2).expand(2, 2, 2))
+    >>> ax = pg.plot_fit(p, torch.randn(50, 2))
+    >>> ax.get_title()
+    'full, K=2 (1, 2, 3-sigma ellipses)'
     """
     ax = _axes(ax)
     _check_params(params)
@@ -129,7 +140,21 @@ def plot_fit(
 
 
 def plot_loss(history: Any, *, ax: Any = None, title: str = "loss (mean negative log-likelihood)") -> Any:
-    """The loss per step (``FitResult.history``). Returns the Axes."""
+    """The loss per step (``FitResult.history``).
+
+    Args:
+        history: a sequence or 1-D tensor of losses, e.g. ``FitResult.history``.
+        ax: matplotlib axes to draw into; None makes a new Figure (Agg canvas).
+        title: axes title.
+
+    Returns:
+        The matplotlib Axes.
+
+    >>> import puregmm as pg
+    >>> ax = pg.plot_loss([3.0, 2.5, 2.4])
+    >>> ax.lines[0].get_xdata().tolist()
+    [1, 2, 3]
+    """
     ax = _axes(ax)
     h = torch.as_tensor(history).detach().to(torch.float64).reshape(-1)
     ax.plot(np.arange(1, h.numel() + 1), h.numpy(), lw=1.2)
@@ -148,6 +173,22 @@ def plot_criterion(table: Any, *, criterion: str = "bic", ax: Any = None) -> Any
     ``table`` may be a list of rows (dicts, NamedTuples or objects with attributes), a dict
     of columns, or a pandas DataFrame; columns are found case-insensitively: ``family``,
     ``K`` or ``n_components``, and ``criterion``.
+
+    Args:
+        table: the rows, e.g. the :class:`puregmm.SelectionTable` of :func:`puregmm.select`.
+        criterion: the column to draw, ``"bic"`` or ``"aic"``.
+        ax: matplotlib axes to draw into; None makes a new Figure (Agg canvas).
+
+    Returns:
+        The matplotlib Axes.
+
+    Raises:
+        ValueError: an empty table.
+
+    >>> import puregmm as pg
+    >>> ax = pg.plot_criterion([{"family": "full", "K": 1, "bic": 310.2}, {"family": "full", "K": 2, "bic": 250.5}])
+    >>> [t.get_text() for t in ax.get_legend().get_texts()]
+    ['full', 'best: full, K=2']
     """
     ax = _axes(ax)
     rows = table_rows(table)
