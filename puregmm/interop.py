@@ -115,6 +115,14 @@ def from_distribution(d: Any, family: str | None = None) -> GMMParams:
         TypeError: ``d`` is not a mixture of Gaussians of these kinds.
         ValueError: the covariances lack the structure of ``family``. A component of weight
             0 becomes a masked one (logit -inf, :func:`puregmm.pad_components`).
+
+    >>> import torch, puregmm as pg
+    >>> from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+    >>> d = MixtureSameFamily(Categorical(torch.tensor([0.3, 0.7])),
+    ...                       Independent(Normal(torch.zeros(2, 3), torch.ones(2, 3)), 1))
+    >>> p = pg.from_distribution(d)
+    >>> p, pg.weights(p)
+    (GMMParams(family='diagonal', K=2, D=3, dtype=float32, device=cpu), tensor([0.3000, 0.7000]))
     """
     if not isinstance(d, MixtureSameFamily):
         raise TypeError(f"d must be a torch.distributions.MixtureSameFamily; got {type(d).__name__}")
@@ -173,6 +181,9 @@ def to_sklearn(params: GMMParams) -> Any:
 
     Args:
         params: unbatched mixture params.
+
+    Returns:
+        a ``GaussianMixture`` with K' = the number of live components.
 
     Raises:
         ImportError: scikit-learn is not installed.
@@ -241,10 +252,21 @@ def from_sklearn(gm: Any, family: str | None = None, *, dtype: torch.dtype = tor
             spherical variances.
         dtype: floating dtype of the returned leaves (default float64, scikit-learn's).
 
+    Returns:
+        unbatched :class:`GMMParams` with ``gm``'s weights, means and covariances.
+
     Raises:
         ImportError: scikit-learn is not installed.
         TypeError: ``gm`` is not a ``GaussianMixture``.
         ValueError: ``gm`` is not fitted, or its covariances lack the structure of ``family``.
+
+    >>> import numpy as np, puregmm as pg
+    >>> from sklearn.mixture import GaussianMixture
+    >>> x = np.random.default_rng(0).normal(size=(200, 2)) + np.repeat([[0.0, 0.0], [5.0, 5.0]], 100, axis=0)
+    >>> gm = GaussianMixture(2, covariance_type="diag", random_state=0).fit(x)
+    >>> p = pg.from_sklearn(gm)
+    >>> p, np.allclose(pg.score_samples(p, x).numpy(), gm.score_samples(x))
+    (GMMParams(family='diagonal', K=2, D=2, dtype=float64, device=cpu), True)
     """
     GaussianMixture = _gaussian_mixture_class()
     if not isinstance(gm, GaussianMixture):

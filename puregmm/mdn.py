@@ -81,6 +81,14 @@ def param_size(n_components: int, dim: int, family: str = "full") -> int:
 
     P = K (logits) + K·D (means) + S (scale; see the module table).
 
+    Args:
+        n_components: K, a positive int.
+        dim: D, a positive int.
+        family: one of :data:`puregmm.FAMILIES`.
+
+    Returns:
+        P, an int.
+
     >>> param_size(3, 2, "full"), param_size(3, 2, "diagonal"), param_size(3, 2, "constant")
     (18, 15, 9)
 
@@ -121,6 +129,12 @@ def from_flat(
             ``variance`` missing for ``constant`` / given for another family.
 
     Not checked: finiteness of ``raw`` (a NaN entry gives NaN params).
+
+    >>> import torch, puregmm as pg
+    >>> raw = torch.randn(8, pg.param_size(3, 2, "full"))  # e.g. a network's output for 8 inputs
+    >>> p = pg.from_flat(raw, 3, 2, "full")
+    >>> p.batch_shape, pg.covariances(p).shape
+    ((8,), torch.Size([8, 3, 2, 2]))
     """
     spec = get_family(family)
     k, d = _check_int(n_components, "n_components"), _check_int(dim, "dim")
