@@ -52,25 +52,28 @@ from puregmm.params import GMMParams
 class Stats(NamedTuple):
     """Sufficient statistics of one E-step, taken about the centres c_k = the params' means.
 
-    How fields combine across chunks/shards/ranks (see :func:`combine`):
+    Each field says how it combines across chunks/shards/ranks (see :func:`combine`).
 
-    ========================  ==================  =================================  ========
-    field                     shape               value                              combine
-    ========================  ==================  =================================  ========
-    ``resp_sum``              [K]                 n_k = Σ ω r_nk                     sum
-    ``x_sum``                 [K, D]              Σ ω r_nk (x_n - c_k)               sum
-    ``xx_sum``                family              Σ ω r_nk (x_n - c_k)(x_n - c_k)ᵀ   sum
-    ``log_lik_sum``           []                  Σ ω log p(x_n)                     sum
-    ``weight_sum``            []                  Σ ω                                sum
-    ``worst_log_lik``         [K]                 the K lowest log p(x_n), ascending K-min
-    ``worst_x``               [K, D]              the points holding them            K-min
-    ========================  ==================  =================================  ========
+    Attributes:
+        resp_sum: [K], n_k = Σ ω r_nk; sum.
+        x_sum: [K, D], Σ ω r_nk (x_n - c_k); sum.
+        xx_sum: the family's shape (below), Σ ω r_nk (x_n - c_k)(x_n - c_k)ᵀ; sum.
+        log_lik_sum: 0-d, Σ ω log p(x_n); sum.
+        weight_sum: 0-d, Σ ω; sum.
+        worst_log_lik: [K], the K lowest log p(x_n), ascending; K-min.
+        worst_x: [K, D], the points holding them; K-min.
 
     ``xx_sum`` is [K, D, D] for full/tied, its diagonal [K, D] for diagonal, its trace [K] for
     isotropic/shared/constant. For tied only Σ_k ``xx_sum[k]`` is defined (what its M-step
     uses; the per-component split is an equal share, see :func:`_tied_stats`). Rows with zero
     weight never enter ``worst_*`` (padding: +inf log-likelihood, zero point). The worst points
     re-seed empty components in :func:`m_step`.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(100, 2, dtype=torch.float64)
+    >>> s = pg.sufficient_stats(pg.init(x, 3, "diagonal"), x)
+    >>> round(float(s.resp_sum.sum()), 9), s.xx_sum.shape, s.worst_x.shape
+    (100.0, torch.Size([3, 2]), torch.Size([3, 2]))
     """
 
     resp_sum: Tensor
@@ -90,6 +93,12 @@ class EMInfo(NamedTuple):
             *before* the update (scikit-learn's ``lower_bound_``).
         n_resets: 0-d int64, components re-seeded (empty) or repaired (covariance not
             positive definite) in this step.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(100, 2, dtype=torch.float64)
+    >>> _, info = pg.em_step(pg.init(x, 2, "full"), x, return_info=True)
+    >>> info.log_likelihood.shape, info.n_resets
+    (torch.Size([]), tensor(0))
     """
 
     log_likelihood: Tensor
@@ -101,6 +110,20 @@ def combine(a: Stats, b: Stats) -> Stats:
 
     Sums add; the ``worst_*`` pair keeps the K lowest log-likelihoods of both (a stable sort,
     so ties prefer ``a``).
+
+    Args:
+        a: :class:`Stats` of some rows, taken about the same params' means as ``b``.
+        b: :class:`Stats` of other rows.
+
+    Returns:
+        the :class:`Stats` of both row sets.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(100, 2, dtype=torch.float64)
+    >>> p = pg.init(x, 3, "full")
+    >>> both = pg.combine(pg.sufficient_stats(p, x[:60]), pg.sufficient_stats(p, x[60:]))
+    >>> all(torch.allclose(u, v) for u, v in zip(both, pg.sufficient_stats(p, x)))
+    True
     """
     k = a.worst_log_lik.shape[-1]
     vals = torch.cat([a.worst_log_lik, b.worst_log_lik], -1)  # [2K]
@@ -150,6 +173,24 @@ def sufficient_stats(
     as counts. Use ``torch.func.vmap`` for stacked params/data. On plain eager tensors, when
     that form would round by more than 1e-8 nats (:func:`puregmm._moments.rounding_bound`),
     the statistics come from whitening each row per component instead (exact; slower).
+
+    Args:
+        params: unbatched mixture params.
+        x: data [N, D].
+        sample_weight: optional [N] non-negative weights (not checked).
+        chunk_size: rows per chunk; None: from static shapes.
+
+    Returns:
+        :class:`Stats` about ``params``' means, in ``params``' dtype.
+
+    Raises:
+        ValueError: ``x`` not [N, D] with the params' D, or ``sample_weight`` not [N].
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(100, 2, dtype=torch.float64)
+    >>> s = pg.sufficient_stats(pg.init(x, 3, "diagonal"), x, chunk_size=32)
+    >>> s.resp_sum.shape, s.weight_sum
+    (torch.Size([3]), tensor(100., dtype=torch.float64))
     """
     if x.dim() != 2 or x.shape[-1] != params.dim:
         raise ValueError(f"x must be [N, D] with D={params.dim}; got shape {tuple(x.shape)}")
@@ -413,6 +454,13 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_i
 
     Returns:
         new params, or ``(params, n_resets)`` with ``return_info``.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(100, 2, dtype=torch.float64)
+    >>> p = pg.init(x, 2, "full")
+    >>> new, n_resets = pg.m_step(pg.sufficient_stats(p, x), p, return_info=True)
+    >>> torch.equal(new.means, pg.em_step(p, x).means), n_resets
+    (True, tensor(0))
     """
     spec, k, d = params.spec, params.n_components, params.dim
     finfo = torch.finfo(params.dtype)
