@@ -39,7 +39,19 @@ EM_TOL = 1e-3  # scikit-learn's tol, on the change of the mean log-likelihood
 
 
 class ConvergenceWarning(UserWarning):
-    """A fit stopped at ``max_steps`` before meeting ``tol``."""
+    """A fit stopped at ``max_steps`` before meeting ``tol``.
+
+    A warning, not an error (scikit-learn's rule): the result is still returned, with
+    ``converged=False``. Its message lists the usual fixes.
+
+    >>> import warnings, torch, puregmm as pg
+    >>> x = torch.randn(200, 2, dtype=torch.float64)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     r = pg.fit(x, 3, method="em", max_steps=1, tol=0.0)
+    >>> any(w.category is pg.ConvergenceWarning for w in caught), r.converged
+    (True, False)
+    """
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,12 @@ class FitResult:
         n_resets: components reset: singularities or empty components (int, or [B]).
         history: loss after each step ([n_steps], or [B, T] padded with NaN once a run stopped);
             mini-batch loss when ``batch_size`` is set.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.cat([torch.randn(100, 2) - 3, torch.randn(100, 2) + 3]).double()
+    >>> r = pg.fit(x, 2, method="em")
+    >>> r.params, r.converged, r.history.shape[0] == r.n_steps
+    (GMMParams(family='full', K=2, D=2, dtype=float64, device=cpu), True, True)
     """
 
     params: GMMParams
@@ -73,6 +91,12 @@ class EMState(NamedTuple):
         loss: 0-d, mean NLL of the E-step of the last step (NaN before any step).
         n_resets: 0-d int64, components re-seeded or repaired so far.
         key: 0-d int64, the run's key (EM itself draws nothing; init and restarts do).
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(100, 2, dtype=torch.float64)
+    >>> state = pg.em_state(pg.init(x, 2, "full"), key=5)
+    >>> state.step, state.loss, state.key
+    (tensor(0), tensor(nan, dtype=torch.float64), tensor(5))
     """
 
     params: GMMParams
@@ -83,7 +107,19 @@ class EMState(NamedTuple):
 
 
 def em_state(params: GMMParams, key: Any = 0) -> EMState:
-    """A fresh :class:`EMState` at ``params``."""
+    """A fresh :class:`EMState` at ``params``.
+
+    Args:
+        params: the starting params.
+        key: int or 0-d int64 tensor, stored for restarts and checkpoints.
+
+    Returns:
+        an :class:`EMState` with ``step=0``, ``n_resets=0`` and ``loss=NaN``.
+
+    >>> import torch, puregmm as pg
+    >>> pg.em_state(pg.init(torch.randn(50, 1), 2, "isotropic")).step
+    tensor(0)
+    """
     zero = torch.zeros((), dtype=torch.int64)
     nan = torch.full((), float("nan"), dtype=params.dtype, device=params.device)
     return EMState(params, zero, nan, zero, _validate.key(key))
