@@ -44,6 +44,12 @@ class TrainState:
         n_resets: 0-d int64, components reset so far.
         loss: 0-d, the batch loss at the params *before* the last step (NaN before any).
         optimizer, min_variance, reset: static settings chosen at :func:`init_state`.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(200, 2)
+    >>> state = pg.init_state(pg.init(x, 2, "diagonal"), pg.adam(0.05), key=0)
+    >>> state.step, state.loss, state.n_resets
+    (tensor(0), tensor(nan), tensor(0))
     """
 
     params: GMMParams
@@ -107,6 +113,18 @@ def init_state(
         min_variance: the variance floor (data units) below which a component is reset.
         reset: ``"component"`` resets only bad components; ``"all"`` resets every component
             when any is bad (the original GMMPytorch behaviour).
+
+    Returns:
+        a :class:`TrainState` at step 0 with the optimiser's fresh state and ``loss=NaN``.
+
+    Raises:
+        TypeError: ``params`` not :class:`GMMParams` or ``optimizer`` not an :class:`Optimizer`.
+        ValueError: an unknown ``reset``, ``min_variance`` not positive, or non-finite params.
+
+    >>> import torch, puregmm as pg
+    >>> state = pg.init_state(pg.init(torch.randn(100, 2), 3, "full"), key=1)
+    >>> state.step, state.key
+    (tensor(0), tensor(1))
     """
     if not isinstance(params, GMMParams):
         raise TypeError(f"params must be GMMParams; got {type(params).__name__}")
@@ -140,6 +158,22 @@ def step(state: TrainState, batch: Tensor, sample_weight: Tensor | None = None, 
     mean NLL of the union of the shards (not a mean of per-rank means), and the reset draws
     its points from that union identically on every rank (:func:`reset_collapsed`). Eager
     only (collectives do not run under ``vmap``/``torch.compile``).
+
+    Args:
+        state: the current :class:`TrainState`.
+        batch: data [N, D] (checked against the params' D).
+        sample_weight: optional [N] non-negative weights (not checked).
+        reduce: optional collective (above).
+
+    Returns:
+        the next :class:`TrainState`: ``step + 1``, ``loss`` the batch loss at ``state.params``.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(200, 2)
+    >>> state = pg.init_state(pg.init(x, 2, "diagonal"), pg.adam(0.05))
+    >>> a, b = pg.step(state, x), pg.step(state, x)  # same input, same output
+    >>> a.step, torch.equal(a.params.means, b.params.means), bool(a.loss == pg.loss(state.params, x))
+    (tensor(1), True, True)
     """
     _validate.data_shape(state.params, batch, "batch")
     if reduce is None:
