@@ -25,7 +25,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
 FAMILIES = ("full", "tied", "diagonal", "isotropic", "shared", "constant")
 
@@ -126,6 +128,84 @@ class Family:
         per = {2: d * (d + 1) // 2, 1: d, 0: 1}[self.scale_ndim]
         return per * (k if self.per_component else 1)
 
+    # --- interop, MDN heads, validation ----------------------------------------------------
+    @property
+    def sklearn_covariance_type(self) -> str:
+        """scikit-learn's ``covariance_type`` that holds this family without loss.
+
+        shared/constant are spherical with equal variances; a scale shared by all components
+        that is a matrix or a vector fits in scikit-learn's one tied matrix.
+        """
+        if not self.per_component and self.scale_ndim > 0:
+            return "tied"
+        return {2: "full", 1: "diag", 0: "spherical"}[self.scale_ndim]
+
+    def torch_component(self, means: Tensor, u: Tensor) -> Distribution:
+        """The components as a ``torch.distributions`` object with batch shape [..., K].
+
+        ``MultivariateNormal`` for a matrix scale; ``Independent(Normal, 1)`` for axis-aligned
+        ones (cheaper, and it keeps the structure). ``u`` [..., K, D, D]: precision = U Uᵀ.
+        """
+        if self.scale_ndim == 2:
+            eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device).expand_as(u)
+            scale_tril = torch.linalg.solve_triangular(u, eye, upper=True).mT  # U⁻ᵀ: Σ = U⁻ᵀU⁻¹
+            return MultivariateNormal(means, scale_tril=scale_tril)
+        std = 1.0 / torch.diagonal(u, dim1=-2, dim2=-1)  # [..., K, D], U = diag(1/σ)
+        return Independent(Normal(means, std), 1)
+
+    def structure_violation(self, cov: Tensor, tol: Tensor | float) -> str | None:
+        """What covariances [K, D, D] lack of this family's structure beyond ``tol``, or None.
+
+        Used by :func:`puregmm.from_moments`, which needs the structure to hold before it reads
+        only the parts this family stores (the diagonal, the mean variance, component 0).
+        """
+
+        def far(a: Tensor, b: Tensor) -> bool:
+            return bool(((a - b).abs() > tol).any())
+
+        diag = torch.diagonal(cov, dim1=-2, dim2=-1)  # [K, D]
+        if self.scale_ndim < 2 and far(cov, torch.diag_embed(diag)):
+            return "diagonal covariances; got off-diagonal entries"
+        if self.scale_ndim == 0 and far(diag, diag.mean(-1, keepdim=True)):
+            return "multiples of the identity; got unequal variances"
+        if not self.per_component and far(cov, cov[:1]):
+            return "the same covariance for every component"
+        return None
+
+    def select_components(self, raw: Tensor, index: Tensor, axis: int) -> Tensor:
+        """``raw`` of the components ``index`` [M] (repeats allowed), ``axis`` the component
+        axis; a ``raw`` shared by all components is returned as is."""
+        return raw.index_select(axis, index) if self.per_component else raw
+
+    def raw_from_head(self, a: Tensor, k: int, d: int, log_floor: float, variance: float | Tensor | None) -> Tensor:
+        """``raw`` [..., *scale_shape] from a mixture density network's scale outputs ``a`` [..., S].
+
+        S = :meth:`n_scale_parameters`; every real ``a`` gives covariance eigenvalues above
+        exp(``log_floor``) (the formulas are in :mod:`puregmm.mdn`). A family with a fixed scale
+        takes no outputs and needs ``variance`` (a float, or a tensor broadcastable to ``...``).
+        """
+        batch = a.shape[:-1]
+        if not self.learned:
+            return self._fixed_raw(variance, batch, a)
+        if variance is not None:
+            fixed = " or ".join(repr(f.name) for f in _TABLE.values() if not f.learned)
+            raise ValueError(f"variance is only for family {fixed}; got variance={variance!r} with {self.name!r}")
+        if self.scale_ndim == 2:
+            n_blocks = k if self.per_component else 1
+            u = floored_upper_factor(a.unflatten(-1, (n_blocks, -1)), d, log_floor)  # [..., n, D, D]
+            return u if self.per_component else u.squeeze(-3)
+        log_var = torch.logaddexp(torch.full_like(a, log_floor), a)  # log(floor + exp(a))
+        return (-0.5 * log_var).reshape(batch + self.scale_shape(k, d))  # raw = -½ log σ²
+
+    def _fixed_raw(self, variance: float | Tensor | None, batch: torch.Size, like: Tensor) -> Tensor:
+        """``raw`` [...] of a fixed variance given by the caller (the constant family's head)."""
+        if variance is None:
+            raise ValueError(f"family {self.name!r} needs variance= (its fixed variance); got None")
+        if not isinstance(variance, Tensor) and not variance > 0:
+            raise ValueError(f"variance must be positive; got {variance!r}")
+        var = torch.as_tensor(variance, dtype=like.dtype, device=like.device)  # a tensor is not checked
+        return torch.broadcast_to(-0.5 * torch.log(var), batch)
+
 
 def upper_factor(raw: Tensor) -> Tensor:
     """U = triu(raw, 1) + diag(exp(diag raw)) over the last two dims.
@@ -155,3 +235,25 @@ def get_family(name: object) -> Family:
     if not isinstance(name, str) or name not in _TABLE:
         raise ValueError(f"unknown family {name!r}; choose one of {FAMILIES}")
     return _TABLE[name]
+
+
+# --- interop, MDN heads, validation: helpers ---------------------------------------------------
+def floored_upper_factor(a: Tensor, d: int, log_floor: float) -> Tensor:
+    """``raw`` of the full family [..., D, D] from an MDN head's packed ``a [..., D(D+1)/2]``.
+
+    log diag(U) = -a_ii/2 - ½ log(1 + floor ‖M‖²_F), off-diagonal U_ij = a_ij / √(1 + floor ‖M‖²_F),
+    with log ‖M‖²_F computed as a logsumexp so a large or small diagonal cannot overflow
+    (see :mod:`puregmm.mdn` for why every eigenvalue of Σ is then above the floor).
+    """
+    log_diag_m = -0.5 * a[..., :d]  # [..., D]
+    off = a[..., d:]  # [..., D(D-1)/2]
+    off_sq = off.square().sum(-1, keepdim=True)  # [..., 1]
+    has_off = off_sq > 0  # log 0 = -inf, and a where keeps its gradient finite
+    log_off_sq = torch.where(has_off, torch.log(torch.where(has_off, off_sq, torch.ones_like(off_sq))), -math.inf)
+    log_norm_sq = torch.logsumexp(torch.cat([2.0 * log_diag_m, log_off_sq], -1), -1)  # log ‖M‖²_F [...]
+    log_c = -0.5 * F.softplus(log_norm_sq + log_floor)  # log 1/√(1 + floor ‖M‖²)  [...]
+    rows, cols = torch.triu_indices(d, d, 1, device=a.device)
+    place = torch.zeros(off.shape[-1], d * d, dtype=a.dtype, device=a.device)  # one-hot [d(d-1)/2, D²]
+    place[torch.arange(off.shape[-1], device=a.device), rows * d + cols] = 1.0  # a constant, built eagerly
+    upper = ((off * torch.exp(log_c).unsqueeze(-1)) @ place).unflatten(-1, (d, d))  # [..., D, D]
+    return upper + torch.diag_embed(log_diag_m + log_c.unsqueeze(-1))
