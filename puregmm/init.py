@@ -87,6 +87,21 @@ def kmeans_plusplus(
     ∝ ω·(squared distance to the nearest centre so far) and keep the one that lowers the
     weighted potential Σ ω·d² most. Draw j of centre i uses ``uniform(key, i, j)``.
     Pure and branch-free (``vmap`` it over datasets and keys); nothing is validated here.
+
+    Args:
+        x: data [N, D].
+        n_components: K, at most N.
+        key: int or 0-d int64 tensor.
+        sample_weight: optional [N] non-negative weights.
+        n_local_trials: candidates per centre; None: 2 + ⌊log K⌋.
+
+    Returns:
+        K rows of ``x`` [K, D], in the order chosen.
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
+    >>> sorted(round(v) for v in pg.kmeans_plusplus(x, 2, key=0)[:, 0].tolist())  # one per cluster
+    [0, 5]
     """
     w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if sample_weight is None else sample_weight
     k, trials = n_components, _trials(n_components, n_local_trials)
@@ -380,6 +395,9 @@ def init(
         means: optional initial means [K, D]; replaces the seeding (``method`` is ignored).
         reg_covar: added to the diagonal of the initial covariances.
         sample_weight: optional [N] non-negative weights (seeding ∝ ω, weighted M-step).
+
+    Returns:
+        unbatched :class:`GMMParams` of ``family`` in the data's dtype (float32 for integers).
 
     Raises:
         ValueError: bad data (not 2-D, empty, NaN/Inf), K > N, unknown family or method, bad
