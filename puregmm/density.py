@@ -81,6 +81,19 @@ def component_log_prob(params: GMMParams, x: Tensor) -> Tensor:
     or :func:`loss` for gradients of the mixture density in memory bounded by a chunk. Without
     autograd, chunks reuse one workspace. Callers that loop over chunks themselves can call
     :func:`whitening` once and :func:`joint_log_prob_chunk` per chunk.
+
+    Args:
+        params: unbatched mixture params (``torch.func.vmap`` it for batched ones).
+        x: data [N, D] (not checked here).
+
+    Returns:
+        [N, K] joint log-densities; a masked component's column is -inf.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> pg.component_log_prob(p, torch.tensor([[0.0], [5.0]]))
+    tensor([[ -1.6121, -14.1121],
+            [-14.1121,  -1.6121]])
     """
     w = whitening(params)
     n = x.shape[0]
@@ -127,6 +140,11 @@ def log_prob(params: GMMParams, x: Tensor) -> Tensor:
 
     Raises:
         ValueError: ``x`` is not [..., N, D] with the params' D.
+
+    >>> import math, torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> pg.log_prob(p, torch.tensor([[0.0], [5.0]])), round(math.log(0.5) - 0.5 * math.log(2 * math.pi), 4)
+    (tensor([-1.6121, -1.6121]), -1.6121)
     """
     _validate.data_shape(params, x)
     return _batched(params, x, _log_prob_one)
@@ -138,6 +156,20 @@ def loss(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None) -> T
     With ``sample_weight`` [N] (non-negative, not all zero; not checked here) it is
     ``-(w · log p(x)).sum() / w.sum()``, which equals the plain loss on data with rows repeated
     by integer weights.
+
+    Args:
+        params: mixture params, optionally with leading batch dims ``B...``.
+        x: data [N, D], or [B..., N, D] matching the params' batch dims.
+        sample_weight: optional [N] weights (above).
+
+    Returns:
+        0-d (or [B...]): the quantity gradient descent minimises; differentiable in ``params``.
+
+    >>> import torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
+    >>> x = torch.tensor([[0.0], [5.0]])
+    >>> pg.loss(p, x), torch.func.grad(pg.loss)(p, x).means.shape  # params are pytrees
+    (tensor(1.6121), torch.Size([2, 1]))
     """
     _validate.data_shape(params, x)
     if sample_weight is not None and sample_weight.dim() > 1:  # per-batch weights [B..., N]
