@@ -25,9 +25,7 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -35,7 +33,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from puregmm.families import get_family
+from puregmm._files import write_atomic
+from puregmm.families import FAMILIES, Family, get_family
 from puregmm.params import GMMParams
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -71,10 +70,16 @@ def save(params: GMMParams, path: PathLike) -> None:
 
     The metadata holds the family, K, D, dtype, batch shape and the format version; a checksum
     guards the contents. Tensors are written from the CPU; :func:`load` gives them back exactly.
+    ``save`` runs the checks :func:`load` runs, so it never writes a file that ``load`` rejects.
+    A symlink at ``path`` is followed (its target is replaced, the link kept).
 
     Raises:
-        TypeError: ``params`` is not :class:`puregmm.GMMParams`.
-        ValueError: ``params`` holds NaN or Inf (nothing is written).
+        TypeError: ``params`` is not :class:`puregmm.GMMParams`, a leaf is not a tensor or not
+            floating point.
+        ValueError: ``params`` holds NaN or Inf, has an unknown family, leaves of different
+            dtypes or shapes that disagree with its family, K and D; ``path`` is a device, FIFO
+            or socket (nothing is written).
+        FileNotFoundError, NotADirectoryError, IsADirectoryError: ``path`` cannot be a file.
 
     >>> import tempfile, os, torch, puregmm as pg
     >>> p = pg.from_moments(torch.tensor([0.3, 0.7]), torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2))
@@ -82,18 +87,8 @@ def save(params: GMMParams, path: PathLike) -> None:
     >>> pg.save(p, path); pg.load(path)
     GMMParams(family='full', K=2, D=2, dtype=float32, device=cpu)
     """
-    if not isinstance(params, GMMParams):
-        raise TypeError(f"params must be GMMParams (e.g. from pg.fit(...).params); got {type(params).__name__}")
-    for name in _PARAM_LEAVES:
-        if not bool(_usable(name, getattr(params, name)).all()):
-            raise ValueError(f"params.{name} holds NaN or Inf; refusing to save a broken model to {os.fspath(path)!r}")
-    meta = {
-        "family": params.family,
-        "n_components": str(params.n_components),
-        "dim": str(params.dim),
-        "dtype": _dtype_name(params.dtype),
-        "batch_shape": json.dumps(list(params.batch_shape)),
-    }
+    meta = _params_meta(params)
+    _check_params(_leaves(params), meta, f"params (nothing saved to {os.fspath(path)!r})")
     save_tree(params, path, meta, kind=PARAMS_KIND)
 
 
@@ -111,27 +106,8 @@ def load(path: PathLike, *, device: Any = None) -> GMMParams:
             format version, or holds shapes/dtypes that disagree with its family, K and D.
     """
     tensors, meta = _read(path, PARAMS_KIND)
-    where = f"{os.fspath(path)!r}"
-    try:
-        spec = get_family(meta.get("family"))
-        k, d = int(meta["n_components"]), int(meta["dim"])
-        batch = tuple(int(b) for b in json.loads(meta["batch_shape"]))
-        dtype = _DTYPES[meta["dtype"]]
-    except (KeyError, ValueError, TypeError) as err:
-        raise ValueError(f"{where} has bad params metadata ({err}); it was not written by pg.save") from err
-    _check_tensors(
-        tensors,
-        {
-            "logits": (dtype, (*batch, k)),
-            "means": (dtype, (*batch, k, d)),
-            "scale": (dtype, (*batch, *spec.scale_shape(k, d))),
-        },
-        where,
-    )
+    spec = _check_params(tensors, meta, f"{os.fspath(path)!r}")
     params = GMMParams(tensors["logits"], tensors["means"], tensors["scale"], spec.name)
-    for name in _PARAM_LEAVES:
-        if not bool(_usable(name, getattr(params, name)).all()):
-            raise ValueError(f"{where}: params.{name} holds NaN or Inf")
     return params if device is None else params.to(device)
 
 
@@ -199,30 +175,6 @@ def load_tree(path: PathLike, like: Any = None, *, kind: str = "tree") -> TreeFi
     return TreeFile(_unflatten_like(tensors, like, repr(os.fspath(path))), meta)
 
 
-def write_atomic(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder {str(folder)!r} for {str(target)!r} does not exist; create it first")
-    mode = _file_mode(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(tmp, mode)  # mkstemp makes 0600; give the file the mode a plain open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
 # --- internals -------------------------------------------------------------------------------
 
 _DTYPES = {
@@ -237,6 +189,62 @@ _DTYPES = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
+
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _leaves(params: GMMParams) -> dict[str, Tensor]:
+    return {name: getattr(params, name) for name in _PARAM_LEAVES}
+
+
+def _params_meta(params: Any) -> dict[str, str]:
+    """The params metadata of a file, after checking what it is computed from."""
+    if not isinstance(params, GMMParams):
+        raise TypeError(f"params must be GMMParams (e.g. from pg.fit(...).params); got {type(params).__name__}")
+    for name, leaf in _leaves(params).items():
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"params.{name} must be a torch.Tensor; got {type(leaf).__name__}")
+    if params.means.dim() < 2 or params.logits.dim() < 1:
+        raise ValueError(
+            f"params.means must be [..., K, D] and params.logits [..., K]; got shapes "
+            f"{tuple(params.means.shape)} and {tuple(params.logits.shape)}"
+        )
+    if params.family not in FAMILIES:
+        raise ValueError(f"params.family is {params.family!r}, not a family; choose one of {FAMILIES}")
+    if _dtype_name(params.dtype) not in _FLOATS:
+        raise TypeError(f"params must be floating point ({', '.join(_FLOATS)}); params.means is {params.dtype}")
+    return {
+        "family": params.family,
+        "n_components": str(params.n_components),
+        "dim": str(params.dim),
+        "dtype": _dtype_name(params.dtype),
+        "batch_shape": json.dumps(list(params.batch_shape)),
+    }
+
+
+def _check_params(tensors: dict[str, Tensor], meta: dict[str, str], where: str) -> Family:
+    """What a params file must hold: run by :func:`save` before writing and :func:`load` after
+    reading, so that ``save`` never writes a file that ``load`` rejects."""
+    try:
+        spec = get_family(meta.get("family"))
+        k, d = int(meta["n_components"]), int(meta["dim"])
+        batch = tuple(int(b) for b in json.loads(meta["batch_shape"]))
+        if meta["dtype"] not in _FLOATS:
+            raise ValueError(f"dtype {meta['dtype']!r} is not one of {_FLOATS}")
+        dtype = _DTYPES[meta["dtype"]]
+    except (KeyError, ValueError, TypeError) as err:
+        raise ValueError(f"{where} has bad params metadata ({err}); it was not written by pg.save") from err
+    expected = {
+        "logits": (dtype, (*batch, k)),
+        "means": (dtype, (*batch, k, d)),
+        "scale": (dtype, (*batch, *spec.scale_shape(k, d))),
+    }
+    _check_tensors(tensors, expected, where)
+    for name in _PARAM_LEAVES:
+        if not bool(_usable(name, tensors[name]).all()):
+            raise ValueError(f"{where}: params.{name} holds NaN or Inf; refusing a broken model")
+    return spec
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -359,27 +367,3 @@ def _flatten_shapes(tree: Any) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]
             raise TypeError(f"like must have tensor leaves; leaf {name!r} is {type(leaf).__name__}")
         out[name] = (leaf.dtype, tuple(leaf.shape))
     return out
-
-
-def _file_mode(target: Path) -> int:
-    """The target's current permission bits, or 0o666 less the umask for a new file."""
-    try:
-        return stat.S_IMODE(target.stat().st_mode)
-    except OSError:
-        umask = os.umask(0o022)  # read the umask (os has no getter) and put it back
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import puregmm as pg
@@ -289,3 +292,100 @@ def test_metadata_that_disagrees_with_the_tensors(tmp_path: Path) -> None:
     forge(path, {**tensors, "extra": torch.zeros(1)}, **good)
     with pytest.raises(ValueError, match="holds tensors"):
         pg.load(path)
+
+
+# --- issue 14: outputs are resolved regular files; save checks what load checks ---------------
+
+
+def test_save_through_a_symlink_keeps_the_link(tmp_path: Path) -> None:
+    target = tmp_path / "real" / "m.safetensors"
+    target.parent.mkdir()
+    old, new = random_params("full", 2, 2, seed=0), random_params("full", 2, 2, seed=1)
+    pg.save(old, target)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    pg.save(new, link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert_same_params(new, pg.load(target))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.safetensors"]  # the temp file was beside the target
+    dangling = tmp_path / "dangling.safetensors"
+    dangling.symlink_to(tmp_path / "real" / "new.safetensors")
+    pg.save(old, dangling)
+    assert dangling.is_symlink() and (tmp_path / "real" / "new.safetensors").is_file()
+
+
+def special_files(tmp_path: Path) -> list[Path]:
+    """A FIFO, and as root a character device node (a copy of /dev/null's numbers) in tmp_path."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    out = [fifo]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        node = tmp_path / "null"
+        os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        out.append(node)
+    return out
+
+
+def test_save_refuses_special_files_and_folders(tmp_path: Path) -> None:
+    p = random_params("full", 2, 2)
+    for special in special_files(tmp_path):
+        mode = special.stat().st_mode
+        with pytest.raises(ValueError, match="writes regular files only"):
+            pg.save(p, special)
+        assert special.stat().st_mode == mode  # still the FIFO / device node
+        link = tmp_path / f"to-{special.name}"
+        link.symlink_to(special)
+        with pytest.raises(ValueError, match="writes regular files only"):
+            pg.save(p, link)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        pg.save(p, tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        pg.save(p, tmp_path / "file" / "m.safetensors")
+    assert not [q for q in tmp_path.iterdir() if q.name.endswith(".tmp")]
+
+
+def test_save_refuses_what_load_would_reject(tmp_path: Path) -> None:
+    p = random_params("full", 3, 2)
+    path = tmp_path / "m.safetensors"
+    bad = [
+        (pg.GMMParams(p.logits.float(), p.means, p.scale, "full"), ValueError, r"'logits' is float32 \(3,\), expected"),
+        (pg.GMMParams(p.logits, p.means, p.scale, "round"), ValueError, "params.family is 'round'"),
+        (pg.GMMParams(p.logits, p.means, p.scale, "diagonal"), ValueError, r"'scale' is float64 \(3, 2, 2\)"),
+        (pg.GMMParams(p.logits[:2], p.means, p.scale, "full"), ValueError, r"'logits' is float64 \(2,\)"),
+        (pg.GMMParams(p.logits, p.means[0], p.scale, "full"), ValueError, r"params.means must be \[..., K, D\]"),
+        (pg.GMMParams(p.logits.long(), p.means.long(), p.scale.long(), "full"), TypeError, "floating point"),
+        (pg.GMMParams(p.logits, p.means.numpy(), p.scale, "full"), TypeError, "params.means must be a torch.Tensor"),
+    ]
+    for params, error, message in bad:
+        with pytest.raises(error, match=message):
+            pg.save(params, path)
+        assert not path.exists()
+
+
+LEAF_DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64]
+
+
+@settings(max_examples=40)
+@given(
+    family=st.sampled_from([*pg.FAMILIES, "round"]),
+    dtypes=st.tuples(*[st.sampled_from(LEAF_DTYPES)] * 3),
+    cuts=st.tuples(*[st.integers(0, 1)] * 3),
+    families=st.sampled_from(pg.FAMILIES),
+)
+def test_save_succeeds_exactly_when_load_gives_the_params_back(
+    tmp_path_factory: pytest.TempPathFactory, family: str, dtypes: tuple, cuts: tuple, families: str
+) -> None:
+    """Generated params with mixed leaf dtypes, cut leaves and wrong families: ``save`` either
+    refuses (TypeError/ValueError, nothing written) or writes a file ``load`` returns exactly."""
+    base = random_params(families, 3, 2)
+    leaves = [getattr(base, n).to(dt) for n, dt in zip(LEAVES, dtypes)]
+    leaves = [t[..., : t.shape[-1] - c] if t.dim() else t for t, c in zip(leaves, cuts)]
+    params = pg.GMMParams(*leaves, family)
+    path = tmp_path_factory.mktemp("h") / "m.safetensors"
+    try:
+        pg.save(params, path)
+    except (TypeError, ValueError):
+        assert not path.exists() and not list(path.parent.iterdir())
+        return
+    assert_same_params(params, pg.load(path))
