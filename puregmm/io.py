@@ -73,6 +73,10 @@ def save(params: GMMParams, path: PathLike) -> None:
     ``save`` runs the checks :func:`load` runs, so it never writes a file that ``load`` rejects.
     A symlink at ``path`` is followed (its target is replaced, the link kept).
 
+    Args:
+        params: the params to save (any batch dims).
+        path: target file (``str`` or ``os.PathLike``); its folder must exist.
+
     Raises:
         TypeError: ``params`` is not :class:`puregmm.GMMParams`, a leaf is not a tensor or not
             floating point.
@@ -99,11 +103,22 @@ def load(path: PathLike, *, device: Any = None) -> GMMParams:
         path: the file.
         device: where to put the tensors (default CPU).
 
+    Returns:
+        the saved :class:`puregmm.GMMParams`, bit for bit.
+
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file is truncated or corrupted, was modified after writing, is not a
             puregmm params file (another library's tensors, a checkpoint), comes from a newer
             format version, or holds shapes/dtypes that disagree with its family, K and D.
+
+    >>> import tempfile, os, torch, puregmm as pg
+    >>> p = pg.from_moments(torch.tensor([0.3, 0.7]), torch.zeros(2, 1), torch.ones(2, 1, 1), "diagonal")
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+    >>> pg.save(p, path)
+    >>> q = pg.load(path)
+    >>> q.family, all(torch.equal(getattr(p, f), getattr(q, f)) for f in ("logits", "means", "scale"))
+    ('diagonal', True)
     """
     tensors, meta = _read(path, PARAMS_KIND)
     spec = _check_params(tensors, meta, f"{os.fspath(path)!r}")
@@ -128,6 +143,12 @@ def save_tree(tree: Any, path: PathLike, metadata: dict[str, str] | None = None,
     Raises:
         TypeError: a leaf is not a tensor, or metadata is not ``str -> str``.
         ValueError: metadata uses a reserved key.
+
+    >>> import tempfile, os, torch, puregmm as pg
+    >>> path = os.path.join(tempfile.mkdtemp(), "tree.safetensors")
+    >>> pg.save_tree({"w": torch.ones(2), "b": torch.zeros(())}, path, {"note": "run 3"})
+    >>> pg.load_tree(path).metadata["note"]
+    'run 3'
     """
     tensors = _flatten(tree)
     meta = dict(metadata or {})
@@ -168,6 +189,12 @@ def load_tree(path: PathLike, like: Any = None, *, kind: str = "tree") -> TreeFi
         FileNotFoundError: no such file.
         ValueError: truncated, corrupted, modified, foreign, other kind, newer version, or not
             matching ``like``.
+
+    >>> import tempfile, os, torch, puregmm as pg
+    >>> path = os.path.join(tempfile.mkdtemp(), "tree.safetensors")
+    >>> pg.save_tree({"w": torch.ones(2), "b": torch.zeros(())}, path)
+    >>> pg.load_tree(path, like={"w": torch.zeros(2), "b": torch.zeros(())}).tree
+    {'w': tensor([1., 1.]), 'b': tensor(0.)}
     """
     tensors, meta = _read(path, kind)
     if like is None:
