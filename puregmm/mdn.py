@@ -50,8 +50,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from puregmm.families import get_family
@@ -66,14 +64,6 @@ def _check_int(value: Any, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1; got {value}")
     return value
-
-
-def _scale_size(n_components: int, dim: int, family: str) -> int:
-    spec = get_family(family)
-    if not spec.learned:
-        return 0
-    per = {2: dim * (dim + 1) // 2, 1: dim, 0: 1}[spec.scale_ndim]
-    return per * (n_components if spec.per_component else 1)
 
 
 def param_size(n_components: int, dim: int, family: str = "full") -> int:
@@ -97,7 +87,7 @@ def param_size(n_components: int, dim: int, family: str = "full") -> int:
     """
     k = _check_int(n_components, "n_components")
     d = _check_int(dim, "dim")
-    return k + k * d + _scale_size(k, d, family)
+    return k + k * d + get_family(family).n_scale_parameters(k, d)  # one output per free parameter
 
 
 def from_flat(
@@ -148,47 +138,8 @@ def from_flat(
         )
     if isinstance(min_variance, bool) or not isinstance(min_variance, (int, float)) or not min_variance > 0:
         raise ValueError(f"min_variance must be a positive float; got {min_variance!r}")
-    if spec.learned and variance is not None:
-        raise ValueError(f"variance is only for family 'constant'; got variance={variance!r} with {family!r}")
 
-    batch = raw.shape[:-1]
     logits = raw[..., :k]  # [..., K]
     means = raw[..., k : k + k * d].unflatten(-1, (k, d))  # [..., K, D]
-    a = raw[..., k + k * d :]  # [..., S]
-    log_floor = math.log(min_variance)
-    if spec.scale_ndim == 2:
-        n_blocks = k if spec.per_component else 1
-        scale = _floored_precision_factor(a.unflatten(-1, (n_blocks, -1)), d, log_floor)  # [..., n, D, D]
-        scale = scale if spec.per_component else scale.squeeze(-3)
-    elif spec.learned:
-        log_var = torch.logaddexp(torch.full_like(a, log_floor), a)  # log(floor + exp(a))
-        shape = {1: (k, d), 0: (k,) if spec.per_component else ()}[spec.scale_ndim]
-        scale = (-0.5 * log_var).reshape(batch + shape)  # raw = -½ log σ²
-    elif variance is None:
-        raise ValueError("family 'constant' needs variance= (its fixed variance); got None")
-    else:
-        if not isinstance(variance, Tensor) and not variance > 0:
-            raise ValueError(f"variance must be positive; got {variance!r}")
-        var = torch.as_tensor(variance, dtype=raw.dtype, device=raw.device)  # a tensor is not checked
-        scale = torch.broadcast_to(-0.5 * torch.log(var), batch)
+    scale = spec.raw_from_head(raw[..., k + k * d :], k, d, math.log(min_variance), variance)  # from [..., S]
     return GMMParams(logits, means, scale, family)
-
-
-def _floored_precision_factor(a: Tensor, d: int, log_floor: float) -> Tensor:
-    """``raw`` of the full family [..., D, D] from packed ``a [..., D(D+1)/2]`` (module table).
-
-    log diag(U) = -a_ii/2 - ½ log(1 + floor ‖M‖²_F), off-diagonal U_ij = a_ij / √(1 + floor ‖M‖²_F),
-    with log ‖M‖²_F computed as a logsumexp so a large or small diagonal cannot overflow.
-    """
-    log_diag_m = -0.5 * a[..., :d]  # [..., D]
-    off = a[..., d:]  # [..., D(D-1)/2]
-    off_sq = off.square().sum(-1, keepdim=True)  # [..., 1]
-    has_off = off_sq > 0  # log 0 = -inf, and a where keeps its gradient finite
-    log_off_sq = torch.where(has_off, torch.log(torch.where(has_off, off_sq, torch.ones_like(off_sq))), -math.inf)
-    log_norm_sq = torch.logsumexp(torch.cat([2.0 * log_diag_m, log_off_sq], -1), -1)  # log ‖M‖²_F [...]
-    log_c = -0.5 * F.softplus(log_norm_sq + log_floor)  # log 1/√(1 + floor ‖M‖²)  [...]
-    rows, cols = torch.triu_indices(d, d, 1, device=a.device)
-    place = torch.zeros(off.shape[-1], d * d, dtype=a.dtype, device=a.device)  # one-hot [d(d-1)/2, D²]
-    place[torch.arange(off.shape[-1], device=a.device), rows * d + cols] = 1.0  # a constant, built eagerly
-    upper = ((off * torch.exp(log_c).unsqueeze(-1)) @ place).unflatten(-1, (d, d))  # [..., D, D]
-    return upper + torch.diag_embed(log_diag_m + log_c.unsqueeze(-1))
