@@ -160,10 +160,14 @@ def log_joint(w: Whitening, xl: Tensor, bufs: Buffers | None = None) -> Tensor:
     return _log_joint_from(w, residual(w, xl, bufs), bufs, keep_z=False)
 
 
-def _row_max(lj: Tensor) -> Tensor:
-    """Row maxima [c, 1] for a stable logsumexp, 0 where not finite (all -inf, NaN rows)."""
+def _row_max(lj: Tensor) -> tuple[Tensor, Tensor]:
+    """(shift, offset) [c, 1] for a stable logsumexp: the row maxima, 0 where not finite (all
+    -inf, NaN rows) for the shift inside the exponential; the offset added back is -inf where
+    every ℓ of the row is -inf (a row at infinity, or so far that its squared distance
+    overflows), so that its log-density is -inf, not log K + 3 log eps."""
     m = lj.detach().amax(1, keepdim=True)  # its gradient cancels exactly
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return shift, torch.where(m == -math.inf, m, shift)
 
 
 def _shifted_exp(lj: Tensor, top: Tensor, inplace: bool) -> Tensor:
@@ -179,9 +183,9 @@ def _shifted_exp(lj: Tensor, top: Tensor, inplace: bool) -> Tensor:
 
 def logsumexp_rows(lj: Tensor, inplace: bool = False, out: Tensor | None = None) -> Tensor:
     """logsumexp over K of ℓ [c, K] -> [c]; NaN rows stay NaN (``inplace`` overwrites ℓ)."""
-    m = _row_max(lj)
+    m, offset = _row_max(lj)
     total = _shifted_exp(lj, m, inplace).sum(1)
-    return torch.add(torch.log(total), m.squeeze(1), out=out)  # type: ignore[call-overload]
+    return torch.add(torch.log(total), offset.squeeze(1), out=out)  # type: ignore[call-overload]
 
 
 class Sums(NamedTuple):
@@ -210,12 +214,12 @@ def chunk_grads(
     inplace = bufs is not None and into is not None
     z = residual(w, xl, bufs)  # [c, D, K]
     lj = _log_joint_from(w, z, bufs, keep_z=True)  # [c, K]
-    top = _row_max(lj)
+    top, offset = _row_max(lj)
     e = _shifted_exp(lj, top, inplace)  # [c, K]
     total = e.sum(1, keepdim=True)  # [c, 1]
     scale = g.unsqueeze(-1) / total
     if not inplace:
-        lse = (torch.log(total) + top).squeeze(1)  # [c]
+        lse = (torch.log(total) + offset).squeeze(1)  # [c]
         q = e * scale  # [c, K]: g_n r_nk
         qz = z * -q.unsqueeze(1)  # [c, D, K]: -q_nk z_nk
         if w.dense:
@@ -226,7 +230,7 @@ def chunk_grads(
             dx = (qz * w.a[0]).sum(-1) if need_x else q.new_zeros(())
         return da, q.sum(0), dx, lse
     assert into is not None
-    torch.add(torch.log(total), top, out=into.lse[rows].unsqueeze(1))
+    torch.add(torch.log(total), offset, out=into.lse[rows].unsqueeze(1))
     q = e.mul_(scale)
     into.dc.add_(q.sum(0))
     qz = z.mul_(q.unsqueeze(1))  # [c, D, K]: +q_nk z_nk; the signs go into alpha=-1 below

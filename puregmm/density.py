@@ -102,17 +102,25 @@ def component_log_prob(params: GMMParams, x: Tensor) -> Tensor:
     bufs = None if needs_grad else _fused.workspace(w, rows, x)
     if bufs is None:
         parts = [joint_log_prob_chunk(w, x[s:e]) for s, e in chunks(n, rows)]
-        return torch.cat(parts) if len(parts) != 1 else parts[0]
+        return at_infinity(x, torch.cat(parts) if len(parts) != 1 else parts[0])
     out = x.new_empty(n, params.n_components)
     for s, e in chunks(n, rows):  # no autograd, plain tensors: reuse one workspace
         out[s:e] = _fused.log_joint(w, _fused.lift(w, x[s:e], bufs), bufs)
-    return out
+    return at_infinity(x, out)
 
 
 def _log_prob_one(params: GMMParams, x: Tensor) -> Tensor:
     w = whitening(params)
     rows = chunk_rows(x.shape[0], params.n_components, params.dim, x.element_size())
-    return _fused.logsumexp(x, w, rows)
+    return at_infinity(x, _fused.logsumexp(x, w, rows))
+
+
+def at_infinity(x: Tensor, values: Tensor) -> Tensor:
+    """``values`` [N, ...] with -inf for the rows of ``x`` [N, D] at infinity (an infinite entry,
+    no NaN): their density is the limit 0, which the arithmetic would make NaN (inf - inf)."""
+    inf_row = torch.isinf(x).any(-1) & ~torch.isnan(x).any(-1)  # [N]
+    inf_row = inf_row.reshape(inf_row.shape + (1,) * (values.dim() - 1))
+    return torch.where(inf_row, torch.full_like(values, -torch.inf), values)
 
 
 def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None) -> Tensor:
