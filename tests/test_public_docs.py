@@ -1,0 +1,101 @@
+"""Every public function and class of ``puregmm`` documents its inputs, its result and an example.
+
+The API reference (``mkdocs build``) renders these docstrings; ``tests/test_docstrings.py`` runs
+their examples. Constants (``FAMILIES``, ``__version__``) and submodules are not checked here.
+"""
+
+import inspect
+import re
+import types
+from typing import NamedTuple
+
+import pytest
+
+import puregmm
+
+
+def _public_objects() -> list[str]:
+    names = []
+    for name in puregmm.__all__:
+        obj = getattr(puregmm, name)
+        if isinstance(obj, types.ModuleType) or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+            continue
+        names.append(name)
+    return names
+
+
+def _has_section(doc: str, title: str) -> bool:
+    """A Google-style section header: the title alone on an unindented line."""
+    return re.search(rf"^{title}:[ \t]*$", doc, re.MULTILINE) is not None
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    """Fields of a NamedTuple or dataclass; () for other classes (e.g. a warning)."""
+    if hasattr(cls, "_fields"):
+        return tuple(cls._fields)
+    return tuple(getattr(cls, "__dataclass_fields__", {}))
+
+
+def missing_sections(obj: object) -> list[str]:
+    """What ``obj``'s own docstring lacks: a text, Args/Attributes, Returns, a ``>>>`` example."""
+    doc = inspect.cleandoc(obj.__doc__ or "")
+    if not doc or (inspect.isclass(obj) and doc.startswith(f"{obj.__name__}(")):  # NamedTuple's default
+        return ["a docstring"]
+    missing = []
+    if inspect.isclass(obj):
+        if _fields(obj) and not _has_section(doc, "Attributes"):
+            missing.append("Attributes")
+    else:
+        signature = inspect.signature(obj)
+        if signature.parameters and not _has_section(doc, "Args"):
+            missing.append("Args")
+        if signature.return_annotation not in (None, "None") and not _has_section(doc, "Returns"):
+            missing.append("Returns")
+    if not re.search(r"^>>> ", doc, re.MULTILINE):
+        missing.append("an example (>>>)")
+    return missing
+
+
+PUBLIC = _public_objects()
+
+
+def test_the_public_names_are_found() -> None:
+    """Guards the check below against running over nothing."""
+    assert {"fit", "em_step", "GMMParams", "FitResult", "plot_fit", "load"} <= set(PUBLIC)
+    assert "FAMILIES" not in PUBLIC and "distributed" not in PUBLIC
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_name_is_documented(name: str) -> None:
+    missing = missing_sections(getattr(puregmm, name))
+    assert not missing, f"puregmm.{name}'s docstring lacks: {', '.join(missing)}"
+
+
+def _bare(x, y=1):
+    """Adds."""
+    return x + y
+
+
+def _complete(x: int) -> int:
+    """Adds one.
+
+    Args:
+        x: a number.
+
+    Returns:
+        x + 1.
+
+    >>> _complete(1)
+    2
+    """
+    return x + 1
+
+
+def test_the_check_can_fail() -> None:
+    assert missing_sections(_bare) == ["Args", "Returns", "an example (>>>)"]
+    assert missing_sections(_complete) == []
+
+    class Point(NamedTuple):
+        x: float
+
+    assert missing_sections(Point) == ["a docstring"]  # the NamedTuple's generated "Point(x)" is not one
