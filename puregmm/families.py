@@ -128,6 +128,18 @@ class Family:
         per = {2: d * (d + 1) // 2, 1: d, 0: 1}[self.scale_ndim]
         return per * (k if self.per_component else 1)
 
+    # --- affine maps (fit's standardisation) ------------------------------------------------
+    def scaled_raw(self, raw: Tensor, a: Tensor) -> Tensor:
+        """``raw`` of the covariances a²Σ (data mapped by x -> a·x + b, ``a`` > 0 a 0-d tensor):
+        U -> U / a, i.e. the log-diagonal shifts by -log a and the strict upper part divides by a."""
+        log_a = torch.log(a)
+        if self.scale_ndim != 2:
+            return raw - log_a
+        d = raw.shape[-1]
+        strict = torch.ones(d, d, dtype=torch.bool, device=raw.device).triu(1)
+        diag = torch.diagonal(raw, dim1=-2, dim2=-1) - log_a
+        return torch.where(strict, raw / a, torch.zeros((), dtype=raw.dtype)) + torch.diag_embed(diag)
+
     # --- interop, MDN heads, validation ----------------------------------------------------
     @property
     def sklearn_covariance_type(self) -> str:
