@@ -2,9 +2,9 @@
 
 Every reader returns a 2-D float NumPy array [N, D] (a read-only memory map for ``.npy``) and
 raises ``ValueError`` naming the file and what is wrong: a missing file, an unknown suffix, a
-non-numeric column (named, with the line of its first bad value), ragged rows, or a missing
-optional dependency (``pyarrow`` for parquet). NaN/Inf values are left to the fit's own checks,
-which name the bad rows.
+non-numeric column (named, with the line of its first bad value), ragged rows, text that is not
+UTF-8 (a binary or latin-1 file), or a missing optional dependency (``pyarrow`` for parquet).
+NaN/Inf values are left to the fit's own checks, which name the bad rows.
 """
 
 from __future__ import annotations
@@ -63,18 +63,34 @@ def _read_npy(p: Path) -> np.ndarray:
 
 
 def _read_text(p: Path, delimiter: str) -> np.ndarray:
+    """A CSV/TSV file as float64 [N, D]; a file that is not UTF-8 text raises a ValueError
+    naming it and the likely cause (a binary file, or another encoding such as latin-1)."""
+    try:
+        return _parse_text(p, delimiter)
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start : err.start + 1].hex()
+        raise ValueError(
+            f"DATA {str(p)!r} is not UTF-8 text (it holds the byte 0x{byte}): is it a binary file, "
+            "or text in another encoding such as latin-1? Save it as UTF-8 CSV/TSV, or as .npy"
+        ) from None
+    except csv.Error as err:  # e.g. a field over the csv module's size limit: a binary file
+        raise ValueError(f"DATA {str(p)!r} is not a readable CSV/TSV file ({err}); is it a binary file?") from None
+
+
+def _parse_text(p: Path, delimiter: str) -> np.ndarray:
     with open(p, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter)
         first = next((row for row in reader if row), None)
         if first is None:
             raise ValueError(f"DATA {str(p)!r} is empty")
         header = not all(_is_number(v) for v in first)
+        header_lines = reader.line_num if header else 0  # a quoted header field may span lines
     names = [v.strip() for v in first] if header else [f"column {i}" for i in range(len(first))]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
             arr = np.loadtxt(
-                p, delimiter=delimiter, skiprows=int(header), ndmin=2, dtype=np.float64, encoding="utf-8-sig"
+                p, delimiter=delimiter, skiprows=header_lines, ndmin=2, dtype=np.float64, encoding="utf-8-sig"
             )
     except ValueError:  # quoted numbers, or a bad field: parse row by row to say which
         arr = _parse_text_slow(p, delimiter, names, header)
@@ -87,8 +103,14 @@ def _parse_text_slow(p: Path, delimiter: str, names: list[str], header: bool) ->
     """Parse with the csv module; a bad field raises a ValueError naming its column and line."""
     rows = []
     with open(p, newline="", encoding="utf-8-sig") as f:
-        for line, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
-            if not row or (header and line == 1):
+        reader = csv.reader(f, delimiter=delimiter)
+        skip = header  # the header is the first non-empty row
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if skip:
+                skip = False
                 continue
             if len(row) != len(names):
                 raise ValueError(f"DATA {str(p)!r} line {line} has {len(row)} fields, expected {len(names)}")

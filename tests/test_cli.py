@@ -105,6 +105,31 @@ def test_bad_text_files_name_the_problem(tmp_path: Path, name: str, content: str
         load_data(tmp_path / name)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("x,y\n1,2\nd\u00e9j\u00e0,3\n".encode("latin-1"), "not UTF-8 text (it holds the byte 0xe9)"),
+        (b"\x80\x93NUMPY\x01\x00garbage", "not UTF-8 text (it holds the byte 0x80)"),
+        (b"1," + b"9" * 200_000 + b"\n", "not a readable CSV/TSV file (field larger than field limit"),
+    ],
+)
+def test_binary_and_latin1_text_files_are_named(tmp_path: Path, content: bytes, message: str) -> None:
+    """Issue 14 item 19: the error names the file and the likely cause, not only the codec."""
+    path = tmp_path / "d.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"DATA '.*d\.csv' is " + message.replace("(", r"\(").replace(")", r"\)")):
+        load_data(path)
+
+
+def test_a_quoted_header_over_two_lines_is_skipped_whole(tmp_path: Path) -> None:
+    """The header is the first CSV record, however many lines it spans (not the first line)."""
+    (tmp_path / "q.csv").write_text('"a\nlong name",b\n1,2\n3,4\n')
+    np.testing.assert_array_equal(load_data(tmp_path / "q.csv"), [[1.0, 2.0], [3.0, 4.0]])
+    (tmp_path / "blank.csv").write_text("\n\nx,y\n1,2\n3,a\n")
+    with pytest.raises(ValueError, match=r"column 'y' \(column 2\) is not numeric \(line 5 holds 'a'\)"):
+        load_data(tmp_path / "blank.csv")
+
+
 def test_bad_npy_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         load_data(tmp_path / "missing.npy")
