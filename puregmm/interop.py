@@ -19,6 +19,7 @@ What is not kept: the learned/fixed distinction (``constant`` comes back as what
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,25 +28,41 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.distributions import (
     Categorical,
-    Distribution,
     Independent,
     MixtureSameFamily,
     MultivariateNormal,
     Normal,
 )
 
-from puregmm.families import get_family
-from puregmm.params import GMMParams, covariances, from_moments, precision_cholesky, weights
+from puregmm.families import FAMILIES, get_family
+from puregmm.params import GMMParams, covariances, moments_to_params, precision_cholesky, weights
 
-_TO_SKLEARN = {
-    "full": "full",
-    "tied": "tied",
-    "diagonal": "diag",
-    "isotropic": "spherical",
-    "shared": "spherical",
-    "constant": "spherical",
+# scikit-learn's layouts by its covariance_type (a family names its own: Family.sklearn_covariance_type).
+# covariances_, precisions_ and precisions_cholesky_ share one layout: [K, D, D] -> it, and back.
+_SKLEARN_PACK: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "full": lambda m: m,  # [K, D, D]
+    "tied": lambda m: m[0],  # [D, D]
+    "diag": lambda m: np.diagonal(m, 0, -2, -1).copy(),  # [K, D]
+    "spherical": lambda m: m[:, 0, 0].copy(),  # [K]
 }
-_FROM_SKLEARN = {"full": "full", "tied": "tied", "diag": "diagonal", "spherical": "isotropic"}
+_SKLEARN_UNPACK: dict[str, Callable[[Tensor, int, int], Tensor]] = {
+    "full": lambda c, k, d: c,
+    "tied": lambda c, k, d: c.expand(k, d, d),
+    "diag": lambda c, k, d: torch.diag_embed(c),
+    "spherical": lambda c, k, d: c[:, None, None] * torch.eye(d, dtype=c.dtype),
+}
+
+
+def _default_family(cov_type: str) -> str:
+    """The first family (in :data:`FAMILIES` order) that scikit-learn's ``cov_type`` maps to."""
+    return next(f for f in FAMILIES if get_family(f).sklearn_covariance_type == cov_type)
+
+
+def _coarsest(*arrays: Any) -> torch.dtype:
+    """The floating dtype of largest eps among ``arrays`` (what their values were rounded to)."""
+    dtypes = [torch.from_numpy(np.empty(0, np.asarray(a).dtype)).dtype for a in arrays]
+    floats = [t for t in dtypes if t.is_floating_point] or [torch.float64]
+    return max(floats, key=lambda t: torch.finfo(t).eps)
 
 
 def _check_params(params: Any) -> GMMParams:
@@ -77,24 +94,17 @@ def to_distribution(params: GMMParams) -> MixtureSameFamily:
     params = _check_params(params)
     mix = Categorical(logits=params.logits)  # [B..., K]
     u = precision_cholesky(params)  # [B..., K, D, D], precision = U Uᵀ
-    comp: Distribution
-    if params.spec.scale_ndim == 2:
-        eye = torch.eye(params.dim, dtype=u.dtype, device=u.device).expand_as(u)
-        scale_tril = torch.linalg.solve_triangular(u, eye, upper=True).mT  # U⁻ᵀ: Σ = U⁻ᵀU⁻¹
-        comp = MultivariateNormal(params.means, scale_tril=scale_tril)
-    else:
-        std = 1.0 / torch.diagonal(u, dim1=-2, dim2=-1)  # [B..., K, D], U = diag(1/σ)
-        comp = Independent(Normal(params.means, std), 1)
-    return MixtureSameFamily(mix, comp)
+    return MixtureSameFamily(mix, params.spec.torch_component(params.means, u))
 
 
-def _with_masked(w: Tensor, mean: Tensor, cov: Tensor, family: str) -> GMMParams:
-    """:func:`from_moments`, a zero weight giving a masked component (logit -inf)."""
+def _with_masked(w: Tensor, mean: Tensor, cov: Tensor, family: str, rounding: torch.dtype) -> GMMParams:
+    """:func:`puregmm.from_moments` (tolerances of ``rounding``), a zero weight giving a masked
+    component (logit -inf)."""
     zero = w == 0
     if bool(zero.all()):
         raise ValueError("every mixture weight is zero")
     live = torch.where(zero, torch.ones_like(w), w)
-    p = from_moments(live / live.sum(), mean, cov, family)
+    p = moments_to_params(live / live.sum(), mean, cov, family, rounding)
     return GMMParams(torch.where(zero, torch.full_like(w, -math.inf), torch.log(w)), p.means, p.scale, p.family)
 
 
@@ -140,7 +150,7 @@ def from_distribution(d: Any, family: str | None = None) -> GMMParams:
         )
     family = default if family is None else family
     get_family(family)
-    dtype = mean.dtype  # build and check in float64 (the structure checks are relative 1e-8), then cast
+    dtype = mean.dtype  # build in float64 with the tolerances of the source dtype, then cast
     mean, cov = mean.to(torch.float64), cov.to(torch.float64)
     w = torch.softmax(d.mixture_distribution.logits.to(torch.float64), -1)  # [B..., K]
     batch = tuple(d.batch_shape)
@@ -148,7 +158,7 @@ def from_distribution(d: Any, family: str | None = None) -> GMMParams:
     cov = cov.expand(batch + cov.shape[-3:])
     k, dim = mean.shape[-2:]
     rows = zip(w.reshape(-1, k), mean.reshape(-1, k, dim), cov.reshape(-1, k, dim, dim))
-    flat = [_with_masked(wi, mi, ci, family) for wi, mi, ci in rows]
+    flat = [_with_masked(wi, mi, ci, family, dtype) for wi, mi, ci in rows]
     if not batch:
         return flat[0].to(dtype)
     return pytree.tree_map(lambda *leaves: torch.stack(leaves).unflatten(0, batch).to(dtype), *flat)
@@ -205,7 +215,7 @@ def to_sklearn(params: GMMParams) -> Any:
     live = params.logits != -math.inf
     if not bool(live.all()):  # drop masked components (a tied/shared scale is not per component)
         idx = torch.nonzero(live).flatten()
-        scale = params.scale.index_select(0, idx) if params.spec.per_component else params.scale
+        scale = params.spec.select_components(params.scale, idx, 0)
         params = GMMParams(params.logits.index_select(0, idx), params.means.index_select(0, idx), scale, params.family)
     k, d = params.n_components, params.dim
 
@@ -214,26 +224,15 @@ def to_sklearn(params: GMMParams) -> Any:
 
     cov = np64(covariances(params))  # [K, D, D]
     u = np64(precision_cholesky(params))  # [K, D, D]
-    cov_type = _TO_SKLEARN[params.family]
-    if cov_type == "full":
-        cov_, chol_ = cov, u
-        prec_ = u @ np.swapaxes(u, -1, -2)
-    elif cov_type == "tied":
-        cov_, chol_ = cov[0], u[0]
-        prec_ = u[0] @ u[0].T
-    elif cov_type == "diag":
-        cov_, chol_ = np.diagonal(cov, axis1=-2, axis2=-1).copy(), np.diagonal(u, axis1=-2, axis2=-1).copy()
-        prec_ = chol_**2
-    else:  # spherical: [K]
-        cov_, chol_ = cov[:, 0, 0].copy(), u[:, 0, 0].copy()
-        prec_ = chol_**2
+    cov_type = params.spec.sklearn_covariance_type
+    pack = _SKLEARN_PACK[cov_type]
 
     gm = GaussianMixture(n_components=k, covariance_type=cov_type)
     gm.weights_ = np64(weights(params))
     gm.means_ = np64(params.means)
-    gm.covariances_ = cov_
-    gm.precisions_cholesky_ = chol_
-    gm.precisions_ = prec_
+    gm.covariances_ = pack(cov)
+    gm.precisions_cholesky_ = pack(u)
+    gm.precisions_ = pack(u @ np.swapaxes(u, -1, -2))
     gm.n_features_in_ = d
     gm.converged_ = True
     gm.n_iter_ = 0
@@ -275,21 +274,15 @@ def from_sklearn(gm: Any, family: str | None = None, *, dtype: torch.dtype = tor
     if missing:
         raise ValueError(f"gm is not fitted (missing {', '.join(missing)}); call gm.fit(X) first")
     cov_type = gm.covariance_type
-    if cov_type not in _FROM_SKLEARN:
-        raise ValueError(f"gm.covariance_type must be one of {tuple(_FROM_SKLEARN)}; got {cov_type!r}")
-    family = _FROM_SKLEARN[cov_type] if family is None else family
+    if cov_type not in _SKLEARN_UNPACK:
+        raise ValueError(f"gm.covariance_type must be one of {tuple(_SKLEARN_UNPACK)}; got {cov_type!r}")
+    family = _default_family(cov_type) if family is None else family
     get_family(family)
 
-    f64 = torch.float64  # build and check in scikit-learn's precision, then cast
+    f64 = torch.float64  # build in float64 with the tolerances of gm's own dtype (float32 fits), then cast
+    rounding = _coarsest(gm.means_, gm.covariances_)
     mu = torch.as_tensor(np.asarray(gm.means_), dtype=f64)  # [K, D]
     k, d = mu.shape
-    c = torch.as_tensor(np.asarray(gm.covariances_), dtype=f64)
-    eye = torch.eye(d, dtype=f64)
-    cov = {
-        "full": lambda: c,  # [K, D, D]
-        "tied": lambda: c.expand(k, d, d),  # [D, D]
-        "diag": lambda: torch.diag_embed(c),  # [K, D]
-        "spherical": lambda: c[:, None, None] * eye,  # [K]
-    }[cov_type]()
+    cov = _SKLEARN_UNPACK[cov_type](torch.as_tensor(np.asarray(gm.covariances_), dtype=f64), k, d)  # [K, D, D]
     w = torch.as_tensor(np.asarray(gm.weights_), dtype=f64)
-    return from_moments(w, mu, cov, family).to(dtype)
+    return moments_to_params(w, mu, cov, family, rounding).to(dtype)

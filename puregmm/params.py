@@ -118,7 +118,9 @@ def from_moments(weights: Any, means: Any, covariances: Any, family: str = "full
 
     The covariances must already have the family's structure (diagonal for ``diagonal``,
     equal across components for ``tied``/``shared``/``constant``, multiples of the identity
-    for ``isotropic``/``shared``/``constant``), within 1e-8 relative.
+    for ``isotropic``/``shared``/``constant``), and be symmetric, within what rounding in
+    their dtype leaves (a few dozen eps of their size; :func:`puregmm._validate.rounding_eps`).
+    The symmetric part (Σ + Σᵀ)/2 is used.
 
     Args:
         weights: [K] positive mixture weights summing to 1.
@@ -130,7 +132,7 @@ def from_moments(weights: Any, means: Any, covariances: Any, family: str = "full
         unbatched :class:`GMMParams` in the dtype of the inputs.
 
     Raises:
-        ValueError: weights not positive or not summing to 1 (within 1e-6), covariances not
+        ValueError: weights not positive or not summing to 1 (within 1e-6, or rounding), covariances not
             symmetric positive definite or not of the family's structure, or shapes that
             disagree.
 
@@ -140,11 +142,19 @@ def from_moments(weights: Any, means: Any, covariances: Any, family: str = "full
     >>> p
     GMMParams(family='isotropic', K=2, D=3, dtype=float32, device=cpu)
     """
+    return moments_to_params(weights, means, covariances, family)
+
+
+def moments_to_params(
+    weights: Any, means: Any, covariances: Any, family: str, rounding: torch.dtype | None = None
+) -> GMMParams:
+    """:func:`from_moments` with tolerances from the eps of ``rounding`` (default: the inputs'
+    dtype), for converters that check values of a coarser dtype in float64."""
     spec = get_family(family)
-    w, mu, cov = _validate.moments(weights, means, covariances)
-    _validate.covariance_structure(cov, spec)
-    logits = torch.log(w)
-    return GMMParams(logits, mu, spec.raw_from_covariances(cov), family)
+    w, mu, cov = _validate.moments(weights, means, covariances, rounding)
+    cov = 0.5 * (cov + cov.mT)  # Cholesky would read one triangle; the mean of both is the better estimate
+    _validate.covariance_structure(cov, spec, rounding)
+    return GMMParams(torch.log(w), mu, spec.raw_from_covariances(cov), family)
 
 
 def pad_components(params: GMMParams, n_components: int) -> GMMParams:
@@ -178,14 +188,12 @@ def pad_components(params: GMMParams, n_components: int) -> GMMParams:
     if extra == 0:
         return params
 
-    def grow(t: Tensor, axis: int) -> Tensor:
-        first = t.narrow(axis, 0, 1)
-        return torch.cat([t, first.expand(*t.shape[:axis], extra, *t.shape[axis + 1 :])], axis)
-
     nb = len(params.batch_shape)
     logits = torch.cat([params.logits, params.logits.new_full((*params.batch_shape, extra), -math.inf)], -1)
-    scale = grow(params.scale, nb) if params.spec.per_component else params.scale
-    return GMMParams(logits, grow(params.means, nb), scale, params.family)
+    index = torch.cat([torch.arange(k), torch.zeros(extra, dtype=torch.int64)]).to(params.means.device)  # [K']
+    means = params.means.index_select(nb, index)  # masked components copy component 0
+    scale = params.spec.select_components(params.scale, index, nb)  # likewise, where scale is per component
+    return GMMParams(logits, means, scale, params.family)
 
 
 def weights(params: GMMParams) -> Tensor:
