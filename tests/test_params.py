@@ -1,6 +1,7 @@
 """Params: moments round-trip, structure validation, pytree behaviour, repr and moving."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -90,3 +91,91 @@ def test_unknown_family_and_bad_shapes():
         pg.from_moments(torch.ones(1), torch.zeros(1, 2), torch.eye(3)[None])
     with pytest.raises(ValueError, match="NaN"):
         pg.from_moments(torch.ones(1), torch.full((1, 2), float("nan")), torch.eye(2)[None])
+
+
+# --- tolerances follow the dtype (issue 12, defect 12) ----------------------------------------
+
+
+def _spd(k: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Well-conditioned SPD matrices [K, D, D] rounded to ``dtype``, exactly symmetric."""
+    a = torch.randn(k, d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    cov = (a @ a.mT / d + 0.5 * torch.eye(d, dtype=torch.float64)).to(dtype)
+    return torch.triu(cov) + torch.triu(cov, 1).mT  # the upper triangle mirrored: exactly symmetric
+
+
+@pytest.mark.parametrize("family", ["full", "tied"])
+def test_from_moments_accepts_a_one_ulp_asymmetry_in_float32(family):
+    """float32 covariances one ulp off symmetric (what rounding leaves) are accepted, and the
+    params hold their symmetric part (up to the float32 Cholesky round trip: ~D·κ·eps)."""
+    k, d = 3, 4
+    cov = _spd(1 if family == "tied" else k, d, torch.float32).expand(k, d, d).clone()
+    cov[:, 0, 2] = torch.nextafter(cov[:, 0, 2], torch.tensor(math.inf))  # one ulp up, above the diagonal only
+    assert bool((cov != cov.mT).any())
+    w = torch.tensor([0.2, 0.3, 0.5])
+    p = pg.from_moments(w, torch.zeros(k, d), cov, family=family)
+    want = 0.5 * (cov + cov.mT).double()
+    kappa = float(torch.linalg.cond(want).max())
+    atol = 16 * d * kappa * torch.finfo(torch.float32).eps * float(want.abs().max())
+    torch.testing.assert_close(pg.covariances(p).double(), want, rtol=0, atol=atol)
+
+
+def test_symmetry_tolerance_follows_the_dtype():
+    """The same relative asymmetry, 1e-6 (8 float32 ulps), is rounding in float32 and an error
+    in float64; a real asymmetry (1e-3) is an error in both, with a message that says how large."""
+    base = _spd(2, 3, torch.float64, seed=1)
+    for rel, dtype, ok in ((1e-6, torch.float32, True), (1e-6, torch.float64, False), (1e-3, torch.float32, False)):
+        cov = base.clone()
+        cov[:, 1, 0] += rel * base.abs().amax((-2, -1))  # relative to each component's size
+        cov = cov.to(dtype)
+        args = (torch.tensor([0.5, 0.5], dtype=dtype), torch.zeros(2, 3, dtype=dtype), cov)
+        if ok:
+            pg.from_moments(*args)
+        else:
+            with pytest.raises(ValueError, match=r"covariances must be symmetric; component \d has \|Σ - Σᵀ\| up to"):
+                pg.from_moments(*args)
+
+
+def test_symmetry_tolerance_scales_with_the_means():
+    """A covariance computed as E[xxᵀ] - μμᵀ (scikit-learn's tied estimator) carries rounding of
+    the size of |μ|², not of |Σ|: with means ~100, 1e-3 relative to |Σ| is float32 rounding."""
+    cov = _spd(2, 3, torch.float32, seed=2)
+    cov[:, 1, 0] += 1e-3 * float(cov.abs().max())
+    w = torch.tensor([0.5, 0.5])
+    pg.from_moments(w, torch.full((2, 3), 100.0), cov)
+    with pytest.raises(ValueError, match="symmetric"):
+        pg.from_moments(w, torch.zeros(2, 3), cov)
+
+
+def test_from_moments_checks_structure_at_the_dtypes_rounding():
+    """Structure is checked at the dtype's rounding: 1e-6 off-diagonal passes in float32 only."""
+    for dtype, ok in ((torch.float32, True), (torch.float64, False)):
+        cov = torch.eye(2, dtype=dtype).repeat(2, 1, 1)
+        cov[:, 0, 1] = cov[:, 1, 0] = 1e-6
+        args = (torch.tensor([0.5, 0.5], dtype=dtype), torch.zeros(2, 2, dtype=dtype), cov, "diagonal")
+        if ok:
+            assert torch.equal(pg.covariances(pg.from_moments(*args)), torch.eye(2, dtype=dtype).expand(2, 2, 2))
+        else:
+            with pytest.raises(ValueError, match="family 'diagonal' needs diagonal covariances"):
+                pg.from_moments(*args)
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_pad_components_copies_component_zero(batch):
+    """Padding appends masked components whose per-component leaves copy component 0; a scale
+    shared by all components is left as it is."""
+    for family in pg.FAMILIES:
+        ps = [random_params(family, 2, 3, seed=s) for s in range(2)]
+        p = (
+            ps[0]
+            if not batch
+            else pg.GMMParams(*(torch.stack([getattr(q, f) for q in ps]) for f in ("logits", "means", "scale")), family)
+        )
+        q = pg.pad_components(p, 4)
+        nb = len(batch)
+        assert torch.equal(q.means.narrow(nb, 0, 2), p.means)
+        assert torch.equal(q.means.narrow(nb, 2, 2), p.means.narrow(nb, 0, 1).expand(*batch, 2, 3))
+        assert bool(torch.isneginf(q.logits[..., 2:]).all())
+        torch.testing.assert_close(pg.covariances(q)[..., :2, :, :], pg.covariances(p), rtol=0, atol=0)
+        torch.testing.assert_close(
+            pg.covariances(q)[..., 2:, :, :], pg.covariances(p)[..., :1, :, :].expand(*batch, 2, 3, 3), rtol=0, atol=0
+        )
