@@ -218,6 +218,55 @@ class Family:
         var = torch.as_tensor(variance, dtype=like.dtype, device=like.device)  # a tensor is not checked
         return torch.broadcast_to(-0.5 * torch.log(var), batch)
 
+    # --- gradient descent: floor and collapse (train.py) ---
+    # A *direction's variance* is 1/U_ii² (raw_ii = -½ log of it): the variance itself for the
+    # diagonal and scalar families; for full/tied the Cholesky-direction variance Var(x_i | x_<i),
+    # whose product is det Σ, so a floor on each bounds every density by (2π·floor)^(-D/2).
+    def floor_scale(self, raw: Tensor, log_floor: float) -> Tensor:
+        """The scale leaf ``raw`` with every direction's variance held at or above exp(``log_floor``).
+
+        Branch-free: a clamp of raw's (log-)diagonal at -½ ``log_floor``; NaN stays NaN (it is
+        still reset). A fixed scale (the constant family) is returned unchanged.
+        """
+        if not self.learned:
+            return raw
+        capped = raw.clamp_max(-0.5 * log_floor)
+        if self.scale_ndim != 2:
+            return capped
+        eye = torch.eye(raw.shape[-1], dtype=torch.bool, device=raw.device)
+        return torch.where(eye, capped, raw)
+
+    def collapsed(self, raw: Tensor, log_floor: float) -> Tensor:
+        """Flags per entry of the scale leaf ([K], or 0-d when shared): non-finite, or (a learned
+        scale) at the floor in every direction, i.e. a component sitting on a point.
+
+        Meant after :meth:`floor_scale`: a variance at the floor in some directions only (a
+        feature constant within a cluster) is held there, not flagged.
+        """
+        lead = raw.shape[: raw.dim() - self.scale_ndim]
+        finite = torch.isfinite(raw).reshape((*lead, -1)).all(-1)
+        if not self.learned:
+            return ~finite
+        dirs = torch.diagonal(raw, dim1=-2, dim2=-1) if self.scale_ndim == 2 else raw.reshape((*lead, -1))
+        return ~finite | (dirs >= -0.5 * log_floor).all(-1)
+
+    def per_component_flags(self, flags: Tensor, k: int) -> Tensor:
+        """Flags [K] from flags per entry of the scale leaf: a shared entry belongs to every component."""
+        return flags if self.per_component else flags.expand(k)
+
+    def scale_reset(self, reset: Tensor, live: Tensor, own: Tensor) -> Tensor:
+        """Which entries of the scale leaf a reset replaces ([K], or 0-d when shared).
+
+        A per-component scale follows its component's ``reset`` [K]. A shared scale is replaced
+        when its own flag ``own`` (:meth:`collapsed`) is set or, if learned, when every ``live``
+        component is reset (nothing of the old fit is left to share it).
+        """
+        if self.per_component:
+            return reset
+        if not self.learned:
+            return own
+        return own | (reset.any() & (reset | ~live).all())
+
 
 def upper_factor(raw: Tensor) -> Tensor:
     """U = triu(raw, 1) + diag(exp(diag raw)) over the last two dims.
