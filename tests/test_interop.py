@@ -246,3 +246,72 @@ def test_sklearn_missing_gives_clear_import_error(monkeypatch):
         to_sklearn(random_params("full", 2, 2))
     with pytest.raises(ImportError, match=r"pip install scikit-learn"):
         from_sklearn(object())
+
+
+# --- float32 sources: tolerances of their dtype (issue 12, defect 12) --------------------------
+
+
+def _mixture_log_prob(w: np.ndarray, mu: np.ndarray, cov: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Reference log p(x) [N] in float64 from scipy (covariances [K, D, D] as given)."""
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    comp = [np.log(w[j]) + multivariate_normal(mu[j], cov[j]).logpdf(x) for j in range(len(w))]
+    return logsumexp(np.stack(comp, -1).reshape(len(x), len(w)), axis=-1)
+
+
+def _log_density_atol(mu: np.ndarray, cov: np.ndarray, x: np.ndarray) -> float:
+    """16·eps·D·κ·(D + r²): the rounding of a float64 log-density whose factorisation has
+    relative accuracy D·κ·eps, at r narrowest widths from a mean (the data's farthest row)."""
+    lam = np.linalg.eigvalsh(cov)  # [K, D]
+    kappa = float((lam[:, -1] / lam[:, 0]).max())
+    r2 = float((((x[:, None, :] - mu[None]) ** 2).sum(-1) / lam[None, :, 0]).max())
+    d = mu.shape[-1]
+    return 16 * np.finfo(np.float64).eps * d * kappa * (d + r2)
+
+
+def _float32_data(name: str) -> np.ndarray:
+    if name == "iris":  # scikit-learn's bundled data: its tied float32 fit is 52 ulps off symmetric
+        from sklearn.datasets import load_iris
+
+        return load_iris().data.astype(np.float32)
+    # uncentred: the tied estimate E[xxᵀ] - Σ n_k μ_k μ_kᵀ / N rounds at |μ|² = 1e4 times |Σ|
+    return (random_data(300, 3, seed=11, spread=1.0) + 100.0).numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize("data", ["iris", "offset"])
+@pytest.mark.parametrize("cov_type", ["full", "tied", "diag", "spherical"])
+def test_from_sklearn_float32_fits(data, cov_type):
+    """scikit-learn's own float32 fits convert, checked at float32's rounding: the params give the
+    density of gm's mixture (its covariances' symmetric part) to float64 accuracy."""
+    x = _float32_data(data)
+    gm = sklearn_mixture.GaussianMixture(3, covariance_type=cov_type, random_state=0, max_iter=30).fit(x)
+    assert gm.covariances_.dtype == np.float32
+    params = from_sklearn(gm)
+    assert params.family == {"diag": "diagonal", "spherical": "isotropic"}.get(cov_type, cov_type)
+    k, d = gm.means_.shape
+    from tests.oracles import sk_covariances_full
+
+    cov = sk_covariances_full(gm, k, d).astype(np.float64)
+    cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
+    mu, x64 = gm.means_.astype(np.float64), x.astype(np.float64)
+    w = gm.weights_.astype(np.float64)  # float32 weights sum to 1 within rounding; params hold w / Σw
+    want = _mixture_log_prob(w / w.sum(), mu, cov, x64)
+    got = pg.log_prob(params, torch.as_tensor(x64)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=_log_density_atol(mu, cov, x64))
+    assert from_sklearn(gm, dtype=torch.float32).dtype == torch.float32
+
+
+def test_from_distribution_float32_one_ulp_asymmetry():
+    """A float32 MultivariateNormal whose covariance is one ulp off symmetric (torch accepts it)
+    converts, checked at float32's rounding."""
+    cov = torch.tensor([[2.0, 0.6, 0.1], [0.6, 1.5, -0.3], [0.1, -0.3, 1.0]]).expand(2, 3, 3).clone()
+    cov[:, 1, 0] = torch.nextafter(cov[:, 1, 0], torch.tensor(2.0))
+    mean = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 1.0]])
+    d = MixtureSameFamily(Categorical(probs=torch.tensor([0.4, 0.6])), MultivariateNormal(mean, covariance_matrix=cov))
+    params = from_distribution(d)
+    assert params.dtype == torch.float32
+    want = 0.5 * (cov + cov.mT).double()
+    kappa = float(torch.linalg.cond(want).max())
+    atol = 16 * 3 * kappa * torch.finfo(torch.float32).eps * float(want.abs().max())
+    torch.testing.assert_close(pg.covariances(params).double(), want, rtol=0, atol=atol)
