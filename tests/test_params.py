@@ -3,12 +3,15 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.utils._pytree as pytree
 
 import puregmm as pg
 from tests.strategies import random_covariances, random_params
+
+EPS64 = torch.finfo(torch.float64).eps
 
 
 @pytest.mark.parametrize("family", pg.FAMILIES)
@@ -179,3 +182,48 @@ def test_pad_components_copies_component_zero(batch):
         torch.testing.assert_close(
             pg.covariances(q)[..., 2:, :, :], pg.covariances(p)[..., :1, :, :].expand(*batch, 2, 3, 3), rtol=0, atol=0
         )
+
+
+def test_a_seventh_family_row_drives_the_peripheral_modules(monkeypatch):
+    """A tied-diagonal family added as one row of the table works, unchanged, in the MDN head,
+    the structure checks, padding, parameter counts and the torch/scikit-learn converters (each
+    checked against the mixture written out by hand)."""
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    from puregmm import families
+
+    monkeypatch.setitem(families._TABLE, "tied_diagonal", families.Family("tied_diagonal", 1, False, True))
+    k, d = 3, 2
+    assert pg.param_size(k, d, "tied_diagonal") == k + k * d + d
+    raw = torch.randn(4, k + k * d + d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mdn = pg.from_flat(raw, k, d, "tied_diagonal", min_variance=1e-3)
+    var = 1e-3 + torch.exp(raw[:, -d:])  # [4, D], one variance vector for every component
+    rtol = 16 * EPS64 * (1 + float(var.log().abs().max()))  # through log σ² and back: eps·|log σ²|
+    torch.testing.assert_close(
+        pg.covariances(mdn), torch.diag_embed(var)[:, None].expand(4, k, d, d), rtol=rtol, atol=0
+    )
+
+    cov = torch.diag_embed(torch.tensor([[1.0, 2.0]] * k, dtype=torch.float64))
+    unequal = torch.diag_embed(torch.tensor([[1.0, 2.0], [1.0, 3.0], [1.0, 2.0]], dtype=torch.float64))
+    for c, match in ((unequal, "the same covariance"), (cov + 0.1 * (1 - torch.eye(d)), "diagonal covariances")):
+        with pytest.raises(ValueError, match=f"family 'tied_diagonal' needs {match}"):
+            pg.from_moments(torch.full((k,), 1 / k, dtype=torch.float64), torch.zeros(k, d), c, "tied_diagonal")
+
+    means = torch.tensor([[0.0, 0.0], [3.0, 1.0], [-2.0, 2.0]], dtype=torch.float64)
+    logits = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    sd = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    p = pg.pad_components(pg.GMMParams(logits, means, -torch.log(sd), "tied_diagonal"), 5)
+    assert p.scale.shape == (d,) and pg.n_parameters(p) == (k - 1) + k * d + d
+    x = torch.randn(20, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    comp = norm(means.numpy()[None], sd.numpy()).logpdf(x.numpy()[:, None]).sum(-1) + logits.numpy()  # [N, K]
+    want = logsumexp(comp, axis=-1)
+    r2 = float((((x[:, None] - means) / sd.min()) ** 2).sum(-1).max())  # squared widths to the farthest row
+    atol = 16 * EPS64 * d * float(sd.max() / sd.min()) ** 2 * (d + r2)  # eps·D·κ·(D + r²)
+    gm = pg.to_sklearn(p)  # the masked padding is dropped
+    assert gm.covariance_type == "tied" and gm.n_components == k
+    np.testing.assert_allclose(gm.covariances_, np.diag(sd.numpy() ** 2), rtol=4 * EPS64)
+    np.testing.assert_allclose(gm.score_samples(x.numpy()), want, rtol=0, atol=atol)
+    dist = pg.to_distribution(p)
+    assert isinstance(dist.component_distribution, torch.distributions.Independent)
+    np.testing.assert_allclose(dist.log_prob(x).numpy(), want, rtol=0, atol=atol)
