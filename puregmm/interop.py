@@ -9,7 +9,10 @@ Each pair is exact up to rounding: the converted object gives the same log-densi
 * :func:`to_sklearn` maps full → ``"full"``, tied → ``"tied"``, diagonal → ``"diag"`` and
   isotropic/shared/constant → ``"spherical"``. For shared/constant the spherical variances are
   all equal, so nothing is lost, and ``from_sklearn(gm, family="shared")`` reads them back
-  (with a check).
+  (with a check). Each family names its type (``Family.sklearn_covariance_type``); this
+  module holds only scikit-learn's layouts, so a new family needs no change here.
+* Values from a float32 source (a float32 fit or distribution) are checked with float32's
+  rounding tolerances and converted in float64.
 * scikit-learn is optional: it is imported inside the functions that need it.
 
 What is not kept: the learned/fixed distinction (``constant`` comes back as whatever
