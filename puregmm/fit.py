@@ -320,6 +320,10 @@ def fit_batched(
     vmapped one cannot, so the two then agree only to ~1e-16·(distance / width)² nats
     (:mod:`puregmm._moments`, "Precision").
 
+    The arguments not listed below (``family``, ``method``, ``max_steps``, ``tol``,
+    ``batch_size``, ``reg_covar``, ``init_method``, ``optimizer``, ``progress``, ``checkpoint``,
+    ``checkpoint_every``, ``resume``) are :func:`fit`'s.
+
     Args:
         xs: [B, N, D] data (``x.expand(B, -1, -1)`` fits one dataset B times without a copy).
         n_components: K for every dataset, or one K per dataset ([B] ints): a sweep over K in
@@ -330,7 +334,6 @@ def fit_batched(
             may hold anything, NaN included). ``None``: every row is real.
         key: one key for every dataset; ``keys`` [B] gives each its own.
         init_params: params with leaves [B, ...] to start from instead of :func:`puregmm.init`.
-        others: as :func:`fit`.
 
     Returns:
         :class:`FitResult` with a leading batch dim B on every field.
