@@ -344,7 +344,8 @@ def init_batched(
         keys: [B] int64, one key per dataset.
         method: as :func:`init`.
         mask: [B, N] bool, True for real rows; dataset b then gets ``init(xs[b][mask[b]])``.
-        variance, reg_covar: as :func:`init`.
+        variance: as :func:`init`.
+        reg_covar: as :func:`init`.
 
     Returns:
         :class:`GMMParams` with batch shape [B].
