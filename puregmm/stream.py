@@ -244,7 +244,9 @@ def fit_stream(
             streams through it); ``None``: that of ``init_params``, else the CPU.
         key: int or 0-d int64 tensor (initialisation sample and method).
         progress: a tqdm progress bar.
-        checkpoint, checkpoint_every, resume: as :func:`puregmm.fit` (``"em"`` only).
+        checkpoint: as :func:`puregmm.fit` (``"em"`` only).
+        checkpoint_every: as :func:`puregmm.fit`.
+        resume: as :func:`puregmm.fit` (``"em"`` only).
 
     Returns:
         :class:`puregmm.FitResult`. ``loss`` is the mean NLL of the whole data at the final
