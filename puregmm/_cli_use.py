@@ -1,0 +1,129 @@
+"""The CLI's ``score``, ``sample`` and ``demo`` commands: use a model, or show one being fitted.
+
+Each command checks its inputs and its outputs (writable, not an input) before any work, and
+writes every file whole or not at all (:mod:`puregmm._files`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+import puregmm as pg
+from puregmm import _files
+from puregmm._cli_common import (
+    PROG,
+    UsageError,
+    check_outputs,
+    csv_bytes,
+    figure_format,
+    load_model,
+    npy_bytes,
+    tensor,
+    write_figure,
+)
+from puregmm.data import load_data
+
+SCORE_CHUNK = 65536  # rows scored at a time: bounded memory on memory-mapped .npy files
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Per-row log p(x) and most likely component, to --out (atomically) or stdout."""
+    if args.out is not None:
+        check_outputs({"--out": args.out}, {"MODEL": args.model, "DATA": args.data})
+    params = load_model(args.model)
+    arr = load_data(args.data)
+    if arr.shape[1] != params.dim:
+        raise UsageError(
+            f"DATA {args.data!r} has D={arr.shape[1]} columns but the model has D={params.dim}; "
+            "score data with the columns the model was fitted on"
+        )
+    _check_finite(arr, params.dtype, args.data)  # before the output is opened: bad data writes nothing
+    if args.out is None:
+        _write_scores(arr, params, sys.stdout.write)
+        return 0
+    with _files.atomic_open(args.out) as f:
+        total = _write_scores(arr, params, lambda text: f.write(text.encode()))
+    print(f"score: {arr.shape[0]} rows, mean log-likelihood {total / arr.shape[0]:.6g} -> {args.out}")
+    return 0
+
+
+def _check_finite(arr: np.ndarray, dtype: torch.dtype, name: str) -> None:
+    """UsageError naming the first rows that hold NaN or Inf (in the model's dtype), chunk by chunk."""
+    for lo in range(0, arr.shape[0], SCORE_CHUNK):
+        xb = tensor(arr[lo : lo + SCORE_CHUNK], None).to(dtype)
+        bad = ~torch.isfinite(xb).all(-1)
+        if bool(bad.any()):
+            rows = (torch.nonzero(bad).flatten()[:5] + lo).tolist()
+            raise UsageError(f"DATA {name!r} holds NaN or Inf (first bad rows: {rows}); drop or impute them")
+
+
+def _write_scores(arr: np.ndarray, params: pg.GMMParams, write: Callable[[str], object]) -> float:
+    """Write the CSV chunk by chunk; returns the total log-likelihood."""
+    fmt = "%.17g" if params.dtype == torch.float64 else "%.9g"
+    total = 0.0
+    write("log_prob,component\n")
+    for lo in range(0, arr.shape[0], SCORE_CHUNK):
+        xb = tensor(arr[lo : lo + SCORE_CHUNK], None).to(params.dtype)
+        with torch.no_grad():
+            joint = pg.component_log_prob(params, xb)  # [B, K]
+            lp = torch.logsumexp(joint, -1)  # [B]
+            comp = joint.argmax(-1)  # [B]
+        total += float(lp.to(torch.float64).sum())
+        buf = io.StringIO()
+        np.savetxt(buf, np.column_stack([lp.numpy(), comp.numpy()]), fmt=[fmt, "%d"], delimiter=",")
+        write(buf.getvalue())
+    return total
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """N points from the model into a ``.npy`` file."""
+    check_outputs({"--out": args.out}, {"MODEL": args.model})
+    params = load_model(args.model)
+    x, _ = pg.sample(params, args.n, key=args.seed)
+    _files.write_atomic(args.out, npy_bytes(x.detach().cpu().numpy()))
+    print(f"sample: {args.n} points of D={params.dim} -> {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Fit the demo's five clusters; write the picture (and the points) atomically."""
+    from puregmm.demo import demo_data, run_demo
+
+    figure_format(args.out)  # matplotlib present and the suffix known, before fitting
+    outputs = {"--out": args.out}
+    if args.save_data is not None:
+        if not args.save_data.lower().endswith((".csv", ".npy")):
+            raise UsageError(f"--save-data must end in .csv or .npy; got {args.save_data!r}")
+        outputs["--save-data"] = args.save_data
+    check_outputs(outputs, {})
+    if args.threads is None:
+        torch.set_num_threads(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # each warning once
+        result = run_demo(args.family, args.components, None, seed=args.seed, progress=not args.quiet)
+    x = demo_data(seed=args.seed)
+    if args.save_data is not None:
+        _files.write_atomic(args.save_data, _points_bytes(x, args.save_data))
+        print(f"demo: wrote the points to {args.save_data}")
+    from puregmm.plot import fit_figure
+
+    write_figure(fit_figure(result.params, x, result.history), args.out)
+    print(f"demo: wrote {args.out}")
+    for w in caught:
+        print(f"{PROG} demo: warning: {w.message}", file=sys.stderr)
+    return 0
+
+
+def _points_bytes(x: torch.Tensor, path: str) -> bytes:
+    """The demo points as ``.npy``, or as ``.csv`` with a header ``x1,x2`` (as demo.write_points)."""
+    arr = x.numpy()
+    if path.lower().endswith(".npy"):
+        return npy_bytes(arr)
+    return csv_bytes(arr, ",".join(f"x{i + 1}" for i in range(arr.shape[1])), "%.9g")
