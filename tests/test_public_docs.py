@@ -7,6 +7,7 @@ their examples. Constants (``FAMILIES``, ``__version__``) and submodules are not
 import inspect
 import re
 import types
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -99,3 +100,52 @@ def test_the_check_can_fail() -> None:
         x: float
 
     assert missing_sections(Point) == ["a docstring"]  # the NamedTuple's generated "Point(x)" is not one
+
+
+# --- the documentation site (docs/) ---------------------------------------------------------------
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def test_the_api_reference_has_every_public_name() -> None:
+    """docs/api/*.md render each name of ``puregmm.__all__`` (one ``::: puregmm.name`` each)."""
+    pages = "\n".join(p.read_text(encoding="utf-8") for p in sorted((DOCS / "api").glob("*.md")))
+    rendered = re.findall(r"^::: puregmm\.(\w+)\s*$", pages, re.MULTILINE)
+    assert len(rendered) == len(set(rendered)), "a name is rendered twice"
+    missing = set(puregmm.__all__) - {"__version__"} - set(rendered)
+    assert not missing, f"docs/api/ lacks an entry for {sorted(missing)}"
+
+
+PAGES = sorted([*DOCS.glob("*.md"), *DOCS.glob("guide/*.md")])
+
+
+def python_blocks(markdown: str) -> list[str]:
+    """The ```python blocks of a page (```py and ```bash blocks are shown, not run)."""
+    return re.findall(r"^```python\n(.*?)^```\s*$", markdown, re.MULTILINE | re.DOTALL)
+
+
+def test_pages_have_runnable_examples() -> None:
+    """Guards the test below against finding nothing to run."""
+    assert sum(len(python_blocks(p.read_text(encoding="utf-8"))) for p in PAGES) >= 15
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p.read_text(encoding="utf-8"))], ids=str)
+def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page's ```python blocks run top to bottom in one namespace, as a reader would paste them."""
+    monkeypatch.chdir(tmp_path)  # examples may write files (a figure)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    for i, block in enumerate(python_blocks(page.read_text(encoding="utf-8"))):
+        exec(compile(block, f"{page.relative_to(DOCS)}, block {i + 1}", "exec"), namespace)
+
+
+def test_notebooks_draw_inline() -> None:
+    """The site executes the notebooks with MPLBACKEND=Agg set (as CI does); only the inline
+    backend, selected in the first code cell, still puts their figures into the page."""
+    nbformat = pytest.importorskip("nbformat")
+    notebooks = sorted((DOCS.parent / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        if any("matplotlib" in c.source for c in cells):
+            assert cells[0].source.startswith("%matplotlib inline"), f"{path.name}: first code cell"
