@@ -48,8 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common
 
 import puregmm as pg
-from puregmm.fit import EMState, em_advance
 from puregmm.init import init_batched
+from puregmm.methods import EMState, em_advance
 
 FAMILY = "full"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

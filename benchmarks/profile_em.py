@@ -30,8 +30,8 @@ from bench_batched import datasets
 from bench_em import DTYPES, problem
 
 import puregmm as pg
-from puregmm.fit import EMState, em_advance
 from puregmm.init import init_batched
+from puregmm.methods import EMState, em_advance
 
 
 def unbatched(config: str, family: str, dtype: torch.dtype) -> tuple[str, object]:

@@ -40,10 +40,11 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from puregmm import _validate, keys, loop
+from puregmm import _validate, driver, keys, loop
 from puregmm.em import Stats, em_step
 from puregmm.families import get_family
-from puregmm.fit import (
+from puregmm.init import init as init_params_from
+from puregmm.methods import (
     EM_MAX_STEPS,
     EM_TOL,
     GD_MAX_STEPS,
@@ -51,12 +52,10 @@ from puregmm.fit import (
     GD_WINDOW,
     EMState,
     FitResult,
-    _affine,
-    fit,
     minibatch_indices,
     warn_if_not_converged,
 )
-from puregmm.init import init as init_params_from
+from puregmm.methods import affine as _affine
 from puregmm.params import GMMParams
 from puregmm.train import TrainState, init_state, step
 
@@ -297,26 +296,12 @@ def fit_distributed(
     """
     comm = collective(group)
     if not comm.active:
-        return fit(
-            data,
-            n_components,
-            family,
-            method=method,
-            max_steps=max_steps,
-            tol=tol,
-            batch_size=batch_size,
-            n_init=n_init,
-            reg_covar=reg_covar,
-            init_params=init_params,
-            init_method=init_method,
-            sample_weight=sample_weight,
-            optimizer=optimizer,
-            key=key,
-            progress=progress,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-        )
+        return driver.fit_data(
+            data, n_components, family, method=method, max_steps=max_steps, tol=tol, batch_size=batch_size,
+            n_init=n_init, reg_covar=reg_covar, init_params=init_params, init_method=init_method,
+            sample_weight=sample_weight, optimizer=optimizer, key=key, progress=progress,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+        )  # fmt: skip
     settings: dict[str, Any] = {}
     error: Exception | None = None
     x = w = None

@@ -291,7 +291,7 @@ def _run(
     method: str,
     given: Tensor | None = None,
     variance: float | None = None,
-    reg_covar: float = 1e-6,
+    reg_covar: float | Tensor = 1e-6,
     n_local_trials: int | None = None,
     max_iter: int = KMEANS_MAX_ITER,
 ) -> tuple[GMMParams, Tensor | None]:
@@ -315,11 +315,14 @@ def _run(
     if not get_family(family).learned:
         var = _map(_data_variance, (0, wd), b)(xc, w) if variance is None else xc.new_full((b,), float(variance))
 
-    def finish(*args: Any) -> GMMParams:
-        return _finish(*args, family=family, method=method, keep_means=given is not None, reg_covar=reg_covar)
+    reg = torch.as_tensor(reg_covar, dtype=x.dtype, device=x.device)  # 0-d, or [B]: one per dataset
 
-    params = _map(finish, (0, 0, wd, rd, 0, 0, 0, None if var is None else 0), b)(
-        xc, xt, w, rows, run_keys, offset, centres, var
+    def finish(*args: Any) -> GMMParams:
+        *rest, r = args
+        return _finish(*rest, family=family, method=method, keep_means=given is not None, reg_covar=r)
+
+    params = _map(finish, (0, 0, wd, rd, 0, 0, 0, None if var is None else 0, 0 if reg.dim() else None), b)(
+        xc, xt, w, rows, run_keys, offset, centres, var, reg
     )
     return params, var
 
@@ -333,7 +336,7 @@ def init_batched(
     method: str = "kmeans",
     mask: Tensor | None = None,
     variance: float | None = None,
-    reg_covar: float = 1e-6,
+    reg_covar: float | Tensor = 1e-6,
 ) -> GMMParams:
     """Initial params for B datasets at once: what :func:`init` gives each (same kernels).
 
@@ -377,7 +380,7 @@ def init(
     family: str = "full",
     *,
     key: Any = 0,
-    method: str = "kmeans++",
+    method: str = "kmeans",
     variance: float | None = None,
     means: Any = None,
     reg_covar: float = 1e-6,
@@ -390,7 +393,9 @@ def init(
         n_components: K, at most N.
         family: one of :data:`puregmm.FAMILIES`.
         key: int or 0-d int64 tensor.
-        method: ``"kmeans++"`` (default), ``"kmeans"``, ``"random"`` or ``"random_from_data"``.
+        method: ``"kmeans"`` (k-means++ seeds then Lloyd; the default, shared with
+            :func:`puregmm.fit`, scikit-learn's), ``"kmeans++"`` (the seeds alone), ``"random"``
+            or ``"random_from_data"``.
         variance: the fixed variance of the ``constant`` family; defaults to the data's mean
             per-dimension variance. Ignored by other families.
         means: optional initial means [K, D]; replaces the seeding (``method`` is ignored).

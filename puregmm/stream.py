@@ -55,8 +55,8 @@ from torch import Tensor
 from puregmm import _validate, keys, loop
 from puregmm.em import Stats, combine, m_step, sufficient_stats
 from puregmm.families import get_family
-from puregmm.fit import EM_MAX_STEPS, EM_TOL, EMState, FitResult, warn_if_not_converged
 from puregmm.init import init
+from puregmm.methods import EM_MAX_STEPS, EM_TOL, EMState, FitResult, warn_if_not_converged
 from puregmm.params import GMMParams, covariances
 
 METHODS = ("em", "online_em")

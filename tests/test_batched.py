@@ -56,7 +56,9 @@ def test_batched_params_work_with_accessors_and_log_prob():
 
 def test_n_init_keeps_the_best_restart():
     x = datasets(b=1, n=300, seed=2)[0]
-    runs = [pg.fit(x, 3, "full", method="em", key=pg.keys.fold_in(0, r), init_method="random") for r in range(4)]
+    # restart 0 is the single run with the key itself; restart r >= 1 uses fold_in(key, r)
+    run_keys = [0] + [pg.keys.fold_in(0, r) for r in range(1, 4)]
+    runs = [pg.fit(x, 3, "full", method="em", key=k, init_method="random") for k in run_keys]
     best = pg.fit(x, 3, "full", method="em", n_init=4, key=0, init_method="random")
     torch.testing.assert_close(best.loss, min(r.loss for r in runs), rtol=1e-9, atol=0)
 

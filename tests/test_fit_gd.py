@@ -33,7 +33,7 @@ def test_one_component_reaches_exact_maximum_likelihood(family, dtype):
     var = x.var(0)
     cov = torch.diag(var if family != "isotropic" else var.mean().expand(3)) * 3
     start = pg.from_moments(torch.ones(1), (x.mean(0) + x.std(0))[None], cov[None], family=family).to(dtype)
-    result = pg.fit(x.to(dtype), 1, family, init_params=start)
+    result = pg.fit(x.to(dtype), 1, family, method="gd", init_params=start)
     assert result.converged and result.n_steps > 50
     assert abs(float(result.loss) - gaussian_ml_loss(x, family)) < 2e-3
     assert result.params.dtype == dtype and result.history.shape == (result.n_steps,)
@@ -42,7 +42,7 @@ def test_one_component_reaches_exact_maximum_likelihood(family, dtype):
 def test_fit_on_duplicated_points_survives():
     gen = torch.Generator().manual_seed(1)
     x = torch.cat([torch.randn(300, 2, generator=gen), torch.full((200, 2), 0.5)])
-    result = pg.fit(x, 4, "full", max_steps=1500)
+    result = pg.fit(x, 4, "full", method="gd", max_steps=1500)
     assert math.isfinite(float(result.loss))
     assert all(torch.isfinite(t).all() for t in (pg.weights(result.params), pg.covariances(result.params)))
 
@@ -50,9 +50,9 @@ def test_fit_on_duplicated_points_survives():
 def test_fit_is_deterministic_and_key_dependent():
     gen = torch.Generator().manual_seed(2)
     x = torch.cat([torch.randn(100, 2, generator=gen) + 4, torch.randn(100, 2, generator=gen) - 4])
-    a = pg.fit(x, 3, "diagonal", max_steps=200, key=5)
-    b = pg.fit(x, 3, "diagonal", max_steps=200, key=5)
-    c = pg.fit(x, 3, "diagonal", max_steps=200, key=6)
+    a = pg.fit(x, 3, "diagonal", method="gd", max_steps=200, key=5)
+    b = pg.fit(x, 3, "diagonal", method="gd", max_steps=200, key=5)
+    c = pg.fit(x, 3, "diagonal", method="gd", max_steps=200, key=6)
     assert torch.equal(a.params.means, b.params.means) and torch.equal(a.history, b.history)
     assert not torch.equal(a.params.means, c.params.means)
 
@@ -60,7 +60,7 @@ def test_fit_is_deterministic_and_key_dependent():
 def test_minibatch_fit_and_integer_data():
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(400, 2, generator=gen) * 10).round().to(torch.int64)
-    result = pg.fit(x, 2, "full", batch_size=64, max_steps=300, key=1)
+    result = pg.fit(x, 2, "full", method="gd", batch_size=64, max_steps=300, key=1)
     assert result.params.dtype == torch.get_default_dtype()
     assert result.n_steps == 300 and math.isfinite(float(result.loss))
 
@@ -68,7 +68,7 @@ def test_minibatch_fit_and_integer_data():
 def test_max_steps_without_convergence_warns():
     x = torch.randn(100, 2, generator=torch.Generator().manual_seed(4))
     with pytest.warns(pg.ConvergenceWarning):
-        r = pg.fit(x, 2, max_steps=10)
+        r = pg.fit(x, 2, method="gd", max_steps=10)
     assert not r.converged and r.n_steps == 10
 
 
@@ -94,5 +94,5 @@ def test_bad_input_is_a_value_error(data, k, family, match):
 def test_constant_family_keeps_its_variance():
     x = torch.randn(300, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3
     start = pg.init(x, 2, "constant", variance=2.0)
-    result = pg.fit(x, 2, "constant", init_params=start, max_steps=200)
+    result = pg.fit(x, 2, "constant", method="gd", init_params=start, max_steps=200)
     torch.testing.assert_close(pg.covariances(result.params), 2.0 * torch.eye(2, dtype=torch.float64).expand(2, 2, 2))

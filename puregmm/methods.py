@@ -1,0 +1,266 @@
+"""Fitting methods as a table: each is a row of pure functions that the one loop runs.
+
+A :class:`Method` says how to make a run's state from params, advance it by one step on a
+batch, decide convergence from the loss history, and score the final params. The drivers
+(:func:`puregmm.fit`, :func:`puregmm.fit_batched`, :func:`puregmm.stream.fit_stream`,
+:func:`puregmm.distributed.fit_distributed`) look a method up here by name and never branch on
+it; adding one (say variational Bayes) is one more row.
+
+Every method runs on standardised data z = (x - m) / s (m the weighted mean, s the root mean
+per-dimension variance; see :func:`standardisation`), so defaults suit data of any location and
+scale, and data far beyond √(max float) fit as well as data near 1: a Gaussian mixture is
+affine-equivariant, and the result is mapped back exactly (:func:`affine`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from puregmm import _validate, keys, loop
+from puregmm.density import loss as nll
+from puregmm.em import em_step, sufficient_stats
+from puregmm.params import GMMParams
+from puregmm.train import TrainState, init_state, step
+
+GD_MAX_STEPS = 5000
+GD_TOL = 1e-7
+GD_WINDOW = 20
+EM_MAX_STEPS = 100  # scikit-learn's max_iter
+EM_TOL = 1e-3  # scikit-learn's tol, on the change of the mean log-likelihood
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit stopped at ``max_steps`` before meeting ``tol``."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a fit returns; from :func:`fit_batched` every field carries a leading batch dim B.
+
+    Attributes:
+        params: the fitted params (leaves [B, ...] when batched).
+        loss: final mean negative log-likelihood on the whole data (0-d, or [B]).
+        n_steps: steps taken (int, or [B] int64).
+        converged: whether the tolerance was met before ``max_steps`` (bool, or [B]).
+        n_resets: components reset: singularities or empty components (int, or [B]).
+        history: loss after each step ([n_steps], or [B, T] padded with NaN once a run stopped);
+            mini-batch loss when ``batch_size`` is set.
+
+    >>> import torch, puregmm as pg
+    >>> r = pg.fit(torch.randn(100, 2), 2, "diagonal")
+    >>> r.history.shape[0] == r.n_steps
+    True
+    """
+
+    params: GMMParams
+    loss: Tensor
+    n_steps: Any
+    converged: Any
+    n_resets: Any
+    history: Tensor
+
+
+class EMState(NamedTuple):
+    """The EM loop's state: everything a checkpoint needs to resume a run exactly.
+
+    Attributes:
+        params: current params.
+        step: 0-d int64, EM steps taken.
+        loss: 0-d, mean NLL of the E-step of the last step (NaN before any step).
+        n_resets: 0-d int64, components re-seeded or repaired so far.
+        key: 0-d int64, the run's key (EM itself draws nothing; init and restarts do).
+
+    >>> import torch, puregmm as pg
+    >>> s = pg.em_state(pg.init(torch.randn(50, 2), 2, "diagonal"))
+    >>> int(s.step)
+    0
+    """
+
+    params: GMMParams
+    step: Tensor
+    loss: Tensor
+    n_resets: Tensor
+    key: Tensor
+
+
+def em_state(params: GMMParams, key: Any = 0) -> EMState:
+    """A fresh :class:`EMState` at ``params``.
+
+    Args:
+        params: the starting params.
+        key: int or 0-d int64 tensor, the run's key.
+
+    Returns:
+        :class:`EMState` with step 0 and a NaN loss.
+
+    >>> import torch, puregmm as pg
+    >>> pg.em_state(pg.init(torch.randn(50, 2), 2, "diagonal"), key=3).key
+    tensor(3)
+    """
+    zero = torch.zeros((), dtype=torch.int64)
+    nan = torch.full((), float("nan"), dtype=params.dtype, device=params.device)
+    return EMState(params, zero, nan, zero, _validate.key(key))
+
+
+def em_advance(
+    state: EMState, x: Tensor, sample_weight: Tensor | None = None, *, reg_covar: float | Tensor = 1e-6
+) -> EMState:
+    """One EM step on an :class:`EMState` (pure; what the fitting loop vmaps)."""
+    params, info = em_step(state.params, x, reg_covar=reg_covar, sample_weight=sample_weight, return_info=True)
+    return EMState(params, state.step + 1, -info.log_likelihood, state.n_resets + info.n_resets, state.key)
+
+
+def minibatch_indices(key: Tensor, step_count: Tensor, n: int, batch_size: int) -> Tensor:
+    """Rows [batch_size] for step t: a permutation per epoch drawn from ``(key, epoch)``, cut into
+    ``n // batch_size`` batches (the remainder of an epoch is skipped; every epoch reshuffles)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = step_count // per_epoch, step_count % per_epoch
+    perm = torch.argsort(keys.uniform(key, epoch, torch.arange(n)))
+    return torch.gather(perm, 0, pos * batch_size + torch.arange(batch_size))
+
+
+def gd_advance(
+    state: TrainState, z: Tensor, sample_weight: Tensor | None = None, *, batch_size: int | None = None
+) -> TrainState:
+    """One gradient step on standardised data ``z`` (a mini-batch of it when ``batch_size``)."""
+    if batch_size is not None:
+        idx = minibatch_indices(state.key, state.step, z.shape[0], batch_size)
+        z = torch.index_select(z, 0, idx)
+        sample_weight = None if sample_weight is None else torch.index_select(sample_weight, 0, idx)
+    return step(state, z, sample_weight)
+
+
+def em_nll(params: GMMParams, x: Tensor, w: Tensor | None) -> Tensor:
+    """Mean NLL by the E-step's pass (:mod:`puregmm._moments`): the computation of the EM
+    history's values, equal to :func:`puregmm.loss` up to rounding."""
+    stats = sufficient_stats(params, x, w)
+    return -stats.log_lik_sum / stats.weight_sum
+
+
+class Settings(NamedTuple):
+    """A fit's validated settings (the method's own and the shared ones)."""
+
+    method: str
+    max_steps: int
+    tol: float
+    batch_size: int | None
+    optimizer: Any
+    reg_covar: float
+
+
+class Method(NamedTuple):
+    """One row of the methods table.
+
+    Attributes:
+        name: the ``method=`` string.
+        max_steps, tol: defaults of a fit.
+        make_state: (standardised params, key, settings) -> a run's state.
+        advance: (state, z, w, settings) -> the next state (pure, vmappable).
+        converged: tol -> rule over the loss history [t, B] -> [B] bool.
+        final_loss: (params, x, w) -> the reported mean NLL of the final params.
+        per_run_scale: whether each run of a batch is standardised by its own spread (gradient
+            descent: its floor and learning rate live in standardised units) or all by the
+            largest (EM: exactly equivariant, so one scale keeps ``reg_covar`` one number).
+        batches: whether it takes mini-batches and an optimiser (else each step reads all data).
+        deterministic: whether a run from given params draws nothing (restarts would repeat it).
+    """
+
+    name: str
+    max_steps: int
+    tol: float
+    make_state: Callable[[GMMParams, Tensor, Settings], Any]
+    advance: Callable[[Any, Tensor, Tensor | None, Settings], Any]
+    converged: Callable[[float], Callable[[Tensor], Tensor]]
+    final_loss: Callable[[GMMParams, Tensor, Tensor | None], Tensor]
+    per_run_scale: bool
+    batches: bool
+    deterministic: bool
+
+
+def _em_state(params: GMMParams, key: Tensor, cfg: Settings) -> EMState:
+    return em_state(params, key)
+
+
+def _gd_state(params: GMMParams, key: Tensor, cfg: Settings) -> TrainState:
+    return init_state(params, cfg.optimizer, key=key)
+
+
+METHODS: dict[str, Method] = {
+    "em": Method(
+        "em", EM_MAX_STEPS, EM_TOL, _em_state,
+        lambda s, z, w, cfg: em_advance(s, z, w, reg_covar=cfg.reg_covar),
+        loop.em_converged, em_nll, per_run_scale=False, batches=False, deterministic=True,
+    ),
+    "gd": Method(
+        "gd", GD_MAX_STEPS, GD_TOL, _gd_state,
+        lambda s, z, w, cfg: gd_advance(s, z, w, batch_size=cfg.batch_size),
+        lambda tol: loop.window_converged(tol, GD_WINDOW), nll, per_run_scale=True, batches=True,
+        deterministic=False,
+    ),
+}  # fmt: skip
+#: ``online_em`` is a row of :mod:`puregmm.stream` (it reads a stream once, chunk by chunk).
+METHOD_NAMES = (*METHODS, "online_em")
+
+
+def get_method(name: object) -> Method:
+    """The :class:`Method` called ``name``; ``ValueError`` listing the choices otherwise."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {METHOD_NAMES}")
+    return METHODS[name]
+
+
+# --- standardisation ------------------------------------------------------------------------------
+
+
+def standardisation(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Weighted mean m [D] and root mean per-dimension variance s (0-d) of rows ``x`` [N, D].
+
+    Computed on x / max|x| first, so that data beyond √(max float) (whose squares overflow)
+    get a finite spread. Data without spread (every row equal) get s = max|x|, or 1 for zeros.
+    """
+    tiny = torch.finfo(x.dtype).tiny
+    big = x.abs().amax()
+    big = torch.where(big > tiny, big, torch.ones_like(big))
+    y = x / big
+    wn = torch.ones_like(y[:, 0]) if w is None else w
+    wn = (wn / wn.sum()).unsqueeze(-1)
+    centre = (wn * y).sum(0)
+    spread = (wn * (y - centre).square()).sum(0).mean().sqrt()
+    s = torch.where(spread * big > tiny, spread * big, big)
+    direct = x[0] + (wn * (x - x[0])).sum(0)  # exact for equal rows (centre·big may be an ulp off)
+    return torch.where(torch.isfinite(direct), direct, centre * big), s
+
+
+def standardised_reg(reg_covar: float, s: Tensor) -> Tensor:
+    """``reg_covar`` in units of the standardised data, reg / s², kept finite (a reg that
+    dwarfs data narrower than √tiny stays the largest float rather than inf)."""
+    return (reg_covar**0.5 / s).square().clamp_max(torch.finfo(s.dtype).max)
+
+
+def affine(params: GMMParams, a: Tensor, b: Tensor) -> GMMParams:
+    """Params of the data mapped by x -> a·x + b (``a`` > 0 a 0-d tensor, ``b`` [D]):
+    μ -> aμ + b, Σ -> a²Σ; weights unchanged."""
+    return GMMParams(params.logits, params.means * a + b, params.spec.scaled_raw(params.scale, a), params.family)
+
+
+def warn_if_not_converged(result: FitResult, stacklevel: int = 3) -> None:
+    """The one :class:`ConvergenceWarning` of a single fit that stopped at ``max_steps``."""
+    if not result.converged:
+        warnings.warn(
+            f"fit stopped at max_steps={result.n_steps} without meeting tol; raise max_steps or tol, "
+            "or check the data for duplicated points and outliers",
+            ConvergenceWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def best_run(loss: Tensor) -> int:
+    """Index of the lowest final loss (NaN ranks last)."""
+    return int(torch.argmin(torch.nan_to_num(loss, nan=math.inf)))
