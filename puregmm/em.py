@@ -422,7 +422,7 @@ def label_stats(
     return Stats(resp_sum, torch.stack(x_k).to(dt), torch.stack(s_k).to(dt), log_lik_sum, weight_sum, worst_ll, worst_x)
 
 
-def m_step(stats: Stats, params: GMMParams, *, reg_covar: float = 1e-6, return_info: bool = False) -> Any:
+def m_step(stats: Stats, params: GMMParams, *, reg_covar: float | Tensor = 1e-6, return_info: bool = False) -> Any:
     """New params (same family) from :class:`Stats` taken about ``params``' means.
 
     Matches scikit-learn's M-step (module docstring). Then, branch-free:
@@ -563,7 +563,7 @@ def em_step(
     params: GMMParams,
     x: Tensor,
     *,
-    reg_covar: float = 1e-6,
+    reg_covar: float | Tensor = 1e-6,
     sample_weight: Tensor | None = None,
     return_info: bool = False,
     chunk_size: int | None = None,

@@ -279,7 +279,7 @@ def _components_per_dataset(n_components: Any, counts: Tensor) -> list[int]:
 
 
 def _init_per_k(
-    x: Tensor, ks: list[int], family: str, run_keys: Tensor, method: str, mask: Tensor | None, reg_covar: float
+    x: Tensor, ks: list[int], family: str, run_keys: Tensor, method: str, mask: Tensor | None, reg_covar: float | Tensor
 ) -> GMMParams:
     """Batched init: one vmapped :func:`init_batched` per distinct K (so dataset b starts where
     ``init(x[b], K_b, key=keys[b])`` starts), padded to max K with masked components."""

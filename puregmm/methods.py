@@ -152,7 +152,7 @@ class Settings(NamedTuple):
     tol: float
     batch_size: int | None
     optimizer: Any
-    reg_covar: float
+    reg_covar: float | Tensor  # a 0-d tensor once standardised (reg / s²)
 
 
 class Method(NamedTuple):
@@ -238,7 +238,7 @@ def standardisation(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
     return torch.where(torch.isfinite(direct), direct, centre * big), s
 
 
-def standardised_reg(reg_covar: float, s: Tensor) -> Tensor:
+def standardised_reg(reg_covar: float | Tensor, s: Tensor) -> Tensor:
     """``reg_covar`` in units of the standardised data, reg / s², kept finite (a reg that
     dwarfs data narrower than √tiny stays the largest float rather than inf)."""
     return (reg_covar**0.5 / s).square().clamp_max(torch.finfo(s.dtype).max)
