@@ -120,31 +120,53 @@ def width_ratio(params: pg.GMMParams, x: Tensor | None = None, *, claimed: bool 
     return max(1.0, math.sqrt(worst))
 
 
-def log_density_scale(params: pg.GMMParams, x: Tensor) -> float:
+def _positions(params: pg.GMMParams, x: Tensor, about: Tensor | None = None) -> Tensor:
+    """(‖x_n - a‖ + ‖μ_k - a‖)/σ_min,k [N, K]: where the row and the mean lie, seen from ``a``
+    (default the origin), in the component's narrowest widths. x - μ_k is rounded to eps times
+    that (relative to σ), however close the two are: a narrow component far from the origin
+    resolves its rows only so well. Code that first subtracts ``a`` in a wider dtype loses
+    only the positions about ``a`` in its own."""
+    _, mu, u = _live(params)
+    xs = x.detach().to(torch.float64).reshape(-1, mu.shape[-1])
+    a = torch.zeros(mu.shape[-1], dtype=torch.float64) if about is None else about.detach().to(torch.float64)
+    sigma = _variances(u)[:, 0].sqrt()
+    return ((xs - a).norm(dim=-1)[:, None] + (mu - a).norm(dim=-1)) / sigma
+
+
+def log_density_scale(params: pg.GMMParams, x: Tensor, about: Tensor | None = None) -> float:
     """The size of the terms of a row's log-density, largest over rows: Σ_k r_nk·(|log w_k| +
-    |½ log|Σ_k|| + ½ m_nk + D) with r the responsibilities and m the Mahalanobis distances.
-    Each term is rounded relative to its own size, however much they cancel."""
+    |½ log|Σ_k|| + ½ m_nk + √m_nk·p_nk + D) with r the responsibilities, m the Mahalanobis
+    distances and p :func:`_positions` about ``about`` (the rounding of x - μ moves m by
+    2√m·eps·p). Each
+    term is rounded relative to its own size, however much they cancel."""
     logw, _, u = _live(params)
     _, maha, joint = _whitened(params, x)
     resp = torch.softmax(joint, -1)
-    terms = logw.abs() + _half_log_det(u) + 0.5 * maha + params.dim
+    terms = logw.abs() + _half_log_det(u) + 0.5 * maha + maha.sqrt() * _positions(params, x, about) + params.dim
     return float((resp * terms).sum(-1).max())
 
 
-def log_lik_atol(params: pg.GMMParams, x: Tensor, *, n: int = 1, dtype: torch.dtype | None = None) -> float:
+def log_lik_atol(
+    params: pg.GMMParams, x: Tensor, *, n: int = 1, dtype: torch.dtype | None = None, about: Tensor | None = None
+) -> float:
     """Absolute bound (nats) on the rounding of a row's log p(x) (``n=1``) or of the mean of
     ``n`` rows' (a loss, a log-likelihood): SLACK·(D·κ·eps + γ_n)·:func:`log_density_scale`.
     The factorisation of Σ_k costs D·κ·eps relative on log|Σ| and the Mahalanobis term, the
-    sum over n rows γ_n; logsumexp adds a few eps."""
+    sum over n rows γ_n; logsumexp adds a few eps. ``dtype``: the working dtype (default the
+    params'); ``about``: a point the code subtracts in float64 first (see :func:`_positions`)."""
     dt = dtype or params.dtype
-    return SLACK * (params.dim * model_cond(params) * eps(dt) + gamma(n, dt)) * log_density_scale(params, x)
+    scale = log_density_scale(params, x, about)
+    return SLACK * (params.dim * model_cond(params) * eps(dt) + gamma(n, dt)) * scale
 
 
 def component_log_prob_atol(params: pg.GMMParams, x: Tensor, dtype: torch.dtype | None = None) -> float:
     """Absolute bound (nats) on every log w_k + log N(x_n | μ_k, Σ_k), far components included:
-    SLACK·D·κ·eps·(D + r² + |log w| + |½ log|Σ||) with r = :func:`width_ratio`."""
+    SLACK·D·κ·eps·(D + r² + r·p + |log w| + |½ log|Σ||) with r = :func:`width_ratio` and p
+    the largest :func:`_positions`."""
     logw, _, u = _live(params)
-    size = params.dim + width_ratio(params, x) ** 2 + float(logw.abs().max() + _half_log_det(u).max())
+    r = width_ratio(params, x)
+    position = float(_positions(params, x).max())
+    size = params.dim + r**2 + r * position + float(logw.abs().max() + _half_log_det(u).max())
     return SLACK * params.dim * model_cond(params) * eps(dtype or params.dtype) * size
 
 
@@ -159,13 +181,16 @@ def stats_rtol(
 ) -> float:
     """Relative bound on an E-step statistic, an M-step update or a gradient summed over the N
     rows of ``x`` by two different routes (chunks, GEMM kernels, compiled, vmapped, ranks, a
-    reference): SLACK·γ_N·κ·r²·steps with r = :func:`width_ratio` (``claimed``/``origin`` as
-    there). Each row's term is rounded at the scale r²σ², the covariance's factor costs κ,
-    and over ``steps`` EM steps the errors add (near a fit an EM step contracts its input's
-    errors; the fraction of missing information is below 1)."""
+    reference): SLACK·κ·(γ_N·r² + eps·r·p)·steps with r = :func:`width_ratio` (``claimed``/
+    ``origin`` as there) and p the largest :func:`_positions`. Each row's term is rounded at
+    the scale r²σ² (and x - μ at eps·p·σ), the covariance's factor costs κ, and over ``steps``
+    EM steps the errors add (near a fit an EM step contracts its input's errors: the fraction
+    of missing information is below 1)."""
     n = x.reshape(-1, params.dim).shape[0]
+    dt = dtype or params.dtype
     r = width_ratio(params, x, claimed=claimed, origin=origin)
-    return SLACK * gamma(max(n, 2), dtype or params.dtype) * model_cond(params) * r**2 * steps
+    p = float(_positions(params, x).max())
+    return SLACK * model_cond(params) * (gamma(max(n, 2), dt) * r**2 + eps(dt) * r * p) * steps
 
 
 def low_precision_rtol(params: pg.GMMParams, x: Tensor, dtype: torch.dtype, *, steps: int = 1) -> float:
@@ -181,39 +206,75 @@ def low_precision_rtol(params: pg.GMMParams, x: Tensor, dtype: torch.dtype, *, s
 
 
 def sum_atol(
-    params: pg.GMMParams, x: Tensor, w: Tensor | None = None, *, power: int = 0, dtype: torch.dtype | None = None
+    params: pg.GMMParams,
+    x: Tensor,
+    w: Tensor | None = None,
+    *,
+    power: int = 0,
+    claimed: bool = False,
+    term_rtol: float = 0.0,
+    dtype: torch.dtype | None = None,
 ) -> float:
     """Absolute bound on a weighted sum over the rows of ``x`` of terms of size ρ_n^power (an
-    E-step statistic: power 0 for Σ ω r, 1 for Σ ω r (x - μ_k), 2 for the scatter) taken in
-    two orders: SLACK·γ_N·Σ_n ω_n ρ_n^power, with ρ_n = max_k ‖x_n - μ_k‖ + the spread of
-    the means (each term is formed about some point among the means, rounded at its size)."""
+    E-step statistic: power 0 for Σ ω r, 1 for Σ ω r (x - μ_k), 2 for the scatter) taken by
+    two routes: SLACK·(γ_N + term_rtol)·Σ_n ω_n ρ_n^power. ρ_n = max_k ‖x_n - μ_k‖ + the
+    spread of the means (each term is formed about some point among the means, rounded at
+    its size); with ``claimed``, the distance to the components that claim the row only
+    (responsibility above eps: per-component whitening). ``term_rtol``: a relative error of
+    each term's responsibility on one route (from log-densities off by that many nats: r_k
+    moves by 2·term_rtol·r_k(1 - r_k), see Higham's softmax conditioning). Plus
+    the rounding of x - μ itself, eps·(‖x‖ + ‖μ‖), in each term's factors."""
     _, mu, _ = _live(params)
     xs = x.detach().to(torch.float64).reshape(-1, mu.shape[-1])
-    rho = torch.cdist(xs, mu).amax(-1) + float(torch.cdist(mu, mu).max())  # [N]
+    dist = torch.cdist(xs, mu)  # [N, K]
+    resp = torch.softmax(_whitened(params, x)[2], -1)
+    # a log-density off by δ moves r_k by at most 2δ·r_k(1 - r_k): nothing for a row one component owns
+    moved = 2 * (resp * (1 - resp)).amax(-1)  # [N]
+    if claimed:
+        rho = torch.where(resp > eps(torch.float64), dist, torch.zeros((), dtype=dist.dtype)).amax(-1)
+    else:
+        rho = dist.amax(-1) + float(torch.cdist(mu, mu).max())  # [N]
     ws = torch.ones(len(xs), dtype=torch.float64) if w is None else w.detach().to(torch.float64).reshape(-1)
-    return SLACK * gamma(max(len(xs), 2), dtype or params.dtype) * float((ws * rho**power).sum())
+    n_terms = gamma(max(len(xs), 2), dtype or params.dtype)
+    # x - μ is rounded to eps·(‖x‖ + ‖μ‖) whatever its size: power·ρ^(power-1) times that
+    position = xs.norm(dim=-1) + float(mu.norm(dim=-1).max())
+    rounding = power * eps(dtype or params.dtype) * position * rho ** max(power - 1, 0)
+    return SLACK * float((ws * ((n_terms + term_rtol * moved) * rho**power + rounding)).sum())
 
 
-def leaf_scale(t: Any) -> float:
-    """The unit a leaf's error is measured in: its largest finite entry, and at least 1
-    (logits and log standard deviations are logarithms: an absolute error there is a relative
-    error of what they encode)."""
+def leaf_scale(t: Any, floor: float = 1.0) -> float:
+    """The unit a leaf's error is measured in: its largest finite entry, and at least ``floor``
+    (1 for logits and log standard deviations: they are logarithms, an absolute error there is
+    a relative error of what they encode; 0 for covariances, relative to their largest entry)."""
     a = np.asarray(t.detach().cpu().double() if isinstance(t, Tensor) else t, dtype=np.float64)
     finite = np.abs(a[np.isfinite(a)])
-    return max(1.0, float(finite.max())) if finite.size else 1.0
+    return max(floor, float(finite.max())) if finite.size else floor
+
+
+def assert_params_close(got: pg.GMMParams, want: pg.GMMParams, rtol: float, what: str = "") -> None:
+    """Params leaf by leaf, each in its own unit: logits and the factor ``scale`` relative to
+    :func:`leaf_scale`; means in widths, |Δμ| <= rtol·σ_max + SLACK·eps·max|μ| (a mean is
+    known to its width times the relative error, and to the rounding of its position)."""
+    assert got.family == want.family, what
+    assert_leaves_close((got.logits, got.scale), (want.logits, want.scale), rtol, f"{what} logits/scale")
+    _, mu, u = _live(want)
+    sigma_max = float(_variances(u)[:, -1].max().sqrt()) if len(mu) else 1.0
+    position = SLACK * eps(want.dtype) * float(want.means.detach().abs().max())
+    tol = rtol * sigma_max + position
+    torch.testing.assert_close(got.means, want.means, rtol=0, atol=tol, msg=_prefixed(f"{what} means (atol {tol:.2g})"))
 
 
 def _prefixed(note: str) -> Callable[[str], str]:
     return lambda message: f"{note}: {message}"
 
 
-def assert_leaves_close(got: Any, want: Any, rtol: float, what: str = "") -> None:
-    """Leaf by leaf (tensors or arrays): |got - want| <= rtol·leaf_scale(want); infinities must
-    match exactly."""
+def assert_leaves_close(got: Any, want: Any, rtol: float, what: str = "", floor: float = 1.0) -> None:
+    """Leaf by leaf (tensors or arrays): |got - want| <= rtol·leaf_scale(want, floor);
+    infinities must match exactly."""
     a, b = pytree.tree_leaves(got), pytree.tree_leaves(want)
     assert len(a) == len(b), what
     for i, (u, v) in enumerate(zip(a, b)):
         tu, tv = (t if isinstance(t, Tensor) else torch.as_tensor(np.array(t)) for t in (u, v))
-        tol = rtol * leaf_scale(tv)
+        tol = rtol * leaf_scale(tv, floor)
         note = f"{what} leaf {i} (atol {tol:.2g})"
         torch.testing.assert_close(tu.to(tv.dtype), tv, rtol=0, atol=tol, msg=_prefixed(note))

@@ -24,9 +24,11 @@ def leaves(p: pg.GMMParams) -> list[torch.Tensor]:
 
 
 def assert_params_close(a: pg.GMMParams, b: pg.GMMParams, rtol: float) -> None:
-    """Leaf by leaf within ``rtol`` of the leaf's scale (see bounds.assert_leaves_close); 0: bitwise."""
-    assert a.family == b.family
-    bounds.assert_leaves_close(a, b, rtol, a.family)
+    """Leaf by leaf within ``rtol`` of each leaf's unit (see bounds.assert_params_close); 0: bitwise."""
+    if rtol == 0:
+        assert a.family == b.family and all(torch.equal(u, v) for u, v in zip(leaves(a), leaves(b)))
+    else:
+        bounds.assert_params_close(a, b, rtol, a.family)
 
 
 def stack(ps: list[pg.GMMParams]) -> pg.GMMParams:
