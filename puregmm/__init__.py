@@ -2,6 +2,7 @@
 
 from puregmm import distributed, keys, stream
 from puregmm.bootstrap import bootstrap
+from puregmm.conditioning import condition, impute, marginal, mixture_covariance, mixture_mean, regress
 from puregmm.density import component_log_prob, log_prob, loss
 from puregmm.em import EMInfo, Stats, combine, em_step, m_step, sufficient_stats
 from puregmm.families import FAMILIES
@@ -51,6 +52,7 @@ __all__ = [
     "bootstrap",
     "combine",
     "component_log_prob",
+    "condition",
     "cosine_decay",
     "covariances",
     "distributed",
@@ -63,6 +65,7 @@ __all__ = [
     "from_flat",
     "from_moments",
     "from_sklearn",
+    "impute",
     "init",
     "init_state",
     "keys",
@@ -72,7 +75,10 @@ __all__ = [
     "log_prob",
     "loss",
     "m_step",
+    "marginal",
     "means",
+    "mixture_covariance",
+    "mixture_mean",
     "n_parameters",
     "pad_components",
     "param_size",
@@ -83,6 +89,7 @@ __all__ = [
     "precisions",
     "predict",
     "predict_proba",
+    "regress",
     "sample",
     "save",
     "save_tree",
