@@ -66,13 +66,13 @@ Design decisions:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from puregmm.families import LOG_2PI, upper_factor
+from puregmm.families import LOG_2PI, Layout, layout, upper_factor
 from puregmm.params import GMMParams
 
 #: Target bytes of a chunk's float64 block T: large enough that per-op and thread wake-up costs
@@ -82,33 +82,6 @@ CHUNK_BYTES = 6 << 20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384
 MAX_COMPILED_CHUNKS = 8  # under torch.compile the chunk loop is unrolled: at most this many
 ARGMIN_MAX_K = 8  # up to this many components, the K lowest rows by K argmin passes, not a sort
-
-
-class Layout(NamedTuple):
-    """Static column layout of T for one family and dimension (module table)."""
-
-    ndim: int  # the family's scale_ndim: 2 full/tied, 1 diagonal, 0 scalar
-    d: int
-    h: int  # full/tied: side of the folded block; else 0
-    width: int  # P
-    square: bool = False  # full: every product [y, 1][y, 1]ᵀ, unfolded (m² columns)
-
-
-#: Out of place (vmap, autograd), full family with D up to this: the unfolded square layout,
-#: built by one broadcast multiplication (the folded one costs a few slices and a
-#: concatenation: at D = 2, B = 1000 batched fits, 20 % of an EM step), for m² instead of
-#: about m²/2 columns in the GEMMs.
-SQUARE_MAX_D = 4
-
-
-def layout(ndim: int, d: int, square: bool = False) -> Layout:
-    if ndim == 2:
-        m = d + 1
-        if square:
-            return Layout(2, d, 0, m * m, True)
-        h = (m + 2) // 2  # ⌈(m+1)/2⌉: the tail's m - h <= h - 1 rows fit below the diagonal
-        return Layout(2, d, h, h * h + h * (m - h))
-    return Layout(ndim, d, 0, 2 * d + 1 if ndim == 1 else d + 2)
 
 
 def _cached(build: Any) -> Any:
@@ -176,16 +149,17 @@ def rounding_bound(params: GMMParams, centre: Tensor) -> Tensor:
     the GEMMs are float64). Masked components get 0.
     """
     spec, k, d = params.spec, params.n_components, params.dim
+    ndim = spec.moment_layout(d).ndim  # the family's kind of T: 2 matrix, 1 vector, 0 scalar
     raw = spec.per_component_raw(params.scale.detach(), k).to(torch.float64)
     delta = params.means.detach().to(torch.float64) - centre.detach().to(torch.float64)  # [K, D]
-    if spec.scale_ndim == 2:
+    if ndim == 2:
         u = upper_factor(raw)  # [K, D, D], P = U Uᵀ
         eye = torch.eye(d, dtype=u.dtype, device=u.device).expand_as(u)
         u_inv = torch.linalg.solve_triangular(u, eye, upper=True)  # Σ = U⁻ᵀ U⁻¹
         bound = u.square().sum((-2, -1)) * (delta.square().sum(-1) + u_inv.square().sum((-2, -1)))
     else:
         prec = torch.exp(2.0 * raw)  # [K, D] or [K]
-        scaled = prec * delta.square() if spec.scale_ndim == 1 else prec.unsqueeze(-1) * delta.square()
+        scaled = prec * delta.square() if ndim == 1 else prec.unsqueeze(-1) * delta.square()
         bound = scaled.sum(-1) + d
     bound = bound * torch.finfo(torch.float64).eps
     return torch.where(params.logits.detach() == -math.inf, torch.zeros_like(bound), bound)
@@ -274,12 +248,13 @@ def natural(params: GMMParams, centre: Tensor, dtype: torch.dtype, lay: Layout |
     as in :func:`puregmm.density.whitening`).
     """
     spec, k, d = params.spec, params.n_components, params.dim
+    lay = lay if lay is not None else spec.moment_layout(d)
     raw = spec.per_component_raw(params.scale, k).to(dtype)
     if not spec.learned:
         raw = raw.detach()
     delta = params.means.to(dtype) - centre.detach().to(dtype)  # [K, D], d_k = μ_k - g
     log_w = torch.log_softmax(params.logits.to(dtype), -1)  # [K]
-    if spec.scale_ndim == 2:
+    if lay.ndim == 2:
         u = upper_factor(raw)  # [K, D, D], P = U Uᵀ
         half_log_det = torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1)
         t = (delta.unsqueeze(1) @ u).squeeze(1)  # [K, D], d U
@@ -293,12 +268,12 @@ def natural(params: GMMParams, centre: Tensor, dtype: torch.dtype, lay: Layout |
         eye = torch.eye(m, dtype=dtype, device=raw.device)
         upper = torch.ones(m, m, dtype=dtype, device=raw.device).triu()
         coef = torch.cat([top, bottom], 1) * (upper * (2.0 - eye))  # upper triangle, off-diagonal x2
-        if lay is not None and lay.square:
+        if lay.square:
             return coef.reshape(k, m * m)  # [K, m²]: the lower triangle's coefficients are 0
         return coef.reshape(k, m * m)[:, _pair_of_column(d, raw.device)]  # [K, P]
     var_log = -2.0 * raw  # [K, D] or [K]: log variances
     s2 = torch.exp(-var_log)  # precisions
-    if spec.scale_ndim == 1:
+    if lay.ndim == 1:
         const = log_w - 0.5 * var_log.sum(-1) - 0.5 * d * LOG_2PI - 0.5 * (s2 * delta.square()).sum(-1)
         return torch.cat([-0.5 * s2, s2 * delta, const.unsqueeze(-1)], -1)  # [K, 2D+1]
     const = log_w - 0.5 * d * var_log - 0.5 * d * LOG_2PI - 0.5 * s2 * delta.square().sum(-1)

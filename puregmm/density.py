@@ -55,7 +55,7 @@ def whitening(params: GMMParams) -> Whitening:
     raw = spec.per_component_raw(params.scale, k)
     if not spec.learned:
         raw = raw.detach()
-    dense = spec.scale_ndim == 2
+    dense = spec.dense_factor
     ones = torch.ones(1, d, dtype=params.dtype, device=params.device)
 
     def one(mean: Tensor, raw_k: Tensor) -> tuple[Tensor, Tensor]:  # one component

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,90 @@ class Family:
         strict = torch.ones(d, d, dtype=torch.bool, device=raw.device).triu(1)
         diag = torch.diagonal(raw, dim1=-2, dim2=-1) - log_a
         return torch.where(strict, raw / a, torch.zeros((), dtype=raw.dtype)) + torch.diag_embed(diag)
+
+    # --- EM: statistics and the M-step's covariance (estep.py, mstep.py) -------------------
+    @property
+    def dense_factor(self) -> bool:
+        """Whether U is a full upper-triangular matrix (else diagonal: whitening is a product)."""
+        return self.scale_ndim == 2
+
+    @property
+    def pooled_moments(self) -> bool:
+        """Whether the M-step needs only the second moments pooled over components (tied), so
+        the E-step can skip per-component ones."""
+        return self.scale_ndim == 2 and not self.per_component
+
+    def moment_layout(self, d: int, square: bool = False) -> Layout:
+        """The column layout of the products T(x) whose sums EM needs (:mod:`puregmm._moments`)."""
+        return layout(self.scale_ndim, d, square)
+
+    def stats_shape(self, k: int, d: int) -> tuple[int, ...]:
+        """Shape of ``Stats.xx_sum``: [K, D, D] (matrix families), [K, D] (diagonal), [K]."""
+        return (k,) + {2: (d, d), 1: (d,), 0: ()}[self.scale_ndim]
+
+    def weighted_second_moments(self, w: Tensor, cov: Tensor) -> Tensor:
+        """w_k Σ_k [K, D, D], its diagonal [K, D] or its trace [K]: the ``Stats.xx_sum`` that
+        weights ``w`` [K] and covariances ``cov`` [K, D, D] would give about the means."""
+        if self.scale_ndim == 2:
+            return w[:, None, None] * cov
+        diag = torch.diagonal(cov, dim1=-2, dim2=-1)
+        return w[:, None] * diag if self.scale_ndim == 1 else w * diag.sum(-1)
+
+    def scatter(self, wy: Tensor, y: Tensor) -> Tensor:
+        """Σ_n wy_n y_nᵀ [D, D], its diagonal [D] or its trace [] (what ``Stats.xx_sum`` holds)."""
+        if self.scale_ndim == 2:
+            return wy.mT @ y
+        return (wy * y).sum(0) if self.scale_ndim == 1 else (wy * y).sum()
+
+    def m_step_scale(self, xx_sum: Tensor, w: MStepWeights, shift: Tensor, least: Tensor, reg_covar: Any,
+                     old: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """The M-step's new ``raw`` and the count of repaired components (0-d int64).
+
+        Σ_k = S_k / n'_k - d_k d_kᵀ + reg·I from the moments S_k (``xx_sum``) about the old means
+        and the mean steps d_k (``shift`` [K, D]), reduced to the family's structure (tied:
+        Σ_k n'_k Σ_k / Σ n'; diagonal/isotropic: the diagonal / its mean; shared: the pooled
+        isotropic variance); an empty component gets the pooled covariance of the good ones; a
+        variance below ``least`` [K, D] (what the position resolves) is raised to it and counted;
+        masked components keep ``old``. The constant family keeps ``old``.
+        """
+        k, d = shift.shape
+        finfo = torch.finfo(shift.dtype)
+        nk, empty, active, pool = w.nk, w.empty, w.active, w.pool
+        if not self.learned:
+            return old, torch.zeros((), dtype=torch.int64, device=old.device)
+        if self.scale_ndim == 2:
+            cov = xx_sum / nk[:, None, None] - shift.unsqueeze(-1) * shift.unsqueeze(-2)  # [K, D, D]
+            if self.per_component:
+                cov = torch.where(empty[:, None, None], (pool[:, None, None] * cov).sum(0).expand_as(cov), cov)
+            else:  # tied: Σ_k n'_k Σ_k / Σ n'
+                cov = (nk[:, None, None] * cov).sum(0) / nk.sum()
+            eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+            cov = 0.5 * (cov + cov.mT) + reg_covar * eye
+            if self.per_component:  # masked: a placeholder that factorises, then the old scale back
+                cov = torch.where(active[:, None, None], cov, eye)
+            lowest = least.amax(-1) if self.per_component else least.amax()
+            raw, n_fixed = raw_from_cov_repaired(cov, finfo.eps, finfo.tiny**0.5, lowest)
+            return (torch.where(active[:, None, None], raw, old) if self.per_component else raw), n_fixed
+        if self.scale_ndim == 1:
+            var = (xx_sum / nk.unsqueeze(-1) - shift.square()).clamp_min(0.0)  # [K, D]
+            var = torch.where(empty.unsqueeze(-1), (pool.unsqueeze(-1) * var).sum(0).expand_as(var), var)
+            lim = least
+        else:
+            var = ((xx_sum / nk - shift.square().sum(-1)) / d).clamp_min(0.0)  # [K]
+            if self.per_component:
+                var = torch.where(empty, (pool * var).sum().expand_as(var), var)
+            else:  # shared: one variance pooled over components
+                var = (nk * var).sum() / nk.sum()
+            lim = least.amax(-1) if self.per_component else least.amax()
+        var = var + reg_covar
+        lim = lim.clamp_min(finfo.tiny**0.5)
+        small = var < lim
+        if not self.per_component:
+            return -0.5 * torch.log(torch.where(small, lim, var)), small.reshape(1, -1).any(-1).sum()
+        per = active.reshape((k,) + (1,) * (var.dim() - 1))
+        small = small & per
+        raw = -0.5 * torch.log(torch.where(small, lim, var))
+        return torch.where(per, raw, old), small.reshape(k, -1).any(-1).sum()
 
     # --- interop, MDN heads, validation ----------------------------------------------------
     @property
@@ -338,6 +422,67 @@ def upper_factor(raw: Tensor) -> Tensor:
     strict = torch.ones(d, d, dtype=torch.bool, device=raw.device).triu(1)
     off = torch.where(strict, raw, torch.zeros((), dtype=raw.dtype, device=raw.device))
     return off + torch.diag_embed(torch.exp(torch.diagonal(raw, dim1=-2, dim2=-1)))
+
+
+# --- EM: the M-step's helpers ----------------------------------------------------------------------
+class MStepWeights(NamedTuple):
+    """Per-component counts and flags the M-step's covariance update needs (all [K])."""
+
+    nk: Tensor  # n'_k = n_k + 10·eps
+    empty: Tensor  # re-seeded this step
+    active: Tensor  # not masked (logit > -inf)
+    pool: Tensor  # pooling weights of the good components (sum to 1)
+
+
+def raw_from_cov_repaired(cov: Tensor, eps: float, floor: float, lowest: Tensor) -> tuple[Tensor, Tensor]:
+    """The matrix families' ``raw`` from covariances [..., D, D], repairing (and counting) the
+    ones whose Cholesky factorisation fails and widening (by j·I, counted) the numerically
+    singular ones: a Cholesky pivot L_ii² (each at least λ_min) below ``lowest`` [...] (the
+    position's resolution) or below 10·D·eps₆₄ times the largest variance (what the float64
+    moments resolve)."""
+    d = cov.shape[-1]
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    diag = torch.diagonal(cov, dim1=-2, dim2=-1)  # [..., D]
+    chol, info = torch.linalg.cholesky_ex(cov)
+    limit = torch.maximum(lowest.to(cov.dtype), 10 * d * torch.finfo(torch.float64).eps * diag.amax(-1))
+    pivot = torch.diagonal(chol, dim1=-2, dim2=-1).square().amin(-1)
+    redo = (info != 0) | ~(pivot >= limit)  # NaN counts as singular
+    jitter = torch.where(info != 0, 10 * d * eps * diag.amax(-1).clamp_min(floor) + floor, 0.0)
+    jitter = jitter + torch.where(redo, d * limit, 0.0)  # then λ_min >= D·limit
+    chol2, info2 = torch.linalg.cholesky_ex(cov + jitter[..., None, None] * eye)
+    chol3 = torch.diag_embed(diag.clamp_min(floor).sqrt())
+    chol = torch.where(redo[..., None, None], torch.where((info2 != 0)[..., None, None], chol3, chol2), chol)
+    u = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).mT  # U = L⁻ᵀ
+    raw = torch.triu(u, 1) + torch.diag_embed(torch.log(torch.diagonal(u, dim1=-2, dim2=-1)))
+    return raw, redo.sum()
+
+
+# --- EM: the statistics' layout (see puregmm._moments) -------------------------------------------
+class Layout(NamedTuple):
+    """Static column layout of T for one family and dimension (module table)."""
+
+    ndim: int  # the family's scale_ndim: 2 full/tied, 1 diagonal, 0 scalar
+    d: int
+    h: int  # full/tied: side of the folded block; else 0
+    width: int  # P
+    square: bool = False  # full: every product [y, 1][y, 1]ᵀ, unfolded (m² columns)
+
+
+#: Out of place (vmap, autograd), full family with D up to this: the unfolded square layout,
+#: built by one broadcast multiplication (the folded one costs a few slices and a
+#: concatenation: at D = 2, B = 1000 batched fits, 20 % of an EM step), for m² instead of
+#: about m²/2 columns in the GEMMs.
+SQUARE_MAX_D = 4
+
+
+def layout(ndim: int, d: int, square: bool = False) -> Layout:
+    if ndim == 2:
+        m = d + 1
+        if square:
+            return Layout(2, d, 0, m * m, True)
+        h = (m + 2) // 2  # ⌈(m+1)/2⌉: the tail's m - h <= h - 1 rows fit below the diagonal
+        return Layout(2, d, h, h * h + h * (m - h))
+    return Layout(ndim, d, 0, 2 * d + 1 if ndim == 1 else d + 2)
 
 
 _TABLE = {

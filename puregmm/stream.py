@@ -436,15 +436,9 @@ def expected_stats(params: GMMParams) -> Stats:
     """Per-row :class:`puregmm.Stats` that ``params`` themselves would give, about their means:
     n_k = w_k, X_k = 0, S_k = w_k Σ_k (diagonal / trace for the smaller families), so that
     ``m_step(expected_stats(p), p)`` gives back ``p`` (plus ``reg_covar``)."""
-    spec, k, d = params.spec, params.n_components, params.dim
+    k, d = params.n_components, params.dim
     w = torch.softmax(params.logits, -1)  # [K]
-    cov = covariances(params)  # [K, D, D]
-    if spec.scale_ndim == 2:
-        xx = w[:, None, None] * cov
-    elif spec.scale_ndim == 1:
-        xx = w[:, None] * torch.diagonal(cov, dim1=-2, dim2=-1)
-    else:
-        xx = w * torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1)
+    xx = params.spec.weighted_second_moments(w, covariances(params))
     zero = torch.zeros((), dtype=params.dtype, device=params.device)
     return Stats(
         w,

@@ -80,7 +80,10 @@ def test_default_init_uses_all_rows_of_a_small_array_equal_to_pg_fit(npy: Path) 
     x = torch.from_numpy(np.load(npy))
     ref = pg.fit(x, K, "diagonal", method="em", key=4)
     got = stream.fit_stream(npy, K, "diagonal", key=4)  # N <= chunk_size: the sample is every row
-    _close((got.params, got.loss), (ref.params, ref.loss), rtol=0.0, atol=0.0)
+    # pg.fit runs EM on standardised data, the stream on the rows as read: the same fit up to the
+    # rounding of that affine map (a few eps), carried through the EM steps (~1e4 eps here)
+    eps = torch.finfo(torch.float64).eps
+    _close((got.params, got.loss), (ref.params, ref.loss), rtol=1e5 * eps, atol=1e5 * eps)
 
 
 def test_large_array_initialises_from_a_uniform_sample(npy: Path) -> None:

@@ -1,0 +1,346 @@
+"""The E-step: a mixture's sufficient statistics on data, by one chunk loop.
+
+:func:`chunk_pass` is the only loop over rows: it slices chunks (and their weights), hands each
+to a *mode*'s ``add`` (which accumulates that mode's moments and returns the chunk's ranking
+score, log p(x) or a given score), keeps the K lowest-scoring rows for re-seeding, and
+totals the scores. The modes differ only in how a chunk becomes moments:
+
+=================  ========================================================================
+mode               per chunk
+=================  ========================================================================
+natural (default)  T(x) [c, P] once; ℓ = η Tᵀ (GEMM 1), r = softmax, M += r T (GEMM 2);
+                   exponential-family form, :mod:`puregmm._moments`
+pooled (tied)      ℓ from the linear part only (the quadratic part is common to all
+                   components), r [y, 1] and the pooled scatter Σ ω y yᵀ
+whitened (safe)    ℓ by whitening each row per component (:mod:`puregmm.density`), moments
+                   about each mean directly; plain eager tensors whose natural form would
+                   round by more than 1e-8 nats (a numerically safer mode of the same pass)
+given r            responsibilities given (init): M += r T, or r [y, 1] and the pooled scatter
+=================  ========================================================================
+
+:func:`label_stats` (hard labels, eager) groups rows by label instead of looping over chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from puregmm import _moments as mo
+from puregmm import density
+from puregmm.families import SQUARE_MAX_D, Family, get_family, layout
+from puregmm.params import GMMParams
+from puregmm.stats import Stats, total
+
+#: add(x_chunk [c, D], weights [c] | None, start, stop) -> the chunk's ranking score [c]
+Add = Callable[[Tensor, "Tensor | None", int, int], Tensor]
+
+
+def default_chunk_size(n: int, k: int, d: int, family: str = "full") -> int:
+    """Rows per E-step chunk from static shapes: the chunk's float64 block of sufficient
+    statistics T [chunk, P] near :data:`puregmm._moments.CHUNK_BYTES` (a few MB).
+
+    Args:
+        n: rows; k: components; d: dimensions; family: the covariance family.
+
+    Returns:
+        rows per chunk, between 1 and ``n``.
+
+    >>> from puregmm.estep import default_chunk_size
+    >>> default_chunk_size(10, 3, 2)
+    10
+    """
+    return mo.chunk_rows(n, get_family(family).moment_layout(d), None)
+
+
+def chunk_pass(x: Tensor, w: Tensor | None, k: int, rows: int, add: Add, eager: bool) -> tuple[Tensor, ...]:
+    """The one loop over the rows of ``x`` [N, D]: ``add`` per chunk of ``rows``.
+
+    Returns (Σ ω score, Σ ω, the K lowest scores [K], their rows [K, D]); zero-weight rows are
+    never among the lowest (padding).
+    """
+    n = x.shape[0]
+    scores: list[Tensor] = []
+    worst = mo.Worst(k)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        ws = None if w is None else w[start:stop]
+        score = add(x[start:stop], ws, start, stop)
+        scores.append(score)
+        worst.add(mo.ranked(score, ws), start, eager=eager)
+    score_sum, weight_sum = total(torch.cat(scores) if len(scores) != 1 else scores[0], w, x)
+    return (score_sum, weight_sum, *worst.result(x))
+
+
+def _stats(moments: tuple[Tensor, Tensor, Tensor], passed: tuple[Tensor, ...], dtype: torch.dtype) -> Stats:
+    n_k, x_k, s_k = (t.to(dtype) for t in moments)
+    score_sum, weight_sum, worst_ll, worst_x = passed
+    return Stats(n_k, x_k, s_k, score_sum.to(dtype), weight_sum, worst_ll, worst_x)
+
+
+def sufficient_stats(
+    params: GMMParams, x: Tensor, sample_weight: Tensor | None = None, *, chunk_size: int | None = None
+) -> Stats:
+    """E-step statistics of unbatched ``params`` on ``x`` [N, D] (see :class:`puregmm.Stats`).
+
+    Rows go through :func:`chunk_pass` in chunks of ``chunk_size`` (default from static shapes,
+    :func:`default_chunk_size`), in exponential-family form (:mod:`puregmm._moments`): per
+    chunk, the float64 block T of the rows' products about the centre of the means, the joint
+    log-densities ℓ = η Tᵀ [K, c] (one GEMM with the natural parameters η of ``params``),
+    responsibilities in log space, and the moments r T (one GEMM), shifted exactly to each
+    component's mean at the end. Only the [c, P] and [K, c] blocks and an [N] vector of
+    log-densities exist at a time, reused chunk after chunk when nothing is being
+    differentiated. ``sample_weight`` [N] (non-negative, not checked here) weights rows as
+    counts. Use ``torch.func.vmap`` for stacked params/data. On plain eager tensors, when that
+    form would round by more than 1e-8 nats (:func:`puregmm._moments.rounding_bound`), the
+    statistics come from whitening each row per component instead (exact; slower).
+
+    Args:
+        params: unbatched mixture params.
+        x: data [N, D].
+        sample_weight: optional [N] non-negative weights (not checked).
+        chunk_size: rows per chunk; None: from static shapes.
+
+    Returns:
+        :class:`puregmm.Stats` about ``params``' means, in ``params``' dtype.
+
+    Raises:
+        ValueError: ``x`` not [N, D] with the params' D, or ``sample_weight`` not [N].
+
+    >>> import torch, puregmm as pg
+    >>> x = torch.randn(100, 2, dtype=torch.float64)
+    >>> s = pg.sufficient_stats(pg.init(x, 3, "diagonal"), x, chunk_size=32)
+    >>> s.resp_sum.shape, s.weight_sum
+    (torch.Size([3]), tensor(100., dtype=torch.float64))
+    """
+    if x.dim() != 2 or x.shape[-1] != params.dim:
+        raise ValueError(f"x must be [N, D] with D={params.dim}; got shape {tuple(x.shape)}")
+    if sample_weight is not None and sample_weight.shape != x.shape[:1]:
+        raise ValueError(f"sample_weight must be [N]=({x.shape[0]},); got shape {tuple(sample_weight.shape)}")
+    plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
+    centre = mo.centre_of(params)  # [D], g
+    if plain and bool((mo.rounding_bound(params, centre) > mo.MAX_ROUNDING).any()):
+        return whitened_stats(params, x, sample_weight, chunk_size)
+    if params.spec.pooled_moments:
+        return pooled_stats(params, x, sample_weight, chunk_size, centre, plain)
+    return _natural_stats(params, x, sample_weight, chunk_size, centre, plain)
+
+
+def _natural_stats(
+    params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor, plain: bool
+) -> Stats:
+    """The natural mode: T once per chunk serves ℓ = η Tᵀ and the moments r T."""
+    k, (n, d) = params.n_components, x.shape
+    lay = params.spec.moment_layout(d, square=not plain and d <= SQUARE_MAX_D)
+    mdtype = mo.moment_dtype(x.dtype)
+    eta = mo.natural(params, centre, mdtype, lay)  # [K, P]
+    rows = mo.chunk_rows(n, lay, chunk_size)
+    work = mo.Work(lay, rows, k, x, mdtype) if plain else None
+    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
+    lse_all = x.new_empty(n, dtype=mdtype) if work is not None else None
+
+    def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
+        nonlocal raw
+        t = mo.products(lay, xc, centre, mdtype, work)  # [c, P]
+        if work is None:  # out of place (autograd, torch.func, compile)
+            resp, lse = mo.responsibilities(eta @ t.mT, inplace=False)  # [K, c], [c]
+            raw = raw + (resp if ws is None else resp * ws) @ t
+            return lse
+        assert lse_all is not None  # in place, in the workspace
+        lj = torch.mm(eta, t.mT, out=work.lj[:, : stop - start])  # [K, c]
+        resp, lse = mo.responsibilities(lj, inplace=True, lse_out=lse_all[start:stop])
+        if ws is not None:
+            resp.mul_(ws)
+        raw.addmm_(resp, t)
+        return lse
+
+    passed = chunk_pass(x, sample_weight, k, rows, add, eager=work is not None)
+    shift = (params.means.detach() - centre).to(mdtype)
+    return _stats(mo.about_centres(lay, raw, shift), passed, params.dtype)
+
+
+def whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None) -> Stats:
+    """The whitened mode, as scikit-learn computes the statistics, for plain eager tensors whose
+    exponential-family form would round too much (:func:`puregmm._moments.rounding_bound`: a
+    component narrower than ~1e-4 of its mean's distance from the centre, e.g. collapsing onto
+    a few points with ``reg_covar=0``): float64 log-densities by whitening each row per
+    component (:func:`puregmm.density.joint_log_prob_chunk`; rounding ~eps·‖x - μ_k‖/σ instead
+    of its square) and moments about each mean directly (K GEMMs per chunk)."""
+    spec, k, (n, d) = params.spec, params.n_components, x.shape
+    mdtype = mo.moment_dtype(x.dtype)
+    p64 = params.to(mdtype)
+    white = density.whitening(p64)
+    means = p64.means
+    n_k, x_k, s_k = (torch.zeros(sh, dtype=mdtype, device=x.device) for sh in ((k,), (k, d), spec.stats_shape(k, d)))
+
+    def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
+        xc = xc.to(mdtype)
+        lj = density.joint_log_prob_chunk(white, xc)  # [c, K]
+        lse = torch.logsumexp(lj, 1)
+        r = torch.exp(lj - lse.unsqueeze(1))
+        if ws is not None:
+            r = r * ws.to(mdtype).unsqueeze(1)
+        n_k.add_(r.sum(0))
+        for j in range(k):
+            y = xc - means[j]
+            ry = r[:, j : j + 1] * y
+            x_k[j] += ry.sum(0)
+            s_k[j] += spec.scatter(ry, y)
+        return lse
+
+    rows = chunk_size if chunk_size is not None else default_chunk_size(n, k, d, params.family)
+    passed = chunk_pass(x, sample_weight, k, int(rows), add, eager=True)
+    return _stats((n_k, x_k, s_k), passed, params.dtype)
+
+
+def pooled_stats(
+    params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor, plain: bool
+) -> Stats:
+    """The pooled mode (tied family): no per-component second moments.
+
+    The tied M-step needs only Σ_k S_k = Σ_k Σ_n ω r_nk (x_n - c_k)(x_n - c_k)ᵀ, and as
+    Σ_k r_nk = 1 its part about g is the pooled Σ_n ω y yᵀ. So per chunk: the linear
+    log-densities [K, c] (a [K, D+1] GEMM; the common quadratic part is added to log p only,
+    :func:`puregmm._moments.tied_natural`), the moments r [y, 1] [K, D+1] and the pooled
+    scatter yᵀ ω y [D, D]: O(c·(K + D)·D) instead of the full family's O(c·K·D²).
+    ``xx_sum[k]`` holds S_g / K (an equal share of the pooled scatter about the centre g)
+    shifted to c_k, so that Σ_k xx_sum[k] = Σ_k S_k exactly and every consumer that sums,
+    combines or re-centres statistics per component stays exact for the sum.
+    """
+    k, (n, d) = params.n_components, x.shape
+    mdtype = mo.moment_dtype(x.dtype)
+    u, eta = mo.tied_natural(params, centre, mdtype)  # [D, D], [K, D+1]
+    acc = _Pooled(k, d, centre, mdtype, x.device)
+
+    def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
+        y, lift = acc.lift(xc)
+        resp, lse = mo.responsibilities(eta @ lift.mT, inplace=plain)  # [K, c], [c]
+        acc.add(y, lift, resp.mT, ws)
+        return lse - 0.5 * (y @ u).square().sum(1)
+
+    rows = mo.chunk_rows(n, layout(1, d), chunk_size)  # sized as a [c, 2D+1] block
+    passed = chunk_pass(x, sample_weight, k, rows, add, eager=plain)
+    return _stats(acc.about(params.means.detach() - centre), passed, params.dtype)
+
+
+class _Pooled:
+    """Accumulators of the pooled mode: Σ ω r [y, 1] [K, D+1] and Σ ω y yᵀ [D, D] about g."""
+
+    def __init__(self, k: int, d: int, centre: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        self.centre, self.dtype = centre, dtype
+        self.lin = torch.zeros(k, d + 1, dtype=dtype, device=device)
+        self.scatter = torch.zeros(d, d, dtype=dtype, device=device)
+
+    def lift(self, xc: Tensor) -> tuple[Tensor, Tensor]:
+        y = (xc - self.centre).to(self.dtype)  # [c, D]
+        return y, torch.cat([y, y.new_ones(y.shape[0], 1)], 1)  # [c, D+1]
+
+    def add(self, y: Tensor, lift: Tensor, r: Tensor, ws: Tensor | None) -> None:
+        """Rows y [c, D] with responsibilities r [c, K] (rows of r sum to one)."""
+        wd = None if ws is None else ws.to(self.dtype).unsqueeze(1)
+        self.lin = self.lin + (r if wd is None else r * wd).mT @ lift
+        self.scatter = self.scatter + (y if wd is None else y * wd).mT @ y
+
+    def about(self, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(n_k, X_k, S_k) about c_k = g + ``shift`` [K, D]; S_k takes the equal share S_g / K."""
+        k, d = self.lin.shape[0], self.lin.shape[1] - 1
+        shift = shift.to(self.dtype)
+        x_g, n = self.lin[:, :d], self.lin[:, d]
+        outer = x_g.unsqueeze(2) * shift.unsqueeze(1)  # X_g dᵀ
+        s = self.scatter / k - outer - outer.mT + n[:, None, None] * shift.unsqueeze(2) * shift.unsqueeze(1)
+        return n, x_g - n.unsqueeze(1) * shift, s
+
+
+def responsibility_stats(
+    x: Tensor,
+    resp: Tensor,
+    centres: Tensor,
+    family: str,
+    sample_weight: Tensor | None = None,
+    score: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> Stats:
+    """:class:`puregmm.Stats` of given responsibilities ``resp`` [N, K] (hard or soft), about
+    ``centres`` [K, D]; used by :func:`puregmm.init` so that initial covariances come from
+    :func:`puregmm.m_step`.
+
+    ``score`` [N] ranks points for re-seeding empty components (lowest first; default: minus
+    the squared distance to the nearest centre) and fills ``log_lik_sum``. The moments come
+    from the same per-chunk products as in :func:`sufficient_stats`.
+    """
+    spec = get_family(family)
+    k, d = centres.shape
+    n = x.shape[0]
+    mdtype = mo.moment_dtype(x.dtype)
+    if score is None:
+        score = -torch.cdist(x, centres, compute_mode="donot_use_mm_for_euclid_dist").square().amin(-1)
+    centre = centres.detach().mean(0)  # [D]
+    shift = centres.detach() - centre
+    plain = mo.plain(x, resp, centres, sample_weight, score)
+    if spec.pooled_moments:  # rows of r sum to one: Σ_k Σ_n r (y yᵀ) = Σ_n ω y yᵀ
+        acc = _Pooled(k, d, centre, mdtype, x.device)
+
+        def add_pooled(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
+            y, lift = acc.lift(xc)
+            acc.add(y, lift, resp[start:stop].to(mdtype), ws)
+            return score[start:stop]
+
+        rows = mo.chunk_rows(n, layout(1, d), chunk_size)  # sized as a [c, 2D+1] block
+        passed = chunk_pass(x, sample_weight, k, rows, add_pooled, eager=plain)
+        return _stats(acc.about(shift), passed, x.dtype)
+    return _given_stats(spec, x, resp, centre, shift, sample_weight, score, chunk_size, plain)
+
+
+def _given_stats(
+    spec: Family, x: Tensor, resp: Tensor, centre: Tensor, shift: Tensor, sample_weight: Tensor | None,
+    score: Tensor, chunk_size: int | None, plain: bool,
+) -> Stats:  # fmt: skip
+    """:func:`responsibility_stats` of a per-component family: M += rᵀ T per chunk."""
+    k, (n, d) = resp.shape[1], x.shape
+    lay = spec.moment_layout(d)
+    mdtype = mo.moment_dtype(x.dtype)
+    rows = mo.chunk_rows(n, lay, chunk_size)
+    work = mo.Work(lay, rows, k, x, mdtype) if plain else None
+    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)
+
+    def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
+        nonlocal raw
+        r = resp[start:stop].to(mdtype)  # [c, K]
+        r = r if ws is None else r * ws.unsqueeze(1)
+        t = mo.products(lay, xc, centre, mdtype, work)
+        raw = raw.addmm_(r.mT, t) if work is not None else raw + r.mT @ t
+        return score[start:stop]
+
+    passed = chunk_pass(x, sample_weight, k, rows, add, eager=plain)
+    return _stats(mo.about_centres(lay, raw, shift.to(mdtype)), passed, x.dtype)
+
+
+def label_stats(
+    x: Tensor, labels: Tensor, centres: Tensor, family: str, sample_weight: Tensor | None, score: Tensor
+) -> Stats:
+    """:func:`responsibility_stats` of hard assignments ``labels`` [N] (eager tensors only).
+
+    Rows are grouped by label (one stable argsort) and each cluster's moments about its centre
+    come from its own rows: O(N·D²) work in all instead of the O(N·K·D²) of a one-hot GEMM, one
+    cluster's rows copied at a time. Used by :func:`puregmm.init` after k-means(++).
+    """
+    spec = get_family(family)
+    k = centres.shape[0]
+    mdtype = mo.moment_dtype(x.dtype)
+    order = torch.argsort(labels, stable=True)
+    sizes = torch.bincount(labels, minlength=k).tolist()
+    n_k, x_k, s_k = [], [], []
+    start = 0
+    for j, size in enumerate(sizes):
+        rows = order[start : start + size]
+        start += size
+        y = x.index_select(0, rows).to(mdtype) - centres[j].to(mdtype)  # [n_j, D]
+        wy = y if sample_weight is None else y * sample_weight.index_select(0, rows).to(mdtype).unsqueeze(1)
+        n_k.append(wy.new_tensor(float(size)) if sample_weight is None else sample_weight.index_select(0, rows).sum())
+        x_k.append(wy.sum(0))
+        s_k.append(spec.scatter(wy, y))
+    passed = chunk_pass(x, sample_weight, k, max(1, x.shape[0]), lambda xc, ws, a, b: score, eager=True)
+    return _stats((torch.stack(n_k), torch.stack(x_k), torch.stack(s_k)), passed, x.dtype)
