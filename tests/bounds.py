@@ -193,6 +193,15 @@ def stats_rtol(
     return SLACK * model_cond(params) * (gamma(max(n, 2), dt) * r**2 + eps(dt) * r * p) * steps
 
 
+def derivative_rtol(params: pg.GMMParams, x: Tensor, order: int = 1) -> float:
+    """Relative bound (to a leaf's largest entry) on an ``order``-th derivative of the loss or
+    log-density by two routes: :func:`stats_rtol` for a gradient (a sum over rows of terms r²
+    widths² in size), and each further differentiation multiplies the terms' size by κ·r² (one
+    more factor P(x - μ)(x - μ)ᵀ) while the result need not grow: (κ·r²)^(order - 1)."""
+    r = width_ratio(params, x)
+    return stats_rtol(params, x) * (model_cond(params) * r**2) ** (order - 1)
+
+
 def low_precision_rtol(params: pg.GMMParams, x: Tensor, dtype: torch.dtype, *, steps: int = 1) -> float:
     """Relative bound (to the components' widths) on ``steps`` EM steps run in ``dtype`` against
     float64 on the same data: SLACK·eps·D·κ·(D + r²)·steps with r the claimed

@@ -2,8 +2,9 @@
 
 References (test-only): scipy's ``multivariate_normal`` and a naive per-component loop written
 here from the covariances (Cholesky of Σ_k, triangular solve), differentiated by plain autograd.
-float64 agrees to rtol 1e-10; the float32 loss agrees with float64 within 1e-5·max(1, |loss|),
-also on data with a large common offset. Small chunk sizes force many chunks and a ragged last
+float64 agrees within rounding bounds (tests/bounds.py: eps x condition x distance in widths x
+terms, so on any CPU); the float32 loss agrees with float64 within 1e-5·max(1, |loss|) (the
+requirement), also on data with a large common offset. Small chunk sizes force many chunks and a ragged last
 chunk, so every test below also exercises the chunk loop of the forward and the backward.
 """
 
@@ -22,9 +23,8 @@ from torch import Tensor
 
 import puregmm as pg
 from puregmm import _fused
+from tests import bounds
 from tests.strategies import mixtures, random_data, random_params
-
-RTOL = 1e-10
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +65,7 @@ def scipy_log_prob(params: pg.GMMParams, x: Tensor) -> np.ndarray:
     return logsumexp(np.stack(per).reshape(len(w), -1), axis=0)
 
 
-def assert_trees_close(got, expected, rtol=RTOL, what="gradient"):
+def assert_trees_close(got, expected, rtol, what="gradient"):
     """Leaf by leaf, relative to the leaf's largest entry (entries near 0 get the same scale)."""
     names = ("logits", "means", "scale")
     for name, a, b in zip(names, pytree.tree_leaves(got), pytree.tree_leaves(expected)):
@@ -83,17 +83,19 @@ def test_log_prob_matches_scipy_and_naive_loop(family, k, d):
     p = random_params(family, k, d, seed=10 * k + d)
     x = random_data(45, d, seed=1)
     got = pg.log_prob(p, x)
-    np.testing.assert_allclose(got.numpy(), scipy_log_prob(p, x), rtol=RTOL)
-    torch.testing.assert_close(got, torch.logsumexp(naive_component_log_prob(p, x), -1), rtol=RTOL, atol=0)
-    torch.testing.assert_close(pg.component_log_prob(p, x), naive_component_log_prob(p, x), rtol=RTOL, atol=0)
+    atol = bounds.component_log_prob_atol(p, x)
+    np.testing.assert_allclose(got.numpy(), scipy_log_prob(p, x), rtol=0, atol=atol)
+    torch.testing.assert_close(got, torch.logsumexp(naive_component_log_prob(p, x), -1), rtol=0, atol=atol)
+    torch.testing.assert_close(pg.component_log_prob(p, x), naive_component_log_prob(p, x), rtol=0, atol=atol)
 
 
 @settings(max_examples=25)
 @given(mixtures())
 def test_random_mixtures_match_the_naive_loop(case):
     params, x = case
+    atol = bounds.component_log_prob_atol(params, x)
     torch.testing.assert_close(
-        pg.log_prob(params, x), torch.logsumexp(naive_component_log_prob(params, x), -1), rtol=RTOL, atol=1e-12
+        pg.log_prob(params, x), torch.logsumexp(naive_component_log_prob(params, x), -1), rtol=0, atol=atol
     )
 
 
@@ -107,8 +109,8 @@ def test_float32_loss_within_1e_5_of_float64_with_large_offset(family):
     p32, x32 = p64.to(torch.float32), x64.to(torch.float32)
     p64, x64 = p32.to(torch.float64), x32.to(torch.float64)  # exactly the float32 values
     reference = naive_loss(p64, x64)
-    torch.testing.assert_close(pg.loss(p64, x64), reference, rtol=RTOL, atol=0)
-    tol = 1e-5 * max(1.0, abs(float(reference)))
+    torch.testing.assert_close(pg.loss(p64, x64), reference, rtol=0, atol=2 * bounds.log_lik_atol(p64, x64, n=300))
+    tol = 1e-5 * max(1.0, abs(float(reference)))  # the requirement (issue 4 target 6), not a rounding bound
     err = abs(float(pg.loss(p32, x32)) - float(reference))
     assert err <= tol, f"float32 loss off by {err:.3g} (allowed {tol:.3g})"
 
@@ -131,14 +133,15 @@ def test_gradient_matches_autograd_through_naive_loop(family):
     x = random_data(40, 3, seed=6)
     got = torch.func.grad(pg.loss)(p, x)
     expected = torch.func.grad(naive_loss)(p, x)
-    assert_trees_close(got, expected)
+    rtol = bounds.derivative_rtol(p, x)
+    assert_trees_close(got, expected, rtol)
     if family == "constant":
         assert torch.all(got.scale == 0), "the constant family's variance must not be learned"
     # the same through .backward()
     leaves = [t.detach().clone().requires_grad_(True) for t in pytree.tree_leaves(p)]
     pg.loss(pg.GMMParams(*leaves, family=family), x).backward()
     grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
-    assert_trees_close(pg.GMMParams(*grads, family=family), expected)
+    assert_trees_close(pg.GMMParams(*grads, family=family), expected, rtol)
 
 
 @pytest.mark.parametrize("family", ["full", "diagonal", "shared"])
@@ -146,9 +149,11 @@ def test_weighted_loss_and_data_gradient_match_naive(family):
     p = random_params(family, 3, 2, seed=8)
     x = random_data(33, 2, seed=9)
     sw = torch.rand(33, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert_trees_close(torch.func.grad(pg.loss)(p, x, sw), torch.func.grad(naive_loss)(p, x, sw))
+    rtol = bounds.derivative_rtol(p, x)
+    assert_trees_close(torch.func.grad(pg.loss)(p, x, sw), torch.func.grad(naive_loss)(p, x, sw), rtol)
     gx = torch.func.grad(pg.loss, argnums=1)(p, x, sw)
-    torch.testing.assert_close(gx, torch.func.grad(naive_loss, argnums=1)(p, x, sw), rtol=RTOL, atol=1e-14)
+    gx_naive = torch.func.grad(naive_loss, argnums=1)(p, x, sw)
+    bounds.assert_leaves_close(gx, gx_naive, rtol, "data gradient", floor=0.0)
 
 
 def log_prob_loss(params: pg.GMMParams, x: Tensor) -> Tensor:
@@ -169,7 +174,8 @@ def test_second_derivatives_match_naive(family, ours):
 
         return torch.func.grad(f)(p)
 
-    assert_trees_close(grad_norm(ours), grad_norm(naive_loss), rtol=1e-9, what="d‖∇L‖²")
+    rtol = bounds.derivative_rtol(p, x, order=2)
+    assert_trees_close(grad_norm(ours), grad_norm(naive_loss), rtol=rtol, what="d‖∇L‖²")
 
     def unrolled(loss_fn):
         def f(params):
@@ -180,13 +186,13 @@ def test_second_derivatives_match_naive(family, ours):
 
         return torch.func.grad(f)(p)
 
-    assert_trees_close(unrolled(ours), unrolled(naive_loss), rtol=1e-9, what="d(unrolled loss)")
+    assert_trees_close(unrolled(ours), unrolled(naive_loss), rtol=rtol, what="d(unrolled loss)")
     # plain autograd double backward agrees too
     leaves = [t.detach().clone().requires_grad_(True) for t in pytree.tree_leaves(p)]
     q = pg.GMMParams(*leaves, family=family)
     gs = torch.autograd.grad(ours(q, x), leaves, create_graph=True)
     hs = torch.autograd.grad(sum(g.square().sum() for g in gs), leaves)
-    assert_trees_close(pg.GMMParams(*hs, family=family), grad_norm(naive_loss), rtol=1e-9, what="autograd d‖∇L‖²")
+    assert_trees_close(pg.GMMParams(*hs, family=family), grad_norm(naive_loss), rtol=rtol, what="autograd d‖∇L‖²")
 
 
 def test_vmap_over_stacked_params_of_loss_and_grad_equals_loop():
@@ -196,8 +202,8 @@ def test_vmap_over_stacked_params_of_loss_and_grad_equals_loop():
     got = torch.func.vmap(torch.func.grad_and_value(pg.loss), in_dims=(0, None))(stacked, x)
     for i, p in enumerate(ps):
         g, v = torch.func.grad_and_value(naive_loss)(p, x)
-        torch.testing.assert_close(got[1][i], v, rtol=RTOL, atol=0)
-        assert_trees_close(pytree.tree_map(lambda t, i=i: t[i], got[0]), g)
+        torch.testing.assert_close(got[1][i], v, rtol=0, atol=2 * bounds.log_lik_atol(p, x, n=x.shape[0]))
+        assert_trees_close(pytree.tree_map(lambda t, i=i: t[i], got[0]), g, bounds.derivative_rtol(p, x))
 
 
 def test_batched_data_with_batched_params():
@@ -206,7 +212,8 @@ def test_batched_data_with_batched_params():
     xs = torch.stack([random_data(20, 3, seed=s) for s in range(2)])
     got = pg.log_prob(stacked, xs)
     for i, p in enumerate(ps):
-        torch.testing.assert_close(got[i], torch.logsumexp(naive_component_log_prob(p, xs[i]), -1), rtol=RTOL, atol=0)
+        want = torch.logsumexp(naive_component_log_prob(p, xs[i]), -1)
+        torch.testing.assert_close(got[i], want, rtol=0, atol=bounds.component_log_prob_atol(p, xs[i]))
 
 
 def test_compiled_loss_and_grad_equal_eager_over_many_chunks():
@@ -216,8 +223,9 @@ def test_compiled_loss_and_grad_equal_eager_over_many_chunks():
     compiled = torch.compile(torch.func.grad_and_value(pg.loss), fullgraph=True)
     g_c, v_c = compiled(p, x)
     g_e, v_e = torch.func.grad_and_value(pg.loss)(p, x)
-    torch.testing.assert_close(v_c, v_e, rtol=RTOL, atol=0)
-    assert_trees_close(g_c, g_e, rtol=1e-9)
+    # inductor's generated kernels sum and vectorise otherwise (per CPU): rounding bounds
+    torch.testing.assert_close(v_c, v_e, rtol=0, atol=2 * bounds.log_lik_atol(p, x, n=x.shape[0]))
+    assert_trees_close(g_c, g_e, rtol=bounds.derivative_rtol(p, x))
 
 
 def test_backward_keeps_nothing_of_size_n_times_k():
@@ -255,8 +263,7 @@ def test_forward_mode_and_hessian_match_naive(family):
 
     got = torch.func.jvp(on_leaves(pg.log_prob), tuple(leaves), tangents)[1]
     expected = torch.func.jvp(on_leaves(naive_log_prob), tuple(leaves), tangents)[1]
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    bounds.assert_leaves_close(got, expected, bounds.derivative_rtol(p, x), "jvp")
     h = torch.func.hessian(on_leaves(pg.loss), argnums=(0, 1, 2))(*leaves)
     h_naive = torch.func.hessian(on_leaves(naive_loss), argnums=(0, 1, 2))(*leaves)
-    for a, b in zip(pytree.tree_leaves(h), pytree.tree_leaves(h_naive)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    bounds.assert_leaves_close(h, h_naive, bounds.derivative_rtol(p, x, order=2), "hessian")
