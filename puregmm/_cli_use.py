@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from puregmm._cli_common import (
 from puregmm.data import load_data
 
 SCORE_CHUNK = 65536  # rows scored at a time: bounded memory on memory-mapped .npy files
+SAMPLE_BUFFERS = 6  # 8-byte tensors of [N, D + 1] that pg.sample's hashes and uniforms hold at once, about
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -86,10 +88,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """N points from the model into a ``.npy`` file."""
     check_outputs({"--out": args.out}, {"MODEL": args.model})
     params = load_model(args.model)
+    _check_memory(args.n, params)
     x, _ = pg.sample(params, args.n, key=args.seed)
     _files.write_atomic(args.out, npy_bytes(x.detach().cpu().numpy()))
     print(f"sample: {args.n} points of D={params.dim} -> {args.out}")
     return 0
+
+
+def _check_memory(n: int, params: pg.GMMParams) -> None:
+    """UsageError when N points (and the sampler's few buffers of that size) exceed this machine's
+    memory: asking for them would end in an allocation failure or the OOM killer."""
+    need = SAMPLE_BUFFERS * n * (params.dim + 1) * 8
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound known
+        return
+    if need > have:
+        raise UsageError(
+            f"N={n} points of D={params.dim} need about {need / 2**30:.3g} GiB, more than this machine's "
+            f"{have / 2**30:.3g} GiB; draw fewer points (several runs with different --seed add up)"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
