@@ -12,7 +12,10 @@ Design decisions:
   ``ValueError`` that says what is wrong, never a ``SafetensorError`` or a silently wrong model.
 * **Atomic.** Writes go to a temporary file in the target's folder, are flushed and fsynced, then
   renamed over the target with :func:`os.replace`: a process killed mid-save leaves the previous
-  file intact (and at worst a stray ``.<name>.*.tmp`` file beside it).
+  file intact (and at worst a stray ``.<name>.*.tmp`` file beside it). A symlink is followed (the
+  link is kept), and a folder, device or FIFO is refused (:mod:`puregmm._files`).
+* **Symmetric.** :func:`save` runs the checks :func:`load` runs, so it never writes a file that
+  ``load`` rejects.
 
 Two layers: :func:`save_tree`/:func:`load_tree` write and read any pytree whose leaves are
 tensors (a ``TrainState``, a fit history, an EM loop state...) with caller metadata;
