@@ -73,7 +73,7 @@ def _live(params: pg.GMMParams) -> tuple[Tensor, Tensor, Tensor]:
 
 def _variances(u: Tensor) -> Tensor:
     """Eigenvalues of Σ = (U Uᵀ)⁻¹ [M, D], ascending, from the singular values of U."""
-    return torch.linalg.svdvals(u).pow(-2).flip(-1)
+    return torch.linalg.svdvals(u).pow(-2)  # svdvals descend: their inverse squares ascend
 
 
 def _half_log_det(u: Tensor) -> Tensor:

@@ -92,3 +92,20 @@ def test_float32_follows_input_dtype():
     p = random_params("full", 2, 2).to(torch.float32)
     x = random_data(10, 2, dtype=torch.float32)
     assert pg.log_prob(p, x).dtype == torch.float32
+
+
+def test_bounds_helpers_measure_what_they_say():
+    """tests/bounds.py against direct computations: κ from eigvalsh, the width ratio from the
+    narrowest standard deviation, γ_n, and a rounding bound that does cover a reordered sum."""
+    p = random_params("full", 3, 2, seed=11)
+    x = random_data(30, 2, seed=12)
+    eig = torch.linalg.eigvalsh(pg.covariances(p))
+    assert bounds.model_cond(p) == pytest.approx(float((eig[:, -1] / eig[:, 0]).max()), rel=1e-9)
+    ratio = (torch.cdist(p.means, torch.cat([x, p.means])) / eig[:, :1].sqrt()).max()
+    assert bounds.width_ratio(p, x) == pytest.approx(float(ratio), rel=1e-9)
+    assert bounds.gamma(10) == pytest.approx(10 * bounds.eps(torch.float64), rel=1e-12)
+    terms = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e3
+    forward, backward = terms.sum(), terms.flip(0).cumsum(0)[-1]
+    assert abs(float(forward - backward)) <= 2 * bounds.gamma(1000) * float(terms.abs().sum())
+    with pytest.raises(ValueError, match="void"):
+        bounds.gamma(2**60)
