@@ -4,6 +4,7 @@ The API reference (``mkdocs build``) renders these docstrings; ``tests/test_docs
 their examples. Constants (``FAMILIES``, ``__version__``) and submodules are not checked here.
 """
 
+import importlib.util
 import inspect
 import re
 import types
@@ -149,3 +150,25 @@ def test_notebooks_draw_inline() -> None:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         if any("matplotlib" in c.source for c in cells):
             assert cells[0].source.startswith("%matplotlib inline"), f"{path.name}: first code cell"
+
+
+def _plots_module() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("docs_plots", DOCS / "plots.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_page_draws_every_readme_table() -> None:
+    """docs/plots.py (the Benchmarks page) recognises each table of the README's Benchmarks
+    section and reads its numbers; a reworded table fails here before it fails the site build."""
+    plots = _plots_module()
+    assert plots.number("**5.0×**") == 5.0 and plots.number("1,283 MB") == 1283.0 and plots.number("–") is None
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    tables = [rows for _, rows in plots.split_tables(plots.readme_section(readme)) if rows is not None]
+    assert len(tables) >= 4
+    for rows in tables:
+        assert plots.figures_for(rows), rows[0]
+    with pytest.raises(ValueError, match="does not know how to draw"):
+        plots.figures_for([{"a": "1", "b": "2"}])
