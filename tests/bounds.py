@@ -202,17 +202,20 @@ def derivative_rtol(params: pg.GMMParams, x: Tensor, order: int = 1) -> float:
     return stats_rtol(params, x) * (model_cond(params) * r**2) ** (order - 1)
 
 
-def adam_rtol(params: pg.GMMParams, x: Tensor, steps: int, w: Tensor | None = None, adam_eps: float = 1e-8) -> float:
-    """Relative bound (to a leaf's scale) on ``steps`` Adam steps (learning rate ≤ 1) from
-    ``params`` by two routes: Adam divides each gradient coordinate by its own running size,
-    so a gradient error ρ relative to its largest entry (:func:`derivative_rtol`) becomes
-    ρ·A in a step, A = max|g|/max(min |g_i|, adam_eps) over the non-zero coordinates at the
-    start; the steps' errors add up. (Near an optimum g → 0 and A grows: no fixed tolerance
-    could hold there, which is why the tests start away from one.)"""
+def adam_rtol(
+    params: pg.GMMParams, x: Tensor, steps: int, w: Tensor | None = None, lr: float = 0.05, adam_eps: float = 1e-8
+) -> float:
+    """Relative bound (to a leaf's scale) on ``steps`` Adam steps of learning rate at most
+    ``lr`` (0.05: the default optimiser's peak) from ``params`` by two routes: Adam divides each
+    gradient coordinate by its own running size, so a gradient error ρ relative to its largest
+    entry (:func:`derivative_rtol`) becomes lr·ρ·A in a step, A = max|g|/max(min |g_i|,
+    adam_eps) over the non-zero coordinates at the start; the steps' errors add up. (Near an
+    optimum g → 0 and A grows: no fixed tolerance could hold there, which is why the tests
+    start away from one.)"""
     g = torch.cat([t.detach().abs().reshape(-1) for t in pytree.tree_leaves(torch.func.grad(pg.loss)(params, x, w))])
     g = g[g > 0].to(torch.float64)
     amplification = float(g.max() / g.min().clamp_min(adam_eps)) if g.numel() else 1.0
-    return SLACK * steps * derivative_rtol(params, x) * amplification
+    return SLACK * steps * lr * derivative_rtol(params, x) * amplification
 
 
 def low_precision_rtol(params: pg.GMMParams, x: Tensor, dtype: torch.dtype, *, steps: int = 1) -> float:
