@@ -1,7 +1,8 @@
 """The demo: five 2-D clusters made in code, fitted by gradient descent, drawn with ellipses.
 
 As in the original GMMPytorch ``demo.py``: draw points from five Gaussian clusters, fit a
-mixture with :func:`puregmm.fit` (gradient descent, the default method), print the final loss
+mixture with :func:`puregmm.fit` by gradient descent (``method="gd"``, the original GMMPytorch
+way; EM is ``fit``'s default and one keyword away), print the final loss
 and save a picture of the data with each component's 1-, 2- and 3-sigma ellipses.
 ``python -m puregmm demo [--family F] [--components K] [--out PATH]`` runs it.
 """
@@ -57,6 +58,7 @@ def run_demo(
     x = demo_data(seed=seed)
     if save_data is not None:
         write_points(x, save_data)
+    fit_kwargs.setdefault("method", "gd")  # the demo's story: gradient descent with resets
     result = fit(x, n_components, family, key=seed, progress=progress, **fit_kwargs)
     print(
         f"demo: {x.shape[0]} points, family={family}, K={n_components}: final loss {float(result.loss):.6f} "

@@ -40,8 +40,8 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from puregmm import _validate, driver, keys, loop
-from puregmm.em import Stats, em_step
+from puregmm import _validate, driver, keys, stream
+from puregmm.em import Stats
 from puregmm.families import get_family
 from puregmm.init import init as init_params_from
 from puregmm.methods import (
@@ -49,15 +49,14 @@ from puregmm.methods import (
     EM_TOL,
     GD_MAX_STEPS,
     GD_TOL,
-    GD_WINDOW,
-    EMState,
     FitResult,
-    minibatch_indices,
-    warn_if_not_converged,
+    Settings,
+    affine,
+    get_method,
+    standardisation,
+    standardised_reg,
 )
-from puregmm.methods import affine as _affine
 from puregmm.params import GMMParams
-from puregmm.train import TrainState, init_state, step
 
 DEFAULT_TIMEOUT_S = 300.0  # seconds a collective may wait for the slowest rank
 INIT_ROWS = 100_000  # rows gathered from all ranks to initialise on (all of them when N is smaller)
@@ -272,6 +271,7 @@ def fit_distributed(
     checkpoint_every: int = 100,
     resume: Any = None,
     group: Any = None,
+    chunk_size: int | None = None,
 ) -> FitResult:
     """:func:`puregmm.fit` on data split over the ranks of ``group``: ``data`` is this rank's shard.
 
@@ -286,7 +286,13 @@ def fit_distributed(
     from the ranks in proportion to their sizes (all rows when N is smaller, which equals
     ``pg.init`` on the whole data) and rank 0's result is broadcast; ``batch_size`` is rows per
     rank per step; restarts of gradient descent run one after another; rank 0 alone writes
-    ``checkpoint``. Gradient descent standardises with the global weighted mean and spread.
+    ``checkpoint``. It runs the one driver (:func:`puregmm.driver.run`) with the collective as
+    its ``reduce``: the same standardisation (global weighted mean and spread), kernels and loop.
+
+    Data larger than memory: a ``.npy`` path, a memory map (e.g. a slice
+    ``np.load(path, mmap_mode="r")[lo:hi]`` of :func:`shard_bounds`) or a stream as ``data``:
+    each rank streams its part in chunks of ``chunk_size`` rows and every EM pass's statistics
+    are all-reduced, so a rank's memory is bounded by the chunk, not its shard (EM only).
 
     Raises:
         ValueError / TypeError: as :func:`puregmm.fit`, raised on *every* rank when any rank's
@@ -295,6 +301,13 @@ def fit_distributed(
         DistributedError: a collective failed or timed out (another rank died or hangs).
     """
     comm = collective(group)
+    if comm.active and stream.is_stream(data):
+        return _fit_streamed(
+            data, n_components, family, comm, method=method, max_steps=max_steps, tol=tol, reg_covar=reg_covar,
+            init_params=init_params, init_method=init_method, key=key, progress=progress, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every, resume=resume, other=(batch_size, n_init, sample_weight, optimizer),
+            chunk_size=chunk_size,
+        )  # fmt: skip
     if not comm.active:
         return driver.fit_data(
             data, n_components, family, method=method, max_steps=max_steps, tol=tol, batch_size=batch_size,
@@ -330,45 +343,54 @@ def fit_distributed(
     if method == "em" and cfg["reg_covar"] == 0.0:
         _check_constant_features(x, w, comm)
     key_t = _validate.key(key)
-    n_runs = 1 if method == "em" and init_params is not None else cfg["n_init"]
-    run_keys = [key_t] if n_runs == 1 else [keys.fold_in(key_t, r) for r in range(n_runs)]
-    starts = _initial_params(x, w, comm, spec.name, k, n_total, init_params, init_method, cfg["reg_covar"], run_keys)
-    meta = {
-        "method": method,
-        "family": spec.name,
-        "n_components": k,
-        "shape": [n_total, x.shape[1]],
-        "dtype": str(x.dtype),
-        "runs": n_runs,
-        "tol": cfg["tol"],
-        "batch_size": cfg["batch_size"],
-        "reg_covar": cfg["reg_covar"],
-        "world_size": comm.world_size,
-    }
-    loop_args: dict[str, Any] = {
-        "progress": progress and comm.rank == 0,
-        "checkpoint": checkpoint if comm.rank == 0 else None,
-        "checkpoint_every": checkpoint_every,
-        "resume": resume,
-        "meta": meta,
-    }
-    if method == "em":
-        params, out = _run_em(x, w, comm, starts, torch.stack(run_keys), cfg, loop_args)
-    else:
-        params, out = _run_gd(x, w, comm, starts, torch.stack(run_keys), cfg, optimizer, loop_args)
-    final = torch.stack([_global_nll(_index(params, i), x, w, comm) for i in range(n_runs)])
-    best = int(torch.argmin(torch.nan_to_num(final, nan=math.inf)))
-    n = int(out.n_steps[best])
-    result = FitResult(
-        pytree.tree_map(torch.Tensor.detach, _index(params, best)),
-        final[best],
-        n,
-        bool(out.converged[best]),
-        int(_index(out.states, best).n_resets),
-        out.history[:n, best].detach(),
-    )
-    warn_if_not_converged(result)
-    return result
+    row = get_method(method)
+    n_runs = 1 if row.deterministic and init_params is not None else cfg["n_init"]
+    run_keys = driver.restart_keys(key_t, n_runs)
+    w = None if w is None else w / comm.gather(w.amax()).amax()  # divided by the largest, as pg.fit does
+    shift, s = standardisation(x, w, comm)
+    reg = cfg["reg_covar"]
+    starts = _initial_params(x, w, comm, spec.name, k, n_total, init_params, init_method, reg, run_keys, (shift, s))
+    settings_nt = Settings(method, cfg["max_steps"], cfg["tol"], cfg["batch_size"], optimizer, reg)
+    out = driver.run(
+        x, w, starts, torch.stack(run_keys), settings_nt, False, standardised=(shift, s), reduce=comm,
+        meta={"world_size": comm.world_size}, progress=progress and comm.rank == 0,
+        checkpoint=checkpoint if comm.rank == 0 else None, checkpoint_every=checkpoint_every, resume=resume,
+    )  # fmt: skip
+    return driver.best_of(out, stacklevel=4)
+
+
+def _fit_streamed(
+    data: Any, n_components: int, family: str, comm: Collective, *, method: str, max_steps: Any, tol: Any,
+    reg_covar: Any, init_params: Any, init_method: str, key: Any, progress: bool, checkpoint: Any,
+    checkpoint_every: int, resume: Any, other: tuple[Any, ...], chunk_size: int | None,
+) -> FitResult:  # fmt: skip
+    """:func:`fit_distributed` of a rank's part of data larger than memory (a ``.npy`` path, a
+    memory map, a stream): every rank streams its own part in chunks and each EM pass's
+    statistics are all-reduced, so a rank holds one chunk at a time, never its whole shard.
+    The start: :func:`puregmm.init` on a sample of at most ``max(INIT_ROWS, 20·K)`` rows of
+    every rank (all rows when they are fewer: then it equals ``pg.init`` on the whole data)."""
+    if method != "em" or any(v not in (None, 1) for v in other):
+        raise ValueError(
+            "a streamed distributed fit runs method='em' without batch_size, n_init > 1, sample_weight or optimizer"
+        )
+    spec = get_family(family)
+    k = _validate.positive_int(n_components, "n_components")
+    key_t = _validate.key(key)
+    if not isinstance(init_params, GMMParams):
+        src = stream.Source(data, chunk_size, None)
+        sample = src.sample(max(INIT_ROWS, 20 * k), key_t)
+        n_sample = int(comm.sum(torch.tensor(sample.shape[0], dtype=torch.int64)))
+        scaled = standardisation(sample, None, comm)
+        reg = _validate.reg_covar(reg_covar)
+        starts = _initial_params(
+            sample, None, comm, spec.name, k, n_sample, init_params, init_method, reg, [key_t], scaled
+        )
+        init_params = pytree.tree_map(lambda t: t[0], starts)
+    return stream.fit_stream(
+        data, k, spec.name, method="em", init_params=init_params, max_steps=max_steps, tol=tol, reg_covar=reg_covar,
+        key=key_t, progress=progress and comm.rank == 0, checkpoint=checkpoint if comm.rank == 0 else None,
+        checkpoint_every=checkpoint_every, resume=resume, reduce=comm, chunk_size=chunk_size,
+    )  # fmt: skip
 
 
 def _settings(
@@ -449,8 +471,11 @@ def _initial_params(
     init_method: str,
     reg_covar: float,
     run_keys: list[Tensor],
+    standardised: tuple[Tensor, Tensor],
 ) -> GMMParams:
-    """Stacked start params [R, ...], identical on every rank (rank 0's, broadcast)."""
+    """Stacked start params [R, ...], identical on every rank (rank 0's, broadcast). The init
+    runs on the gathered sample standardised by the global (shift, scale), as :func:`puregmm.fit`
+    runs it on its standardised data, so that with every row in the sample the two agree."""
     if isinstance(init_params, GMMParams):
         p = init_params
         if p.family != family or p.n_components != k or p.dim != x.shape[1] or p.batch_shape:
@@ -465,12 +490,17 @@ def _initial_params(
         if init_params is not None:
             means = _validate.means(init_params, k, x.shape[1], x.dtype, x.device, "init_params")
         xs, ws = _gather_sample(x, w, comm, n_total, max(INIT_ROWS, 20 * k), run_keys[0])
-        starts = [
-            init_params_from(
-                xs, k, family, key=rk, method=init_method, means=means, reg_covar=reg_covar, sample_weight=ws
+        shift, s = standardisation(xs, ws) if n_total > xs.shape[0] else standardised
+        zs, reg = (xs - shift) / s, float(standardised_reg(reg_covar, s))
+        z_means = None if means is None else (means - shift) / s
+
+        def start(rk: Tensor) -> GMMParams:
+            p = init_params_from(
+                zs, k, family, key=rk, method=init_method, means=z_means, reg_covar=reg, sample_weight=ws
             )
-            for rk in run_keys
-        ]
+            return affine(p, s, shift)
+
+        starts = [start(rk) for rk in run_keys]
     stacked = pytree.tree_map(lambda *t: torch.stack(t), *starts)
     return comm.broadcast(stacked, 0)  # type: ignore[no-any-return]
 
@@ -497,95 +527,3 @@ def _gather_sample(
     rows = torch.cat([xg[r, : int(c)] for r, c in enumerate(counts.tolist())])
     weights = torch.cat([wg[r, : int(c)] for r, c in enumerate(counts.tolist())])
     return rows, None if w is None else weights
-
-
-def _index(tree: Any, i: int) -> Any:
-    return pytree.tree_map(lambda t: t[i], tree)
-
-
-def _run_em(
-    x: Tensor, w: Tensor | None, comm: Collective, starts: GMMParams, run_keys: Tensor, cfg: dict, loop_args: dict
-) -> tuple[GMMParams, loop.LoopResult]:
-    b = run_keys.shape[0]
-    states = EMState(
-        starts,
-        torch.zeros(b, dtype=torch.int64),
-        torch.full((b,), float("nan"), dtype=x.dtype),
-        torch.zeros(b, dtype=torch.int64),
-        run_keys,
-    )
-    reg = cfg["reg_covar"]
-
-    def advance(s: EMState) -> EMState:
-        if b == 1:  # the unbatched kernel, as pg.fit runs a single fit
-            p, info = em_step(_index(s.params, 0), x, reg_covar=reg, sample_weight=w, return_info=True, reduce=comm)
-            p, info = pytree.tree_map(lambda t: t.unsqueeze(0), (p, info))
-        else:  # stacked params: E-step vmapped, one reduction for all runs, M-step vmapped
-            p, info = em_step(s.params, x, reg_covar=reg, sample_weight=w, return_info=True, reduce=comm)
-        return EMState(p, s.step + 1, -info.log_likelihood, s.n_resets + info.n_resets, s.key)
-
-    out = loop.run(states, advance, max_steps=cfg["max_steps"], converged=loop.em_converged(cfg["tol"]), **loop_args)
-    return out.states.params, out
-
-
-def _run_gd(
-    x: Tensor,
-    w: Tensor | None,
-    comm: Collective,
-    starts: GMMParams,
-    run_keys: Tensor,
-    cfg: dict,
-    optimizer: Any,
-    loop_args: dict,
-) -> tuple[GMMParams, loop.LoopResult]:
-    b = run_keys.shape[0]
-    shift, s = _global_moments(x, w, comm)
-    z = (x - shift) / s
-    std = torch.func.vmap(_affine, in_dims=(0, None, None))(starts, 1.0 / s, -shift / s)
-    states = pytree.tree_map(
-        lambda *t: torch.stack(t),
-        *[init_state(_index(std, i), optimizer, key=run_keys[i]) for i in range(b)],
-    )
-    batch_size = cfg["batch_size"]
-
-    def one(st: TrainState) -> TrainState:
-        if batch_size is None or batch_size >= z.shape[0]:
-            return step(st, z, w, reduce=comm)
-        idx = minibatch_indices(st.key, st.step, z.shape[0], batch_size)
-        return step(st, z[idx], None if w is None else w[idx], reduce=comm)
-
-    def advance(st: TrainState) -> TrainState:  # runs one after another: collectives do not vmap
-        return pytree.tree_map(lambda *t: torch.stack(t), *[one(_index(st, i)) for i in range(b)])
-
-    out = loop.run(
-        states,
-        advance,
-        max_steps=cfg["max_steps"],
-        converged=loop.window_converged(cfg["tol"], GD_WINDOW),
-        loss_offset=(x.shape[1] * torch.log(s)).expand(b),
-        **loop_args,
-    )
-    params = torch.func.vmap(_affine, in_dims=(0, None, None))(out.states.params, s, shift)
-    return params, out
-
-
-def _global_moments(x: Tensor, w: Tensor | None, comm: Collective) -> tuple[Tensor, Tensor]:
-    """Global weighted mean [D] and root mean per-dimension variance (0-d), two passes."""
-    wn = torch.ones_like(x[:, 0]) if w is None else w
-    total, sx = comm.sum((wn.sum(), (wn.unsqueeze(-1) * x).sum(0)))
-    shift = sx / total
-    ss = comm.sum((wn.unsqueeze(-1) * (x - shift).square()).sum(0))
-    s = (ss / total).mean().sqrt().clamp_min(torch.finfo(x.dtype).tiny)
-    return shift, s
-
-
-def _global_nll(params: GMMParams, x: Tensor, w: Tensor | None, comm: Collective) -> Tensor:
-    """Mean NLL of the union of every rank's rows."""
-    from puregmm.density import log_prob
-
-    with torch.no_grad():
-        lp = log_prob(params, x)
-        total, count = comm.sum(
-            (-(lp if w is None else lp * w).sum(), x.new_tensor(float(x.shape[0])) if w is None else w.sum())
-        )
-    return total / count

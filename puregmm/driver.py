@@ -114,7 +114,7 @@ def fit_in_memory(
         init_means = _validate.means(init_params, k, x.shape[1], x.dtype, x.device, "init_params")
     # a deterministic method (EM) from given params: restarts would repeat the same run
     n_runs = 1 if get_method(cfg.method).deterministic and init_params is not None else n_init
-    run_keys = [key] + [keys.fold_in(key, r) for r in range(1, n_runs)]
+    run_keys = restart_keys(key, n_runs)
     shift, s = standardisation(x, w)
     z = (x - shift) / s
     z_means = None if init_means is None else (init_means - shift) / s
@@ -130,14 +130,25 @@ def fit_in_memory(
         for rk in run_keys
     ]
     out = run(x, w, stack(starts), torch.stack(run_keys), cfg, False, standardised=(shift, s), **loop_args)
+    return best_of(out)
+
+
+def best_of(out: FitResult, stacklevel: int = 6) -> FitResult:
+    """The run of batched ``out`` with the lowest final loss, as a single :class:`FitResult`;
+    warns when it stopped before meeting ``tol``."""
     best = best_run(out.loss)
     n = int(out.n_steps[best])
     result = FitResult(
         index(out.params, best), out.loss[best], n, bool(out.converged[best]), int(out.n_resets[best]),
         out.history[best, :n],
     )  # fmt: skip
-    warn_if_not_converged(result, stacklevel=5)
+    warn_if_not_converged(result, stacklevel=stacklevel)
     return result
+
+
+def restart_keys(key: Tensor, n_runs: int) -> list[Tensor]:
+    """Keys of ``n_runs`` restarts: the key itself, then ``fold_in(key, r)`` for r ≥ 1."""
+    return [key] + [keys.fold_in(key, r) for r in range(1, n_runs)]
 
 
 def run(
@@ -149,6 +160,8 @@ def run(
     data_batched: bool,
     *,
     standardised: tuple[Tensor, Tensor] | None = None,
+    reduce: Any = None,
+    meta: dict[str, Any] | None = None,
     progress: bool = False,
     checkpoint: Any = None,
     checkpoint_every: int = 100,
@@ -158,6 +171,10 @@ def run(
     :func:`puregmm.loop.run` on standardised data; a batched :class:`FitResult` in data units.
 
     ``standardised``: the (shift, scale) already used for ``starts``' init; computed otherwise.
+    ``reduce``: a :class:`puregmm.distributed.Collective` when ``x`` is this rank's shard: the
+    standardisation, every step's statistics or gradients and the final loss are reduced over
+    the ranks (runs then advance one after another: collectives do not vmap). ``meta``: more
+    fields of the fit's identity for a checkpoint.
     """
     row = get_method(cfg.method)
     b = run_keys.shape[0]
@@ -168,15 +185,21 @@ def run(
     elif data_batched:
         shift, s = torch.func.vmap(standardisation, in_dims=(0, wdim))(x, w)
     else:
-        shift, s = (t.expand(b, *t.shape) for t in standardisation(x, w))
+        shift, s = (t.expand(b, *t.shape) for t in standardisation(x, w, reduce))
     if not row.per_run_scale:  # one scale for the batch: reg_covar stays one number
         s = s.amax().expand(b)
     z = (x - shift[:, None, :]) / s[:, None, None] if data_batched else (x - shift[0]) / s[0]
     std_cfg = cfg._replace(reg_covar=standardised_reg(cfg.reg_covar, s[0]))  # EM: one scale for all runs
     std = torch.func.vmap(affine)(starts, 1.0 / s, -shift / s.unsqueeze(-1))
     states = stack([row.make_state(index(std, i), run_keys[i], std_cfg) for i in range(b)])
-    kernel = batched_kernel(lambda st, zs, ws: row.advance(st, zs, ws, std_cfg), b, data_batched, w is not None)
-    meta = {
+    if reduce is None:
+        kernel = batched_kernel(lambda st, zs, ws: row.advance(st, zs, ws, std_cfg), b, data_batched, w is not None)
+    else:  # the runs one after another, each step's sums reduced over the ranks
+
+        def kernel(st: Any, zs: Tensor, ws: Tensor | None) -> Any:
+            return stack([row.advance(index(st, i), zs, ws, std_cfg, reduce) for i in range(b)])
+
+    meta = {**(meta or {}),
         "method": cfg.method, "family": starts.family, "n_components": starts.n_components,
         "shape": list(x.shape), "dtype": str(x.dtype), "runs": b, "tol": cfg.tol,
         "batch_size": cfg.batch_size, "reg_covar": cfg.reg_covar,
@@ -188,13 +211,13 @@ def run(
         max_steps=cfg.max_steps,
         converged=row.converged(cfg.tol),
         loss_offset=x.shape[-1] * torch.log(s),
-        advance_live=on_live(kernel, z, w, data_batched),
+        advance_live=None if reduce is not None else on_live(kernel, z, w, data_batched),
         progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, meta=meta,
     )  # fmt: skip
     params = torch.func.vmap(affine)(out.states.params, s, shift)
     z_params = out.states.params
-    if b == 1 and not data_batched:  # one run: the unbatched kernel keeps its fast in-place path
-        final = row.final_loss(index(z_params, 0), z, w).detach().unsqueeze(0)
+    if reduce is not None or (b == 1 and not data_batched):  # unbatched kernels (fast in-place path)
+        final = torch.stack([row.final_loss(index(z_params, i), z, w, reduce).detach() for i in range(b)])
     else:
         final = torch.func.vmap(row.final_loss, in_dims=(0, xdim, wdim))(z_params, z, w).detach()
     return FitResult(

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from puregmm import _validate, keys, loop
+from puregmm.density import log_prob
 from puregmm.density import loss as nll
 from puregmm.em import em_step, sufficient_stats
 from puregmm.params import GMMParams
@@ -110,10 +111,18 @@ def em_state(params: GMMParams, key: Any = 0) -> EMState:
 
 
 def em_advance(
-    state: EMState, x: Tensor, sample_weight: Tensor | None = None, *, reg_covar: float | Tensor = 1e-6
+    state: EMState,
+    x: Tensor,
+    sample_weight: Tensor | None = None,
+    *,
+    reg_covar: float | Tensor = 1e-6,
+    reduce: Any = None,
 ) -> EMState:
-    """One EM step on an :class:`EMState` (pure; what the fitting loop vmaps)."""
-    params, info = em_step(state.params, x, reg_covar=reg_covar, sample_weight=sample_weight, return_info=True)
+    """One EM step on an :class:`EMState` (pure; what the fitting loop vmaps). ``reduce``: see
+    :func:`puregmm.em_step` (``x`` is then this rank's shard)."""
+    params, info = em_step(
+        state.params, x, reg_covar=reg_covar, sample_weight=sample_weight, return_info=True, reduce=reduce
+    )
     return EMState(params, state.step + 1, -info.log_likelihood, state.n_resets + info.n_resets, state.key)
 
 
@@ -127,21 +136,40 @@ def minibatch_indices(key: Tensor, step_count: Tensor, n: int, batch_size: int) 
 
 
 def gd_advance(
-    state: TrainState, z: Tensor, sample_weight: Tensor | None = None, *, batch_size: int | None = None
+    state: TrainState,
+    z: Tensor,
+    sample_weight: Tensor | None = None,
+    *,
+    batch_size: int | None = None,
+    reduce: Any = None,
 ) -> TrainState:
-    """One gradient step on standardised data ``z`` (a mini-batch of it when ``batch_size``)."""
-    if batch_size is not None:
+    """One gradient step on standardised data ``z`` (a mini-batch of it when ``batch_size``:
+    rows per rank with ``reduce``, see :func:`puregmm.step`)."""
+    if batch_size is not None and batch_size < z.shape[0]:
         idx = minibatch_indices(state.key, state.step, z.shape[0], batch_size)
         z = torch.index_select(z, 0, idx)
         sample_weight = None if sample_weight is None else torch.index_select(sample_weight, 0, idx)
-    return step(state, z, sample_weight)
+    return step(state, z, sample_weight, reduce=reduce)
 
 
-def em_nll(params: GMMParams, x: Tensor, w: Tensor | None) -> Tensor:
+def em_nll(params: GMMParams, x: Tensor, w: Tensor | None, reduce: Any = None) -> Tensor:
     """Mean NLL by the E-step's pass (:mod:`puregmm._moments`): the computation of the EM
-    history's values, equal to :func:`puregmm.loss` up to rounding."""
+    history's values, equal to :func:`puregmm.loss` up to rounding. With ``reduce`` (a
+    :class:`puregmm.distributed.Collective`), over every rank's rows."""
     stats = sufficient_stats(params, x, w)
+    stats = stats if reduce is None else reduce(stats)
     return -stats.log_lik_sum / stats.weight_sum
+
+
+def gd_nll(params: GMMParams, x: Tensor, w: Tensor | None, reduce: Any = None) -> Tensor:
+    """:func:`puregmm.loss`; with ``reduce``, the mean NLL of every rank's rows (sums reduced)."""
+    if reduce is None:
+        return nll(params, x, w)
+    with torch.no_grad():
+        lp = log_prob(params, x)
+        count = x.new_tensor(float(x.shape[0])) if w is None else w.sum()
+        total, count = reduce.sum((-(lp if w is None else lp * w).sum(), count))
+    return total / count
 
 
 class Settings(NamedTuple):
@@ -162,9 +190,10 @@ class Method(NamedTuple):
         name: the ``method=`` string.
         max_steps, tol: defaults of a fit.
         make_state: (standardised params, key, settings) -> a run's state.
-        advance: (state, z, w, settings) -> the next state (pure, vmappable).
+        advance: (state, z, w, settings, reduce=None) -> the next state (pure, vmappable
+            without ``reduce``; with it, ``z`` is this rank's shard and the sums are reduced).
         converged: tol -> rule over the loss history [t, B] -> [B] bool.
-        final_loss: (params, x, w) -> the reported mean NLL of the final params.
+        final_loss: (params, x, w, reduce=None) -> the reported mean NLL of the final params.
         per_run_scale: whether each run of a batch is standardised by its own spread (gradient
             descent: its floor and learning rate live in standardised units) or all by the
             largest (EM: exactly equivariant, so one scale keeps ``reg_covar`` one number).
@@ -176,9 +205,9 @@ class Method(NamedTuple):
     max_steps: int
     tol: float
     make_state: Callable[[GMMParams, Tensor, Settings], Any]
-    advance: Callable[[Any, Tensor, Tensor | None, Settings], Any]
+    advance: Callable[..., Any]
     converged: Callable[[float], Callable[[Tensor], Tensor]]
-    final_loss: Callable[[GMMParams, Tensor, Tensor | None], Tensor]
+    final_loss: Callable[..., Tensor]
     per_run_scale: bool
     batches: bool
     deterministic: bool
@@ -195,13 +224,13 @@ def _gd_state(params: GMMParams, key: Tensor, cfg: Settings) -> TrainState:
 METHODS: dict[str, Method] = {
     "em": Method(
         "em", EM_MAX_STEPS, EM_TOL, _em_state,
-        lambda s, z, w, cfg: em_advance(s, z, w, reg_covar=cfg.reg_covar),
+        lambda s, z, w, cfg, reduce=None: em_advance(s, z, w, reg_covar=cfg.reg_covar, reduce=reduce),
         loop.em_converged, em_nll, per_run_scale=False, batches=False, deterministic=True,
     ),
     "gd": Method(
         "gd", GD_MAX_STEPS, GD_TOL, _gd_state,
-        lambda s, z, w, cfg: gd_advance(s, z, w, batch_size=cfg.batch_size),
-        lambda tol: loop.window_converged(tol, GD_WINDOW), nll, per_run_scale=True, batches=True,
+        lambda s, z, w, cfg, reduce=None: gd_advance(s, z, w, batch_size=cfg.batch_size, reduce=reduce),
+        lambda tol: loop.window_converged(tol, GD_WINDOW), gd_nll, per_run_scale=True, batches=True,
         deterministic=False,
     ),
 }  # fmt: skip
@@ -219,22 +248,30 @@ def get_method(name: object) -> Method:
 # --- standardisation ------------------------------------------------------------------------------
 
 
-def standardisation(x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Weighted mean m [D] and root mean per-dimension variance s (0-d) of rows ``x`` [N, D].
+def standardisation(x: Tensor, w: Tensor | None, reduce: Any = None) -> tuple[Tensor, Tensor]:
+    """Weighted mean m [D] and root mean per-dimension variance s (0-d) of rows ``x`` [N, D]
+    (with ``reduce``, a :class:`puregmm.distributed.Collective`: of every rank's rows).
 
     Computed on x / max|x| first, so that data beyond √(max float) (whose squares overflow)
     get a finite spread. Data without spread (every row equal) get s = max|x|, or 1 for zeros.
     """
     tiny = torch.finfo(x.dtype).tiny
-    big = x.abs().amax()
+    big = x.abs().amax() if x.shape[0] else x.new_zeros(())
+    ref = x[0] if x.shape[0] else x.new_zeros(x.shape[1])
+    if reduce is not None:
+        big, ref = reduce.gather(big).amax(), reduce.broadcast(ref, 0)
     big = torch.where(big > tiny, big, torch.ones_like(big))
+    wn = torch.ones_like(x[:, 0]) if w is None else w
+
+    def total(t: Tensor) -> Tensor:
+        return t if reduce is None else reduce.sum(t)
+
+    count = total(wn.sum())
     y = x / big
-    wn = torch.ones_like(y[:, 0]) if w is None else w
-    wn = (wn / wn.sum()).unsqueeze(-1)
-    centre = (wn * y).sum(0)
-    spread = (wn * (y - centre).square()).sum(0).mean().sqrt()
+    centre = total((wn.unsqueeze(-1) * y).sum(0)) / count
+    spread = (total((wn.unsqueeze(-1) * (y - centre).square()).sum(0)) / count).mean().sqrt()
     s = torch.where(spread * big > tiny, spread * big, big)
-    direct = x[0] + (wn * (x - x[0])).sum(0)  # exact for equal rows (centre·big may be an ulp off)
+    direct = ref + total((wn.unsqueeze(-1) * (x - ref)).sum(0)) / count  # exact for equal rows
     return torch.where(torch.isfinite(direct), direct, centre * big), s
 
 

@@ -218,6 +218,7 @@ def fit_stream(
     checkpoint: Any = None,
     checkpoint_every: int = 100,
     resume: Any = None,
+    reduce: Any = None,
 ) -> FitResult:
     """Fit a K-component mixture to data read in chunks (see the module docstring).
 
@@ -247,6 +248,9 @@ def fit_stream(
         checkpoint: as :func:`puregmm.fit` (``"em"`` only).
         checkpoint_every: as :func:`puregmm.fit`.
         resume: as :func:`puregmm.fit` (``"em"`` only).
+        reduce: a :class:`puregmm.distributed.Collective` when ``source`` is this rank's part
+            of the data (``"em"`` with GMMParams ``init_params`` only; see
+            :func:`puregmm.distributed.fit_distributed`): each pass's statistics are reduced.
 
     Returns:
         :class:`puregmm.FitResult`. ``loss`` is the mean NLL of the whole data at the final
@@ -296,6 +300,8 @@ def fit_stream(
         if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0.5 < kappa <= 1:
             raise ValueError(f"kappa must be in (0.5, 1] (step size (t+2)^-kappa); got {kappa!r}")
         steps = None if max_steps is None else _validate.positive_int(max_steps, "max_steps")
+    if reduce is not None and (method != "em" or not isinstance(init_params, GMMParams)):
+        raise ValueError("reduce= needs method='em' and GMMParams init_params (identical on every rank)")
     first: Tensor | None = None
     if isinstance(init_params, GMMParams):
         params = init_params
@@ -313,7 +319,9 @@ def fit_stream(
     _check_params(params, spec.name, n_components, src)
     if method == "em":
         assert steps is not None
-        result = _fit_em(src, params, key_t, steps, tol_v, reg_covar, progress, checkpoint, checkpoint_every, resume)
+        result = _fit_em(
+            src, params, key_t, steps, tol_v, reg_covar, progress, checkpoint, checkpoint_every, resume, reduce
+        )
         warn_if_not_converged(result)
         return result
     return _fit_online(src, params, steps, float(kappa), reg_covar, progress)
@@ -328,27 +336,30 @@ def _check_params(params: GMMParams, family: str, k: int, src: Source) -> None:
         _validate.finite(getattr(params, name).reshape(1, -1), f"init_params.{name}")
 
 
-def pass_stats(src: Source, params: GMMParams) -> Stats:
-    """:class:`puregmm.Stats` of the whole source at ``params``, one chunk at a time."""
+def pass_stats(src: Source, params: GMMParams, reduce: Any = None) -> Stats:
+    """:class:`puregmm.Stats` of the whole source at ``params``, one chunk at a time; with
+    ``reduce`` (a :class:`puregmm.distributed.Collective`), of every rank's source."""
     total: Stats | None = None
     for xb in src.passes():
         _check_dim(params, xb)
         part = sufficient_stats(params, xb)
         total = part if total is None else combine(total, part)
     assert total is not None
-    return total
+    return total if reduce is None else reduce(total)
 
 
-def mean_nll(src: Source, params: GMMParams) -> Tensor:
+def mean_nll(src: Source, params: GMMParams, reduce: Any = None) -> Tensor:
     """Mean negative log-likelihood of the whole source (one pass of the E-step's
-    log-likelihood, as :func:`puregmm.fit` reports for EM)."""
+    log-likelihood, as :func:`puregmm.fit` reports for EM); with ``reduce``, of every rank's."""
     total = torch.zeros((), dtype=params.dtype, device=params.device)
-    count = 0
+    count = torch.zeros((), dtype=params.dtype, device=params.device)
     with torch.no_grad():
         for xb in src.passes():
             _check_dim(params, xb)
             total = total - sufficient_stats(params, xb).log_lik_sum
-            count += xb.shape[0]
+            count = count + xb.shape[0]
+    if reduce is not None:
+        total, count = reduce.sum((total, count))
     return total / count
 
 
@@ -368,8 +379,11 @@ def _fit_em(
     checkpoint: Any,
     checkpoint_every: int,
     resume: Any,
+    reduce: Any = None,
 ) -> FitResult:
-    """Full-batch EM, one pass per step, through :func:`puregmm.loop.run` (B = 1)."""
+    """Full-batch EM, one pass per step, through :func:`puregmm.loop.run` (B = 1); with
+    ``reduce``, each pass's statistics are reduced over the ranks (every rank streams its own
+    source: a data-parallel fit larger than every rank's memory)."""
     states = EMState(
         pytree.tree_map(lambda t: t.unsqueeze(0), params),
         torch.zeros(1, dtype=torch.int64, device=params.device),
@@ -380,7 +394,7 @@ def _fit_em(
 
     def advance(s: EMState) -> EMState:
         p = pytree.tree_map(lambda t: t[0], s.params)
-        stats = pass_stats(src, p)
+        stats = pass_stats(src, p, reduce)
         new, n_resets = m_step(stats, p, reg_covar=reg_covar, return_info=True)
         ll = stats.log_lik_sum / stats.weight_sum
         return EMState(
@@ -397,6 +411,7 @@ def _fit_em(
         "runs": 1,
         "tol": tol,
         "reg_covar": reg_covar,
+        "keys": [int(key)],  # the key is part of the fit's identity
     }
     out = loop.run(
         states,
@@ -412,7 +427,12 @@ def _fit_em(
     final = pytree.tree_map(lambda t: t[0].detach(), out.states.params)
     n = int(out.n_steps[0])
     return FitResult(
-        final, mean_nll(src, final), n, bool(out.converged[0]), int(out.states.n_resets[0]), out.history[:n, 0]
+        final,
+        mean_nll(src, final, reduce),
+        n,
+        bool(out.converged[0]),
+        int(out.states.n_resets[0]),
+        out.history[:n, 0],
     )
 
 

@@ -130,7 +130,9 @@ def _failing_worker(rank: int, port: int, out: str, mode: str) -> None:
                 raise RuntimeError("injected failure on rank 1")
             return pg.em_step(*args, **kwargs)
 
-        pgd.em_step = broken  # type: ignore[assignment]
+        from puregmm import methods
+
+        methods.em_step = broken  # type: ignore[assignment]  # the EM row's kernel, which the driver runs
         try:
             pgd.fit_distributed(_shard(x, rank), K, "full", method="em", max_steps=50, tol=0.0)
         except RuntimeError:
