@@ -22,7 +22,6 @@ scalar and diagonal families.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -356,20 +355,17 @@ class Family:
     # --- marginals and conditionals (puregmm.conditioning) ---
     # Every family is closed under both: an axis-aligned family's dimensions are independent within a
     # component, so it keeps its entries of ``raw``; a matrix scale is re-factored by a QR (accuracy
-    # eps·κ(U), not eps·κ(U)² as a Cholesky of a formed block would give). ``dims``, ``rest``, ``given``:
-    # int64 index tensors of distinct dimensions.
+    # eps·κ(U), not eps·κ(U)² as a Cholesky of a formed block would give). ``raw`` is the whole leaf
+    # (any leading dims: linalg batches them); ``dims``, ``rest``, ``given``: int64 index tensors.
     def marginal_scale(self, raw: Tensor, dims: Tensor) -> Tensor:
         """The scale leaf of the marginal over ``dims`` (in that order): Σ_dd's factor for a matrix
         scale (Σ = LLᵀ with L = U⁻ᵀ, Σ_dd = L_d L_dᵀ = RᵀR by the QR of L_dᵀ, so U' = R⁻¹), the
         entries ``dims`` of a vector scale, a scalar scale as is."""
-        return self._each_component(lambda r: self._marginal_one(r, dims), raw)
-
-    def _marginal_one(self, raw: Tensor, dims: Tensor) -> Tensor:
         if self.scale_ndim == 2:
             u = upper_factor(raw)
             eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
             lower = torch.linalg.solve_triangular(u, eye, upper=True).mT  # L = U⁻ᵀ, Σ = L Lᵀ
-            _, r = _positive_qr(lower.index_select(0, dims).mT)  # L_dᵀ = QR: Σ_dd = RᵀR
+            _, r = _positive_qr(lower.index_select(-2, dims).mT)  # L_dᵀ = QR: Σ_dd = RᵀR
             return _raw_of_upper(torch.linalg.solve_triangular(r, eye[: len(dims), : len(dims)], upper=True))
         return raw.index_select(-1, dims) if self.scale_ndim == 1 else raw
 
@@ -379,21 +375,13 @@ class Family:
         an axis-aligned scale). With P = UUᵀ, P_aa = U_a U_aᵀ (U_a: rows ``rest``); the QR of
         U_aᵀ J = QR (J reverses the columns) gives P_aa = V Vᵀ with V = J Rᵀ J upper, and
         C = -J R⁻¹ Qᵀ U_bᵀ."""
-        raw_c, coef = self._each_component(lambda r: self._conditional_one(r, rest, given), raw)
-        return raw_c, self.per_component_raw(coef, k)
-
-    def _conditional_one(self, raw: Tensor, rest: Tensor, given: Tensor) -> tuple[Tensor, Tensor]:
-        if self.scale_ndim != 2:
-            coef = raw.new_zeros(len(rest), len(given))  # independent dimensions: the mean does not move
+        if self.scale_ndim != 2:  # independent dimensions: the means do not move
+            coef = raw.new_zeros((k, len(rest), len(given)))
             return (raw.index_select(-1, rest) if self.scale_ndim == 1 else raw), coef
         u = upper_factor(raw)
-        q, r = _positive_qr(u.index_select(0, rest).mT.flip(-1))  # U_aᵀ J = QR
-        coef = -torch.linalg.solve_triangular(r, q.mT @ u.index_select(0, given).mT, upper=True).flip(-2)
-        return _raw_of_upper(r.mT.flip(-2, -1)), coef
-
-    def _each_component(self, fn: Callable[[Tensor], Any], raw: Tensor) -> Any:
-        """``fn`` of one component's ``raw``, vmapped over the component axis when there is one."""
-        return torch.func.vmap(fn)(raw) if self.per_component else fn(raw)
+        q, r = _positive_qr(u.index_select(-2, rest).mT.flip(-1))  # U_aᵀ J = QR
+        coef = -torch.linalg.solve_triangular(r, q.mT @ u.index_select(-2, given).mT, upper=True).flip(-2)
+        return _raw_of_upper(r.mT.flip(-2, -1)), self.per_component_raw(coef, k)
 
 
 def _positive_qr(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -401,7 +389,7 @@ def _positive_qr(a: Tensor) -> tuple[Tensor, Tensor]:
     Q flipped together, so QR is unchanged)."""
     q, r = torch.linalg.qr(a)
     sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(r.dtype)  # [N]
-    return q * sign, r * sign.unsqueeze(-1)
+    return q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
 
 
 def _raw_of_upper(v: Tensor) -> Tensor:
