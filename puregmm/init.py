@@ -6,8 +6,11 @@ Methods (``method=``):
 =====================  ===================================================================
 ``"kmeans++"``         greedy k-means++ seeds (Arthur & Vassilvitskii, 2007), hard-assign each
                        point to its nearest seed (the default)
-``"kmeans"``           k-means++ seeds, then Lloyd iterations until the labels settle
-                       (at most ``KMEANS_MAX_ITER``), hard-assign
+``"kmeans"``           k-means++ seeds, then Lloyd iterations as scikit-learn's ``KMeans``
+                       (empty clusters relocated to the points farthest from their
+                       centres; stop when the labels settle or the squared centre shift
+                       is at most ``KMEANS_TOL`` x the mean per-dimension variance, at
+                       most ``KMEANS_MAX_ITER``), hard-assign
 ``"random"``           responsibilities uniform at random, normalised per row
 ``"random_from_data"`` K distinct data points drawn uniformly as seeds, hard-assign
 =====================  ===================================================================
@@ -23,8 +26,8 @@ keys: :func:`_seed` (centring and seeding), :func:`_lloyd_step` (one Lloyd itera
 :func:`_finish` (hard or random responsibilities, then the M-step). :func:`init_batched` runs
 them for B datasets at once; :func:`init` is the validated eager front door and runs the same
 kernels with B = 1 (called directly, without ``vmap``). Only the Lloyd loop is eager: it stops
-once every dataset's labels have settled and advances only the datasets still moving (a settled
-dataset is a fixed point, so the result does not depend on the others). Counters of the
+once every dataset has converged and advances only the datasets still moving (a dataset's
+iterations and stopping rule depend on its data alone, so the result does not depend on the others). Counters of the
 random draws are row *ranks* among real rows, so a padded (masked) dataset draws exactly what
 the same dataset without its padding draws.
 """
@@ -46,7 +49,8 @@ from puregmm.families import get_family
 from puregmm.params import GMMParams
 
 METHODS = ("kmeans++", "kmeans", "random", "random_from_data")
-KMEANS_MAX_ITER = 100
+KMEANS_MAX_ITER = 300  # scikit-learn's KMeans max_iter
+KMEANS_TOL = 1e-4  # scikit-learn's KMeans tol, relative to the data's mean per-dimension variance
 
 
 def _trials(n_components: int, n_local_trials: int | None) -> int:
@@ -148,10 +152,22 @@ def _one_hot(labels: Tensor, k: int, dtype: torch.dtype) -> Tensor:
 
 
 def _lloyd_step(xt: Tensor, w: Tensor | None, centres: Tensor) -> tuple[Tensor, Tensor]:
-    """One Lloyd iteration on xt [D, N]: (labels [N] of ``centres``, the weighted means of
-    those labels [K, D]); an empty cluster keeps its centre."""
-    labels, _ = _nearest(xt, centres)
-    r = _one_hot(labels, centres.shape[0], xt.dtype)  # [K, N]
+    """One Lloyd iteration on xt [D, N], scikit-learn's: (labels [N] of the nearest of
+    ``centres``, the new centres [K, D]). Empty clusters are relocated first (scikit-learn's
+    ``_relocate_empty_clusters_dense``): the e-th empty cluster (by index) takes the point e-th
+    farthest from its own centre (distance > 0, weight > 0), which leaves its old cluster; each
+    cluster's new centre is then the weighted mean of its points. A cluster still empty (no
+    such point left) keeps its centre. Branch-free: ``vmap`` it over datasets."""
+    k = centres.shape[0]
+    labels, d2 = _nearest(xt, centres)
+    wn = torch.ones_like(d2) if w is None else w  # [N]
+    counts = wn.new_zeros(k).index_add(0, labels, wn)  # [K] weight per cluster
+    empty = counts == 0  # [K]
+    far_d2, far = torch.topk(torch.where(wn > 0, d2, -1.0), k)  # [K] the K farthest rows, descending
+    targets = torch.argsort((~empty).to(torch.int64), stable=True)  # [K] the empty clusters first
+    moved = (torch.arange(k, device=xt.device) < empty.sum()) & (far_d2 > 0)  # [K]
+    moved_labels = labels.scatter(0, far, torch.where(moved, targets, labels.index_select(0, far)))  # [N]
+    r = _one_hot(moved_labels, k, xt.dtype)  # [K, N]
     if w is not None:
         r = r * w
     counts = r.sum(-1, keepdim=True)  # [K, 1]
@@ -160,37 +176,55 @@ def _lloyd_step(xt: Tensor, w: Tensor | None, centres: Tensor) -> tuple[Tensor, 
     return labels, torch.where(counts > 0, sums / counts.clamp_min(tiny), centres)
 
 
-def lloyd(x: Tensor, centres: Tensor, sample_weight: Tensor | None = None, max_iter: int = KMEANS_MAX_ITER) -> Tensor:
-    """Lloyd's k-means iterations on x [N, D] from ``centres`` [K, D] until the labels stop
-    changing. An empty cluster keeps its centre."""
+def lloyd(
+    x: Tensor,
+    centres: Tensor,
+    sample_weight: Tensor | None = None,
+    max_iter: int = KMEANS_MAX_ITER,
+    tol: float = KMEANS_TOL,
+) -> Tensor:
+    """Lloyd's k-means iterations on x [N, D] from ``centres`` [K, D], as scikit-learn's
+    ``KMeans`` (:func:`_lloyd_step`; empty clusters relocated to the farthest points). Stops
+    when the labels repeat, when the squared centre shift summed over clusters is at most
+    ``tol`` times the data's mean per-dimension variance, or after ``max_iter`` iterations."""
+    wn = torch.ones_like(x[:, 0]) if sample_weight is None else sample_weight  # [N]
+    offset = (wn.unsqueeze(-1) * x).sum(0) / wn.sum()  # [D]: distances on centred data
+    xc = x - offset
+    limit = (tol * _data_variance(xc, sample_weight)).reshape(1)
     w = None if sample_weight is None else sample_weight.unsqueeze(0)
-    return _lloyd_loop(x.mT.contiguous().unsqueeze(0), w, max_iter)(centres.unsqueeze(0))[0]
+    run = _lloyd_loop(xc.mT.contiguous().unsqueeze(0), w, max_iter)
+    return run((centres - offset).unsqueeze(0), limit)[0] + offset
 
 
-def _lloyd_loop(xt: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor], Tensor]:
-    """Batched Lloyd: xt [B, D, N], w [B, N] | None -> (centres [B, K, D] -> settled centres).
+def _lloyd_loop(xt: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """Batched Lloyd: xt [B, D, N], w [B, N] | None -> ((centres [B, K, D], limit [B]) -> final
+    centres [B, K, D]).
 
-    Dataset b stops when its labels repeat (its centres are then a fixed point); each pass
-    advances only the datasets still moving."""
+    Dataset b stops, as scikit-learn's ``_kmeans_single_lloyd``, once its labels repeat (its
+    centres are then a fixed point) or its squared centre shift Σ_k ‖c'_k - c_k‖² is at most
+    ``limit[b]``, keeping the new centres; each pass advances only the datasets still moving."""
     b = xt.shape[0]
     step = _map(_lloyd_step, (0, 0 if w is not None else None, 0), b)
     sub = torch.func.vmap(_lloyd_step, in_dims=(0, 0 if w is not None else None, 0))
 
-    def run(centres: Tensor) -> Tensor:
-        labels, centres = step(xt, w, centres)
-        active = torch.arange(b, device=xt.device)
+    def run(centres: Tensor, limit: Tensor) -> Tensor:
+        labels, new_centres = step(xt, w, centres)  # iteration 1: no labels to compare yet
+        moving = (new_centres - centres).square().sum((-2, -1)) > limit  # [B]
+        centres = new_centres
+        active = torch.arange(b, device=xt.device)[moving]
         for _ in range(max_iter - 1):
+            if active.numel() == 0:
+                break
             if active.numel() == b:
                 new_labels, new_centres = step(xt, w, centres)
             else:
                 wa = None if w is None else w.index_select(0, active)
                 new_labels, new_centres = sub(xt.index_select(0, active), wa, centres.index_select(0, active))
-            moving = (new_labels != labels.index_select(0, active)).any(-1)  # [A]
-            if not bool(moving.any()):
-                break
-            active, new_labels, new_centres = active[moving], new_labels[moving], new_centres[moving]
+            shift = (new_centres - centres.index_select(0, active)).square().sum((-2, -1))  # [A]
+            moving = (new_labels != labels.index_select(0, active)).any(-1) & (shift > limit.index_select(0, active))
             labels.index_copy_(0, active, new_labels)  # ours: fresh from the first step
             centres.index_copy_(0, active, new_centres)
+            active = active[moving]
         return centres
 
     return run
@@ -309,11 +343,12 @@ def _run(
 
     offset, xc, xt, centres = _map(seed, (xd, wd, rd, 0), b)(x, w, rows, run_keys)
     wb = None if w is None else (w if wd == 0 else w.expand(b, -1))
+    data_var = _map(_data_variance, (0, wd), b)(xc, w)  # [B]
     if method == "kmeans" and given is None:
-        centres = _lloyd_loop(xt, wb, max_iter)(centres)
+        centres = _lloyd_loop(xt, wb, max_iter)(centres, KMEANS_TOL * data_var)
     var = None
     if not get_family(family).learned:
-        var = _map(_data_variance, (0, wd), b)(xc, w) if variance is None else xc.new_full((b,), float(variance))
+        var = data_var if variance is None else xc.new_full((b,), float(variance))
 
     reg = torch.as_tensor(reg_covar, dtype=x.dtype, device=x.device)  # 0-d, or [B]: one per dataset
 
