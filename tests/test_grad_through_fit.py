@@ -24,10 +24,11 @@ from torch import Tensor
 
 import puregmm as pg
 from puregmm.params import GMMParams
+from tests import bounds
 
 K_STEPS = 5
-EPS = 1e-6  # central differences: truncation O(EPS²) ~ 1e-12, rounding O(1e-16 / EPS) ~ 1e-10
-RTOL = 1e-6
+EPS = 1e-6  # central differences: truncation O(EPS²) ~ 1e-12, rounding O(eps·|f| / EPS) ~ 1e-10
+RTOL = 1e-6  # the requirement (issue 12, item 7); the differences' own rounding is allowed on top
 
 
 @pytest.fixture(autouse=True)
@@ -85,12 +86,15 @@ def _assert_matches_fd(final_loss: Callable[[Tensor, Tensor], Tensor], x: Tensor
     checks += [("initial means", g_m, v, lambda a: final_loss(x, a), means0) for v in _directions(means0, 0)]
     got = torch.stack([(g * v).sum() for _, g, v, _, _ in checks])
     want = torch.stack([_central_difference(f, a, v) for _, _, v, f, a in checks])
+    # each evaluation of f is rounded relative to its size; the difference quotient divides that by EPS
+    fd_atol = bounds.SLACK * bounds.eps(x.dtype) * abs(float(final_loss(x, means0))) / EPS
     for name in ("data", "initial means"):
         sel = torch.tensor([c[0] == name for c in checks])
         scale = want[sel].abs().max()
         assert scale > 1e-6, f"finite differences w.r.t. the {name} vanish: the check would be vacuous"
-        err = (got[sel] - want[sel]).abs().max() / scale
-        assert err < RTOL, f"gradient w.r.t. the {name} differs from finite differences: max rel err {err:.2e}"
+        err = (got[sel] - want[sel]).abs().max()
+        allowed = RTOL * scale + fd_atol
+        assert err <= allowed, f"gradient w.r.t. the {name} differs from finite differences: {err:.2e} > {allowed:.2e}"
 
 
 @pytest.mark.parametrize(
@@ -165,5 +169,6 @@ def test_grad_through_em_under_vmap_equals_loop() -> None:
     g_x, g_m = torch.func.vmap(grad, in_dims=(0, None))(xs, p0.means)
     for b in range(xs.shape[0]):
         want_x, want_m = grad(xs[b], p0.means)
-        torch.testing.assert_close(g_x[b], want_x, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(g_m[b], want_m, rtol=1e-10, atol=1e-12)
+        # batched kernels round otherwise: a derivative through 3 EM steps (each a ratio of sums)
+        rtol = 3 * bounds.derivative_rtol(p0, xs[b], order=2)
+        bounds.assert_leaves_close((g_x[b], g_m[b]), (want_x, want_m), rtol, "vmapped gradient", floor=0.0)
