@@ -86,9 +86,9 @@ def _add_fit(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--family", default="full", choices=FAMILIES, help="covariance family (default: full)")
     p.add_argument(
         "--method",
-        default="gd",
+        default="em",
         choices=("em", "gd"),
-        help="gd: gradient descent (default); em: expectation-maximisation",
+        help="em: expectation-maximisation (default, as pg.fit); gd: gradient descent",
     )
     p.add_argument("--max-steps", type=_positive_int, metavar="N", help="step limit (default: the method's)")
     p.add_argument("--tol", type=_positive_float, metavar="T", help="convergence tolerance (default: the method's)")

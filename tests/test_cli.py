@@ -174,7 +174,7 @@ def test_fit_writes_model_report_and_picture(tmp_path: Path, csv_data: tuple[Pat
     assert (params.family, params.n_components, params.dtype) == ("diagonal", 2, torch.float64)
     report = json.loads((run / "report.json").read_text())
     xt = torch.as_tensor(x)
-    assert report["family"] == "diagonal" and report["K"] == 2 and report["N"] == 120 and report["method"] == "gd"
+    assert report["family"] == "diagonal" and report["K"] == 2 and report["N"] == 120 and report["method"] == "em"
     assert report["loss"] == pytest.approx(float(pg.loss(params, xt)), rel=1e-12)
     assert report["bic"] == pytest.approx(float(pg.bic(params, xt)), rel=1e-12)
     assert report["aic"] == pytest.approx(float(pg.aic(params, xt)), rel=1e-12)
@@ -392,7 +392,7 @@ def test_resume_end_to_end_once_fit_checkpoints(tmp_path: Path, csv_data) -> Non
     if "resume" not in inspect.signature(pg.fit).parameters:
         pytest.skip("pg.fit has no checkpoint support yet")
     data = str(csv_data[0])
-    common = ["fit", data, "-k", "2", "--tol", "1e-30", "-q", "--no-plot", "--checkpoint-every", "5"]
+    common = ["fit", data, "-k", "2", "--method", "gd", "--tol", "1e-30", "-q", "--no-plot", "--checkpoint-every", "5"]
     assert cli.main([*common, "--max-steps", "20", "--out", str(tmp_path / "full")]) == 0
     assert cli.main([*common, "--max-steps", "10", "--out", str(tmp_path / "part")]) == 0
     assert (tmp_path / "part" / cli.CHECKPOINT).is_file()
