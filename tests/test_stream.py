@@ -116,13 +116,15 @@ def test_large_array_initialises_from_a_uniform_sample(npy: Path) -> None:
 
 def test_reads_stay_within_the_chunk_size(npy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[int] = []
-    read = stream._read
+    from puregmm import sources
+
+    read = sources.read_rows
 
     def spy(arr: Any, lo: int, hi: int) -> Any:
         sizes.append(hi - lo)
         return read(arr, lo, hi)
 
-    monkeypatch.setattr(stream, "_read", spy)
+    monkeypatch.setattr(sources, "read_rows", spy)
     p0 = pg.init(torch.from_numpy(np.load(npy)), K, "full", key=1)
     with pytest.warns(pg.ConvergenceWarning, match="max_steps=3"):
         stream.fit_stream(np.load(npy, mmap_mode="r"), K, init_params=p0, chunk_size=1000, max_steps=3, tol=0.0)
