@@ -352,6 +352,19 @@ class Family:
             return own
         return own | (reset.any() & (reset | ~live).all())
 
+    def unwhiten(self, raw: Tensor, v: Tensor, transpose: bool = False) -> Tensor:
+        """Rows ``v`` [K, D] times U⁻¹ per component (``transpose``: times U⁻ᵀ); ``raw`` the whole leaf.
+
+        Undoes :meth:`whiten`: gradient descent steps the means in whitened units
+        (:func:`puregmm.train.whitened_means`), where a direction of variance σ² moves by σ per unit.
+        """
+        if self.scale_ndim != 2:
+            sd = torch.exp(-raw)  # [K, D], [K] or []
+            return v * (sd.unsqueeze(-1) if self.scale_ndim == 0 else sd)
+        u = upper_factor(raw).expand(v.shape[:-1] + (v.shape[-1],) * 2)  # [K, D, D]
+        a = u.mT if transpose else u
+        return torch.linalg.solve_triangular(a, v.unsqueeze(-2), upper=not transpose, left=False).squeeze(-2)
+
     # --- marginals and conditionals (puregmm.conditioning) ---
     # Every family is closed under both: an axis-aligned family's dimensions are independent within a
     # component, so it keeps its entries of ``raw``; a matrix scale is re-factored by a QR (accuracy
