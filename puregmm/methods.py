@@ -38,7 +38,19 @@ EM_TOL = 1e-3  # scikit-learn's tol, on the change of the mean log-likelihood
 
 
 class ConvergenceWarning(UserWarning):
-    """A fit stopped at ``max_steps`` before meeting ``tol``."""
+    """A fit stopped at ``max_steps`` before meeting ``tol``.
+
+    A warning, not an error (scikit-learn's rule): the result is still returned, with
+    ``converged=False``. Its message lists the usual fixes.
+
+    >>> import warnings, torch, puregmm as pg
+    >>> x = torch.randn(200, 2, dtype=torch.float64)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     r = pg.fit(x, 3, method="em", max_steps=1, tol=0.0)
+    >>> any(w.category is pg.ConvergenceWarning for w in caught), r.converged
+    (True, False)
+    """
 
 
 @dataclass(frozen=True)
