@@ -72,7 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from puregmm.families import LOG_2PI, Layout, layout, upper_factor
+from puregmm import density
+from puregmm.families import Layout, layout, upper_factor
 from puregmm.params import GMMParams
 
 #: Target bytes of a chunk's float64 block T: large enough that per-op and thread wake-up costs
@@ -244,40 +245,32 @@ def products(lay: Layout, x: Tensor, centre: Tensor, dtype: torch.dtype, work: W
 def natural(params: GMMParams, centre: Tensor, dtype: torch.dtype, lay: Layout | None = None) -> Tensor:
     """η [K, P] in ``dtype``: ⟨η_k, T(x)⟩ = log w_k + log N(x | μ_k, Σ_k) for T about ``centre``.
 
-    Differentiable in the params (the constant family's variance and the centre are detached,
-    as in :func:`puregmm.density.whitening`).
+    Not a second derivation of the density: the expansion of the one component log-density
+    (:func:`puregmm.density.whitening`), ℓ_k = const_k - ½ ‖[y, 1] A_k‖² with y = x - g, so
+    η_k holds the coefficients of const_k - ½ [y, 1] A_k A_kᵀ [y, 1]ᵀ in T's layout. With
+    A_k = [U_k; -t_k] (t_k = (μ_k - g) U_k) that is -½ P_k, P_k d_k and const_k - ½‖t_k‖².
+    Differentiable in the params (the constant family's variance and the centre are detached).
     """
-    spec, k, d = params.spec, params.n_components, params.dim
-    lay = lay if lay is not None else spec.moment_layout(d)
-    raw = spec.per_component_raw(params.scale, k).to(dtype)
-    if not spec.learned:
-        raw = raw.detach()
-    delta = params.means.to(dtype) - centre.detach().to(dtype)  # [K, D], d_k = μ_k - g
-    log_w = torch.log_softmax(params.logits.to(dtype), -1)  # [K]
-    if lay.ndim == 2:
-        u = upper_factor(raw)  # [K, D, D], P = U Uᵀ
-        half_log_det = torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1)
-        t = (delta.unsqueeze(1) @ u).squeeze(1)  # [K, D], d U
-        p_delta = (u @ t.unsqueeze(-1)).squeeze(-1)  # [K, D], P d = U Uᵀ d
-        const = log_w + half_log_det - 0.5 * d * LOG_2PI - 0.5 * t.square().sum(-1)
-        prec = u @ u.mT  # [K, D, D]
+    k, d = params.n_components, params.dim
+    lay = lay if lay is not None else params.spec.moment_layout(d)
+    w = density.whitening(params.to(dtype), centre)
+    if lay.ndim == 2:  # a: [m, D, K], rows [U_k; -t_k]
         m = d + 1
-        # the lifted quadratic form A_k [m, m] of [y, 1]: off-diagonal coefficients count twice
-        top = torch.cat([-0.5 * prec, 0.5 * p_delta.unsqueeze(-1)], -1)  # [K, D, m]
-        bottom = torch.cat([0.5 * p_delta, const.unsqueeze(-1)], -1).unsqueeze(1)  # [K, 1, m]
-        eye = torch.eye(m, dtype=dtype, device=raw.device)
-        upper = torch.ones(m, m, dtype=dtype, device=raw.device).triu()
-        coef = torch.cat([top, bottom], 1) * (upper * (2.0 - eye))  # upper triangle, off-diagonal x2
+        quad = torch.einsum("idk,jdk->kij", w.a, w.a)  # [K, m, m] = A_k A_kᵀ
+        # const_k on the constant-constant entry (placed, not multiplied: a masked const is -inf)
+        coef = -0.5 * quad + torch.diag_embed(F.pad(w.const.unsqueeze(-1), (m - 1, 0)))
+        eye = torch.eye(m, dtype=dtype, device=quad.device)
+        upper = torch.ones(m, m, dtype=dtype, device=quad.device).triu()
+        coef = coef * (upper * (2.0 - eye))  # upper triangle, off-diagonal coefficients count twice
         if lay.square:
             return coef.reshape(k, m * m)  # [K, m²]: the lower triangle's coefficients are 0
-        return coef.reshape(k, m * m)[:, _pair_of_column(d, raw.device)]  # [K, P]
-    var_log = -2.0 * raw  # [K, D] or [K]: log variances
-    s2 = torch.exp(-var_log)  # precisions
+        return coef.reshape(k, m * m)[:, _pair_of_column(d, quad.device)]  # [K, P]
+    s, neg_t = w.a[0].mT, w.a[1].mT  # [K, D]: the diagonal of U_k and -t_k
+    const = (w.const - 0.5 * neg_t.square().sum(-1)).unsqueeze(-1)  # [K, 1]
+    lin = -s * neg_t  # [K, D]: P_k d_k
     if lay.ndim == 1:
-        const = log_w - 0.5 * var_log.sum(-1) - 0.5 * d * LOG_2PI - 0.5 * (s2 * delta.square()).sum(-1)
-        return torch.cat([-0.5 * s2, s2 * delta, const.unsqueeze(-1)], -1)  # [K, 2D+1]
-    const = log_w - 0.5 * d * var_log - 0.5 * d * LOG_2PI - 0.5 * s2 * delta.square().sum(-1)
-    return torch.cat([-0.5 * s2.unsqueeze(-1), s2.unsqueeze(-1) * delta, const.unsqueeze(-1)], -1)  # [K, D+2]
+        return torch.cat([-0.5 * s.square(), lin, const], -1)  # [K, 2D+1]
+    return torch.cat([-0.5 * s[:, :1].square(), lin, const], -1)  # [K, D+2]
 
 
 def tied_natural(params: GMMParams, centre: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -285,20 +278,13 @@ def tied_natural(params: GMMParams, centre: Tensor, dtype: torch.dtype) -> tuple
 
     The quadratic part -½ yᵀPy is common to all components: it shifts every ℓ_nk of a row alike,
     so responsibilities need only the [K, D+1] GEMM, and log p(x) adds the quadratic part once
-    (one [c, D] x [D, D] GEMM per chunk instead of the [K, P] one).
+    (one [c, D] x [D, D] GEMM per chunk instead of the [K, P] one). From the same whitening as
+    :func:`natural`.
     """
-    spec, k, d = params.spec, params.n_components, params.dim
-    raw = spec.per_component_raw(params.scale, k).to(dtype)[0]  # [D, D], the one factor
-    u = upper_factor(raw)
-    delta = params.means.to(dtype) - centre.detach().to(dtype)  # [K, D]
-    t = delta @ u  # [K, D], d U
-    const = (
-        torch.log_softmax(params.logits.to(dtype), -1)
-        + torch.diagonal(raw).sum()
-        - 0.5 * d * LOG_2PI
-        - 0.5 * t.square().sum(-1)
-    )
-    return u, torch.cat([t @ u.mT, const.unsqueeze(-1)], -1)  # P d = U Uᵀ d
+    w = density.whitening(params.to(dtype), centre)
+    u, neg_t = w.a[:-1, :, 0], w.a[-1].mT  # [D, D] (one U for all), [K, D]
+    const = w.const - 0.5 * neg_t.square().sum(-1)
+    return u, torch.cat([-neg_t @ u.mT, const.unsqueeze(-1)], -1)  # P d = U Uᵀ d
 
 
 @_cached

@@ -44,14 +44,16 @@ from puregmm.params import GMMParams
 __all__ = ["Whitening", "component_log_prob", "joint_log_prob_chunk", "log_prob", "loss", "whitening"]
 
 
-def whitening(params: GMMParams) -> Whitening:
-    """The :class:`~puregmm._fused.Whitening` of unbatched ``params``, per component, vmapped.
+def whitening(params: GMMParams, centre: Tensor | None = None) -> Whitening:
+    """The :class:`~puregmm._fused.Whitening` of unbatched ``params``, per component, vmapped:
+    the one component log-density, ℓ_k(x) = const_k - ½‖[x - c, 1] A_k‖² (the E-step's
+    exponential-family form expands the same maps, :func:`puregmm._moments.natural`).
 
-    Differentiable in the params, except the centre and the constant family's variance, which
-    are detached.
+    ``centre`` c [D]: the rows' shift (default: the mean of the means). Differentiable in the
+    params, except the centre and the constant family's variance, which are detached.
     """
     spec, k, d = params.spec, params.n_components, params.dim
-    center = params.means.detach().mean(0)  # [D]
+    center = params.means.detach().mean(0) if centre is None else centre.detach().to(params.dtype)  # [D]
     raw = spec.per_component_raw(params.scale, k)
     if not spec.learned:
         raw = raw.detach()
