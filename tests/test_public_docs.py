@@ -130,7 +130,9 @@ def test_pages_have_runnable_examples() -> None:
     assert sum(len(python_blocks(p.read_text(encoding="utf-8"))) for p in PAGES) >= 15
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p.read_text(encoding="utf-8"))], ids=str)
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if python_blocks(p.read_text(encoding="utf-8"))], ids=lambda p: str(p.relative_to(DOCS))
+)
 def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A page's ```python blocks run top to bottom in one namespace, as a reader would paste them."""
     monkeypatch.chdir(tmp_path)  # examples may write files (a figure)
