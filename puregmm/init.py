@@ -151,29 +151,43 @@ def _one_hot(labels: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     return (labels == torch.arange(k, device=labels.device).unsqueeze(-1)).to(dtype)
 
 
-def _lloyd_step(xt: Tensor, w: Tensor | None, centres: Tensor) -> tuple[Tensor, Tensor]:
+def _relocate(labels: Tensor, d2: Tensor, w: Tensor | None, empty: Tensor) -> Tensor:
+    """Labels [N] after scikit-learn's relocation of the empty clusters ``empty`` [K] bool
+    (``_relocate_empty_clusters_dense``): the e-th empty cluster (by index) takes the row e-th
+    farthest from its centre (``d2`` [N]; weight > 0 and distance > 0 only), which leaves its
+    old cluster. Branch-free (vmaps)."""
+    k = empty.shape[0]
+    far_d2 = d2 if w is None else torch.where(w > 0, d2, -1.0)
+    far_d2, far = torch.topk(far_d2, k)  # [K] the K farthest rows, descending
+    targets = torch.argsort((~empty).to(torch.int64), stable=True)  # [K] the empty clusters first
+    moved = (torch.arange(k, device=labels.device) < empty.sum()) & (far_d2 > 0)  # [K]
+    return labels.scatter(0, far, torch.where(moved, targets, labels.index_select(0, far)))
+
+
+def _lloyd_step(xt: Tensor, w: Tensor | None, centres: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One Lloyd iteration on xt [D, N], scikit-learn's: (labels [N] of the nearest of
-    ``centres``, the new centres [K, D]). Empty clusters are relocated first (scikit-learn's
-    ``_relocate_empty_clusters_dense``): the e-th empty cluster (by index) takes the point e-th
-    farthest from its own centre (distance > 0, weight > 0), which leaves its old cluster; each
-    cluster's new centre is then the weighted mean of its points. A cluster still empty (no
-    such point left) keeps its centre. Branch-free: ``vmap`` it over datasets."""
+    ``centres``, the new centres [K, D], the squared shift Σ_k ‖c'_k - c_k‖² (0-d)).
+
+    Empty clusters are relocated first (:func:`_relocate`); each cluster's new centre is then
+    the weighted mean of its rows, and a cluster still empty keeps its centre. Branch-free
+    (``vmap`` it over datasets); plain eager tensors skip the relocation's work when no
+    cluster is empty (the usual case; the result is the same)."""
     k = centres.shape[0]
     labels, d2 = _nearest(xt, centres)
-    wn = torch.ones_like(d2) if w is None else w  # [N]
-    counts = wn.new_zeros(k).index_add(0, labels, wn)  # [K] weight per cluster
-    empty = counts == 0  # [K]
-    far_d2, far = torch.topk(torch.where(wn > 0, d2, -1.0), k)  # [K] the K farthest rows, descending
-    targets = torch.argsort((~empty).to(torch.int64), stable=True)  # [K] the empty clusters first
-    moved = (torch.arange(k, device=xt.device) < empty.sum()) & (far_d2 > 0)  # [K]
-    moved_labels = labels.scatter(0, far, torch.where(moved, targets, labels.index_select(0, far)))  # [N]
-    r = _one_hot(moved_labels, k, xt.dtype)  # [K, N]
+    r = _one_hot(labels, k, xt.dtype)  # [K, N]
     if w is not None:
         r = r * w
     counts = r.sum(-1, keepdim=True)  # [K, 1]
+    empty = counts[:, 0] == 0  # [K]
+    if not mo.plain(xt, w, centres) or bool(empty.any()):
+        r = _one_hot(_relocate(labels, d2, w, empty), k, xt.dtype)
+        if w is not None:
+            r = r * w
+        counts = r.sum(-1, keepdim=True)
     sums = r @ xt.mT  # [K, D]
     tiny = torch.finfo(xt.dtype).tiny
-    return labels, torch.where(counts > 0, sums / counts.clamp_min(tiny), centres)
+    new = torch.where(counts > 0, sums / counts.clamp_min(tiny), centres)
+    return labels, new, (new - centres).square().sum()
 
 
 def lloyd(
@@ -208,19 +222,16 @@ def _lloyd_loop(xt: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor
     sub = torch.func.vmap(_lloyd_step, in_dims=(0, 0 if w is not None else None, 0))
 
     def run(centres: Tensor, limit: Tensor) -> Tensor:
-        labels, new_centres = step(xt, w, centres)  # iteration 1: no labels to compare yet
-        moving = (new_centres - centres).square().sum((-2, -1)) > limit  # [B]
-        centres = new_centres
-        active = torch.arange(b, device=xt.device)[moving]
+        labels, centres, shift = step(xt, w, centres)  # iteration 1: no labels to compare yet
+        active = torch.nonzero(shift > limit).flatten()  # [A]
         for _ in range(max_iter - 1):
             if active.numel() == 0:
                 break
             if active.numel() == b:
-                new_labels, new_centres = step(xt, w, centres)
+                new_labels, new_centres, shift = step(xt, w, centres)
             else:
                 wa = None if w is None else w.index_select(0, active)
-                new_labels, new_centres = sub(xt.index_select(0, active), wa, centres.index_select(0, active))
-            shift = (new_centres - centres.index_select(0, active)).square().sum((-2, -1))  # [A]
+                new_labels, new_centres, shift = sub(xt.index_select(0, active), wa, centres.index_select(0, active))
             moving = (new_labels != labels.index_select(0, active)).any(-1) & (shift > limit.index_select(0, active))
             labels.index_copy_(0, active, new_labels)  # ours: fresh from the first step
             centres.index_copy_(0, active, new_centres)
@@ -343,11 +354,14 @@ def _run(
 
     offset, xc, xt, centres = _map(seed, (xd, wd, rd, 0), b)(x, w, rows, run_keys)
     wb = None if w is None else (w if wd == 0 else w.expand(b, -1))
-    data_var = _map(_data_variance, (0, wd), b)(xc, w)  # [B]
-    if method == "kmeans" and given is None:
+    lloyd_runs = method == "kmeans" and given is None
+    constant = not get_family(family).learned
+    data_var = _map(_data_variance, (0, wd), b)(xc, w) if lloyd_runs or (constant and variance is None) else None
+    if lloyd_runs:
+        assert data_var is not None
         centres = _lloyd_loop(xt, wb, max_iter)(centres, KMEANS_TOL * data_var)
     var = None
-    if not get_family(family).learned:
+    if constant:
         var = data_var if variance is None else xc.new_full((b,), float(variance))
 
     reg = torch.as_tensor(reg_covar, dtype=x.dtype, device=x.device)  # 0-d, or [B]: one per dataset

@@ -265,15 +265,18 @@ def test_relocation_skips_zero_weight_rows_and_vmaps() -> None:
     torch.testing.assert_close(
         lloyd(xw, _far_seeds(), sample_weight=w), lloyd(x, _far_seeds()), rtol=0, atol=_centre_atol(x)
     )
-    # one Lloyd step, batched: dataset 0 relocates two empty clusters, dataset 1 none
+    # one Lloyd step, batched (branch-free) against each dataset's eager step (which skips the
+    # relocation when no cluster is empty): dataset 0 relocates two empty clusters, dataset 1 none
     xs = torch.stack([xw, xw.flip(0) + 1.0]).mT.contiguous()  # [B, D, N]
     ws = torch.stack([w, w.flip(0)])
     seeds = torch.stack([_far_seeds(), torch.tensor([[1.0, 1.0], [11.0, 1.0], [1.0, 11.0], [11.0, 11.0]])])
-    labels, new = torch.func.vmap(_lloyd_step)(xs, ws, seeds)
+    labels, new, shift = torch.func.vmap(_lloyd_step)(xs, ws, seeds)
     for b in range(2):
-        lb, nb = _lloyd_step(xs[b], ws[b], seeds[b])
+        lb, nb, sb = _lloyd_step(xs[b], ws[b], seeds[b])
         assert torch.equal(labels[b], lb)
         torch.testing.assert_close(new[b], nb, rtol=0, atol=_centre_atol(xs[b].mT))
+        torch.testing.assert_close(shift[b], sb, rtol=1e-12, atol=0)
+        torch.testing.assert_close(sb, (nb - seeds[b]).square().sum(), rtol=1e-12, atol=0)
     moved = new[0, 2:]  # the two far clusters now sit on data points of weight 1
     assert bool((torch.cdist(moved, xw[w > 0]).amin(-1) == 0).all())
 
