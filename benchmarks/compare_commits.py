@@ -5,6 +5,8 @@ tree, or ``git worktree`` of ``--old``), builds the same data and params, and ti
 ``em_step`` ``--calls`` times (median) plus the peak resident memory above the loaded data of
 one call. The two trees alternate, ``--rounds`` times, and the medians of the rounds are
 compared: a refactor must keep every figure within 10 % (issue 12, "not allowed to regress").
+Memory is the peak resident set (VmHWM, reset after loading the data and a warm-up call) above
+the resident set before the timed calls.
 
 Usage::
 
@@ -24,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch, puregmm as pg
 n, d, k = (int(float(v)) for v in sys.argv[2].split(","))
@@ -34,13 +36,19 @@ g = torch.Generator().manual_seed(0)
 x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + torch.randn(k, d, generator=g, dtype=torch.float64)[
     torch.arange(n) % k]).to(dtype)
 params = pg.init(x[:20000], k, family, key=0, method="kmeans++")
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+pg.em_step(params, x[:1000])  # warm-up of lazy initialisations, then reset the peak (VmHWM) to now
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS:")
 times = []
 for _ in range(calls):
     t0 = time.perf_counter()
     pg.em_step(params, x)
     times.append(time.perf_counter() - t0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM:")
 print(json.dumps({"file": pg.__file__, "seconds": sorted(times)[len(times) // 2], "peak_mb": (peak - base) / 1024}))
 """
 

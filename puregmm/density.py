@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from puregmm import _fused, _validate
+from puregmm import _fused, _fused_autograd, _validate
 from puregmm._fused import Whitening, chunk_rows, chunks
 from puregmm.families import LOG_2PI
 from puregmm.params import GMMParams
@@ -114,7 +114,7 @@ def component_log_prob(params: GMMParams, x: Tensor) -> Tensor:
 def _log_prob_one(params: GMMParams, x: Tensor) -> Tensor:
     w = whitening(params)
     rows = chunk_rows(x.shape[0], params.n_components, params.dim, x.element_size())
-    return at_infinity(x, _fused.logsumexp(x, w, rows))
+    return at_infinity(x, _fused_autograd.logsumexp(x, w, rows))
 
 
 def at_infinity(x: Tensor, values: Tensor) -> Tensor:
@@ -133,9 +133,9 @@ def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None) -> Ten
     rows = chunk_rows(n, params.n_components, params.dim, x.element_size())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w.a, w.const, x, g))
     if needs_grad and not torch.compiler.is_compiling():  # gradient statistics in the same pass
-        out = _fused.NLL.apply(x, w.center, w.a, w.const, g, w.dense, rows, x.requires_grad)
+        out = _fused_autograd.NLL.apply(x, w.center, w.a, w.const, g, w.dense, rows, x.requires_grad)
         return out[0]  # type: ignore[no-any-return]
-    return -(g * _fused.logsumexp(x, w, rows)).sum()
+    return -(g * _fused_autograd.logsumexp(x, w, rows)).sum()
 
 
 def log_prob(params: GMMParams, x: Tensor) -> Tensor:
