@@ -1,14 +1,7 @@
 """Fits on data larger than memory: chunked full-batch EM and online (stepwise) EM.
 
-A *source* is read in chunks, never whole:
-
-=================================  ==========================================================
-``np.ndarray`` / ``np.memmap``     rows ``[lo, lo + chunk_size)`` copied one chunk at a time
-``str`` / ``os.PathLike``          :func:`puregmm.data.load_data` (``.npy`` is memory-mapped)
-``torch.Tensor``                   chunk views (already in memory)
-callable                           ``source()`` returns a fresh iterator of batches per pass
-other iterable                     a list of batches is re-read; an iterator can be read once
-=================================  ==========================================================
+A *source* (:mod:`puregmm.sources`: an array, a memory map or ``.npy`` path, a tensor, a
+callable returning batches, an iterable) is read in chunks, never whole.
 
 Batches are [n_i, D] array-likes. Design decisions:
 
