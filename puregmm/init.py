@@ -61,15 +61,20 @@ def _kmeans_plusplus(x: Tensor, xt: Tensor, w: Tensor, key: Tensor, k: int, tria
     """Kernel of :func:`kmeans_plusplus`: x [N, D] (and xt = xᵀ [D, N]), w [N] float64
     weights -> centres [K, D]."""
     n = x.shape[0]
+    cum_w = torch.cumsum(w, 0)  # [N]
+    # every draw at once (uniform(key, i, j) for centre i, candidate j): one hash, not one per centre
+    rows = torch.arange(k, device=x.device).unsqueeze(-1)
+    u_all = keys.uniform(key, rows, torch.arange(max(trials, 1), device=x.device)).to(x.device)  # [K, L]
 
-    def draw(mass: Tensor, i: int, m: int) -> Tensor:  # m indices [m] drawn ∝ mass
-        cum = torch.cumsum(mass, 0)  # [N]
-        cum = torch.where(cum[-1] > 0, cum, torch.cumsum(w, 0))  # all mass on centres: ∝ ω
-        u = keys.uniform(key, i, torch.arange(m, device=x.device)).to(x.device) * cum[-1]
-        return torch.searchsorted(cum, u, right=True).clamp_max(n - 1)  # [m]
+    def draw(mass: Tensor | None, i: int, m: int) -> Tensor:  # m indices [m] drawn ∝ mass (None: ω)
+        cum = cum_w
+        if mass is not None:
+            cum = torch.cumsum(mass, 0)  # [N]
+            cum = torch.where(cum[-1] > 0, cum, cum_w)  # all mass on centres: ∝ ω
+        return torch.searchsorted(cum, u_all[i, :m] * cum[-1], right=True).clamp_max(n - 1)  # [m]
 
     x2 = _sq_norms(xt)
-    centres = [x.index_select(0, draw(w, 0, 1))]  # [1, D]
+    centres = [x.index_select(0, draw(None, 0, 1))]  # [1, D]
     d2 = _sq_dist(xt, centres[0], x2)[0].to(torch.float64)  # [N]
     for i in range(1, k):  # static: K is a shape
         cand = x.index_select(0, draw(w * d2, i, trials))  # [L, D]
