@@ -45,7 +45,7 @@ __all__ = ["Whitening", "component_log_prob", "joint_log_prob_chunk", "log_prob"
 
 
 def whitening(params: GMMParams, centre: Tensor | None = None) -> Whitening:
-    """The :class:`~puregmm._fused.Whitening` of unbatched ``params``, per component, vmapped:
+    """The :class:`~puregmm._fused.Whitening` of unbatched ``params``, all components at once:
     the one component log-density, ℓ_k(x) = const_k - ½‖[x - c, 1] A_k‖² (the E-step's
     exponential-family form expands the same maps, :func:`puregmm._moments.natural`).
 
@@ -57,17 +57,9 @@ def whitening(params: GMMParams, centre: Tensor | None = None) -> Whitening:
     raw = spec.per_component_raw(params.scale, k)
     if not spec.learned:
         raw = raw.detach()
-    dense = spec.dense_factor
-    ones = torch.ones(1, d, dtype=params.dtype, device=params.device)
-
-    def one(mean: Tensor, raw_k: Tensor) -> tuple[Tensor, Tensor]:  # one component
-        shift = spec.whiten(raw_k, (mean - center).unsqueeze(0))  # [1, D]: t_k = (μ_k - c) U_k
-        factor = spec.precision_factor(raw_k, d) if dense else spec.whiten(raw_k, ones)  # [D, D] | [1, D]
-        return torch.cat([factor, -shift], 0), spec.half_log_det_precision(raw_k, d)
-
-    a, half_log_det = torch.func.vmap(one, out_dims=(2, 0))(params.means, raw)  # [D+1 | 2, D, K], [K]
+    a, half_log_det = spec.affine_maps(raw, params.means - center)  # [D+1 | 2, D, K], [K]
     const = torch.log_softmax(params.logits, dim=-1) + half_log_det - 0.5 * d * LOG_2PI  # [K]
-    return Whitening(a.contiguous(), const, center, dense)
+    return Whitening(a.contiguous(), const, center, spec.dense_factor)
 
 
 def joint_log_prob_chunk(w: Whitening, x: Tensor) -> Tensor:
@@ -149,6 +141,8 @@ def log_prob(params: GMMParams, x: Tensor) -> Tensor:
         [B..., N] log-densities.
 
     Raises:
+    if n <= rows:  # one chunk: the chunk functions under plain autograd (no Function machinery)
+        return -(g * _fused.logsumexp_rows(joint_log_prob_chunk(w, x))).sum()
         ValueError: ``x`` is not [..., N, D] with the params' D.
 
     >>> import math, torch, puregmm as pg

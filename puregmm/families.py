@@ -142,6 +142,21 @@ class Family:
         return torch.where(strict, raw / a, torch.zeros((), dtype=raw.dtype)) + torch.diag_embed(diag)
 
     # --- EM: statistics and the M-step's covariance (estep.py, mstep.py) -------------------
+    def affine_maps(self, raw_k: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """Every component's whitening map at once (no ``vmap``): (a, ½ log det P_k [K]) with
+        a = [U_k; -t_k] [D+1, D, K] (dense factors) or [s_k; -t_k] [2, D, K] (s_k the diagonal of
+        U_k), t_k = δ_k U_k for ``delta`` δ [K, D] (the means minus the centre), from the
+        per-component ``raw_k`` [K, ...]."""
+        k, d = delta.shape
+        if self.scale_ndim == 2:
+            u = upper_factor(raw_k)  # [K, D, D]
+            shift = (delta.unsqueeze(1) @ u).squeeze(1)  # [K, D]
+            a = torch.cat([u, -shift.unsqueeze(1)], 1).permute(1, 2, 0)  # [D+1, D, K]
+            return a, torch.diagonal(raw_k, dim1=-2, dim2=-1).sum(-1)
+        log_s = raw_k if self.scale_ndim == 1 else raw_k.unsqueeze(-1).expand(k, d)  # [K, D]
+        s = torch.exp(log_s)
+        return torch.stack([s, -delta * s]).permute(0, 2, 1), log_s.sum(-1)  # [2, D, K]
+
     @property
     def dense_factor(self) -> bool:
         """Whether U is a full upper-triangular matrix (else diagonal: whitening is a product)."""
