@@ -24,6 +24,9 @@ from torch import Tensor
 CHECKPOINT_KIND = "checkpoint"
 
 
+#: Convergence rules see the last this many steps of the history (enough for any window they
+#: use); stacking the whole history every step would cost O(steps) per step.
+HISTORY_TAIL = 256
 class LoopResult(NamedTuple):
     """What :func:`run` returns (B = number of runs).
 
@@ -129,7 +132,7 @@ def run(
         nan = torch.full_like(new.loss, float("nan"))
         rows.append(torch.where(done, nan, new.loss + offset).detach())
         n_steps = n_steps + (~done).to(torch.int64)
-        now = converged(torch.stack(rows)) & ~done
+        now = converged(torch.stack(rows[-HISTORY_TAIL:])) & ~done  # the rules look at the recent steps only
         conv, done = conv | now, done | now
         if bar is not None:
             bar.update(1)
