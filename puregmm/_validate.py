@@ -34,6 +34,7 @@ def as_float_tensor(x: Any, name: str, dtype: torch.dtype | None = None) -> Tens
         raise TypeError(f"{name} must hold real numbers; got dtype {t.dtype}")
     if dtype is not None:
         return t.to(dtype)
+    compute_dtype(t.dtype, name)
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
@@ -78,18 +79,32 @@ def n_components(k: Any, n: int) -> int:
 
 
 def data_shape(params: GMMParams, x: Tensor, name: str = "x") -> None:
-    """Shape check used inside kernels: x [..., N, D] with the params' D and dtype."""
+    """Static check of kernels and entry points: ``params`` well formed (:func:`params_structure`)
+    and ``x`` a tensor [N, D] or [*params.batch_shape, N, D] with N >= 1, the params' D, dtype
+    (no casting: one rule for every entry point) and device. Reads shapes and dtypes only, so it
+    works under ``vmap``/``grad`` and ``torch.compile(fullgraph=True)``."""
+    params_structure(params)
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"{name} must be [N, D] (2-D); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point; got {x.dtype} (convert with {name}.to(params.dtype))")
+    same_dtype(x, params.dtype, name)
     if x.shape[-1] != params.dim:
         raise ValueError(
             f"{name} has dimension D={x.shape[-1]} but the params have D={params.dim}; "
             f"got {name} of shape {tuple(x.shape)}"
         )
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point; got {x.dtype} (convert with x.to(params.dtype))")
+    if x.shape[-2] == 0:
+        raise ValueError(f"{name} must hold at least one row [N >= 1, D]; got shape {tuple(x.shape)}")
+    if x.dim() > 2 and tuple(x.shape[:-2]) != params.batch_shape:
+        raise ValueError(
+            f"{name} has batch dims {tuple(x.shape[:-2])} but the params have batch dims {params.batch_shape}; "
+            f"pass {name} as [N, D] (shared) or [*batch, N, D]"
+        )
+    if x.device != params.device:
+        raise ValueError(f"{name} is on {x.device} but the params on {params.device}; move one with .to(device)")
 
 
 def sample_weight(w: Any, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -114,6 +129,8 @@ def key(k: Any) -> Tensor:
         return k
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"key must be an int or a 0-d int64 tensor; got {type(k).__name__}")
+    if not -(2**63) <= int(k) < 2**63:
+        raise ValueError(f"key must be an int in [-2**63, 2**63) (it is held as int64); got {int(k)}")
     return torch.tensor(int(k), dtype=torch.int64)
 
 
@@ -140,8 +157,8 @@ def moments(
     dtype = mu.dtype
     w = as_float_tensor(weights, "weights", dtype).to(mu.device)
     cov = as_float_tensor(covariances, "covariances", dtype).to(mu.device)
-    if mu.dim() != 2:
-        raise ValueError(f"means must be [K, D]; got shape {tuple(mu.shape)}")
+    if mu.dim() != 2 or 0 in mu.shape:
+        raise ValueError(f"means must be [K, D] with K, D >= 1; got shape {tuple(mu.shape)}")
     k, d = mu.shape
     if w.shape != (k,):
         raise ValueError(f"weights must be [K]=({k},) to match means; got {tuple(w.shape)}")
@@ -198,8 +215,10 @@ def means(m: Any, k: int, d: int, dtype: torch.dtype, device: torch.device, name
 
 
 def positive_int(v: Any, name: str) -> int:
-    """A positive ``int`` (bool refused)."""
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+    """A positive ``int`` (bool refused): ``TypeError`` for another type, ``ValueError`` below 1."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int; got {type(v).__name__} {v!r}")
+    if v < 1:
         raise ValueError(f"{name} must be a positive int; got {v!r}")
     return int(v)
 
@@ -209,3 +228,160 @@ def non_negative(v: Any, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 <= v < float("inf"):
         raise ValueError(f"{name} must be a finite non-negative number; got {v!r}")
     return float(v)
+
+
+# --- dtypes, params, keys, devices ----------------------------------------------------------------
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype, name: str) -> None:
+    """The rule for half precision: float16/bfloat16 are refused, never silently widened (their
+    eps, ~1e-3, cannot hold a covariance's Cholesky factor, and CPU kernels lack them)."""
+    if dtype in HALF_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {dtype}; puregmm computes in float32 or float64 (half precision is too coarse "
+            f"for covariances): pass {name}.float()"
+        )
+
+
+def same_dtype(t: Tensor, dtype: torch.dtype, name: str) -> None:
+    """The rule for dtype mismatches: a tensor must have the params' dtype (not half); it is
+    never cast (array-likes are converted by the entry points instead)."""
+    compute_dtype(t.dtype, name)
+    if t.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but the params have {dtype}; puregmm never casts a tensor: "
+            f"pass {name}.to(params.dtype) or params.to({name}.dtype)"
+        )
+
+
+def params_structure(p: Any, name: str = "params") -> None:
+    """Static checks of params: a :class:`GMMParams` of a known family whose leaves are float
+    tensors of one dtype (not half) on one device, with shapes logits [B..., K],
+    means [B..., K, D] and the family's scale [B..., *scale_shape(K, D)], K, D >= 1. Reads no
+    values (kernels call it, under ``vmap`` and ``torch.compile``)."""
+    from puregmm.families import get_family
+    from puregmm.params import GMMParams
+
+    if not isinstance(p, GMMParams):
+        raise TypeError(
+            f"{name} must be GMMParams (from pg.fit(...).params, pg.init or pg.from_moments); got {type(p).__name__}"
+        )
+    leaves = {"logits": p.logits, "means": p.means, "scale": p.scale}
+    for leaf, t in leaves.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"{name}.{leaf} must be a floating point torch.Tensor; got {got}")
+    try:
+        spec = get_family(p.family)
+    except ValueError as err:
+        raise ValueError(f"{name}.family: {err}") from None
+    dtypes = {leaf: t.dtype for leaf, t in leaves.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"{name} leaves must share one dtype; got {dtypes} (cast with params.to(dtype))")
+    compute_dtype(p.means.dtype, name)
+    if len({t.device for t in leaves.values()}) > 1:
+        raise ValueError(f"{name} leaves must be on one device; got {[str(t.device) for t in leaves.values()]}")
+    if p.means.dim() < 2 or 0 in p.means.shape[-2:]:
+        raise ValueError(f"{name}.means must be [..., K, D] with K, D >= 1; got shape {tuple(p.means.shape)}")
+    batch, (k, d) = tuple(p.means.shape[:-2]), p.means.shape[-2:]
+    expected = {"logits": (*batch, k), "scale": (*batch, *spec.scale_shape(k, d))}
+    for leaf, shape in expected.items():
+        if tuple(leaves[leaf].shape) != shape:
+            raise ValueError(
+                f"{name}.{leaf} must have shape {shape} for family {p.family!r} with means of shape "
+                f"{tuple(p.means.shape)} (batch {batch}, K={k}, D={d}); got {tuple(leaves[leaf].shape)}"
+            )
+
+
+def params(p: Any, name: str = "params") -> GMMParams:
+    """:func:`params_structure`, then the values (entry points only): finite means and scale,
+    logits finite or -inf (a masked component) with at least one live component per mixture."""
+    params_structure(p, name)
+    logits(p.logits, f"{name}.logits")
+    for leaf in ("means", "scale"):
+        if not bool(torch.isfinite(getattr(p, leaf)).all()):
+            raise ValueError(f"{name}.{leaf} contains NaN or Inf: these params are broken (a diverged fit?)")
+    return p  # type: ignore[no-any-return]
+
+
+def batch_keys(k: Any, b: int, name: str = "keys") -> Tensor:
+    """[B] int64 keys, one per dataset (an int64 tensor, or a sequence of ints)."""
+    if isinstance(k, Tensor):
+        t = k
+    elif isinstance(k, (list, tuple, np.ndarray)):
+        try:
+            t = torch.as_tensor(np.asarray(k))
+        except (TypeError, ValueError, OverflowError) as err:
+            raise TypeError(f"{name} must be {b} ints (an int64 tensor of shape ({b},)); got {k!r}") from err
+    else:
+        raise TypeError(f"{name} must be an int64 tensor of shape ({b},); got {type(k).__name__} {k!r}")
+    if t.dtype not in _INTEGER_DTYPES or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers (int64); got dtype {t.dtype}")
+    if tuple(t.shape) != (b,):
+        raise ValueError(f"{name} must have shape ({b},), one key per dataset; got {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+def mask(m: Any, b: int, n: int, device: torch.device) -> Tensor:
+    """A [B, N] bool mask (True for real rows) as a tensor on ``device``."""
+    if isinstance(m, Tensor):
+        t = m
+    elif isinstance(m, (list, tuple, np.ndarray)):
+        try:
+            t = torch.as_tensor(np.asarray(m))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"mask must be a [B, N] bool tensor; got {type(m).__name__}") from err
+    else:
+        raise TypeError(f"mask must be a bool tensor of shape ({b}, {n}); got {type(m).__name__} {m!r}")
+    if t.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor of shape ({b}, {n}); got dtype {t.dtype}")
+    if tuple(t.shape) != (b, n):
+        raise ValueError(f"mask must be a bool tensor of shape ({b}, {n}) to match xs [B, N, D]; got {tuple(t.shape)}")
+    return t.to(device)
+
+
+def float_dtype(dtype: Any, name: str = "dtype") -> torch.dtype | None:
+    """``None`` or torch.float32/float64, the dtypes puregmm computes in."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype (torch.float32 or torch.float64); got {dtype!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be torch.float32 or torch.float64; got {dtype}")
+    return dtype
+
+
+def device(dev: Any, name: str = "device") -> torch.device | None:
+    """``None`` or a device torch knows (``"cpu"``, ``"cuda:0"``, a ``torch.device``)."""
+    if dev is None or isinstance(dev, torch.device):
+        return dev
+    if not isinstance(dev, (str, int)) or isinstance(dev, bool):
+        raise TypeError(f"{name} must be a torch.device or a string such as 'cpu' or 'cuda'; got {type(dev).__name__}")
+    try:
+        return torch.device(dev)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{name} must name a device such as 'cpu' or 'cuda:0'; got {dev!r}") from err
+
+
+def batches(it: Any, name: str = "source()") -> Any:
+    """What a stream's callable returned: an iterable of batches."""
+    if isinstance(it, (str, bytes)) or not hasattr(it, "__iter__"):
+        raise TypeError(
+            f"{name} must return an iterable of [n_i, D] batches (e.g. a generator); got {type(it).__name__}"
+        )
+    return it
+
+
+def magnitude(t: Tensor, name: str, scale: float = 1.0) -> None:
+    """Rows of a streamed fit whose squares fit the dtype: |x| < 2^(exponent range / 2 - 8)
+    once divided by ``scale`` (chosen from the rows the fit was initialised from)."""
+    limit = 2.0 ** (math.log2(torch.finfo(t.dtype).max) / 2 - 8)
+    big = float(t.abs().amax()) if t.numel() else 0.0
+    if not big < limit:
+        raise ValueError(
+            f"{name} holds values up to {big * scale:.3g} in {t.dtype}, beyond {limit * scale:.3g}: the streamed fit "
+            "was scaled for the rows it was initialised from and their squares would overflow; fit in memory "
+            "(pg.fit on a tensor standardises all rows) or pass init_params fitted on data like these rows"
+        )

@@ -47,9 +47,8 @@ __all__ = ["condition", "impute", "marginal", "mixture_covariance", "mixture_mea
 
 
 def _params(params: Any) -> GMMParams:
-    if not isinstance(params, GMMParams):
-        raise TypeError(f"params must be GMMParams; got {type(params).__name__}")
-    return params
+    _validate.params_structure(params)
+    return params  # type: ignore[no-any-return]
 
 
 def _dims(params: GMMParams, dims: Any, *, keep_one: bool) -> list[int]:
@@ -86,6 +85,7 @@ def _values(params: GMMParams, values: Any, n_given: int) -> Tensor:
         values = _validate.as_float_tensor(values, "values", params.dtype).to(params.device)
     if not values.is_floating_point():
         raise TypeError(f"values must be floating point; got {values.dtype} (convert with .to(params.dtype))")
+    _validate.same_dtype(values, params.dtype, "values")
     if values.dim() == 0 or values.shape[-1] != n_given:
         raise ValueError(
             f"values must have shape [..., {n_given}] (one entry per dim given); got shape {tuple(values.shape)}"

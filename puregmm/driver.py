@@ -270,17 +270,13 @@ def on_live(kernel: Callable[..., Any], x: Tensor, w: Tensor | None, data_batche
 
 def check_init_params(params: GMMParams, family: str, k: int, x: Tensor) -> None:
     """``init_params`` given as GMMParams match the fit (family, K, D, unbatched) and are finite."""
-    if not isinstance(params, GMMParams):
-        raise TypeError(f"init_params must be GMMParams; got {type(params).__name__}")
+    _validate.params(params, "init_params")
     if params.family != family or params.n_components != k or params.dim != x.shape[1] or params.batch_shape:
         raise ValueError(
             f"init_params is {params!r} but the fit asks for family={family!r}, K={k}, D={x.shape[1]} (unbatched)"
         )
     if params.dtype != x.dtype:
         raise TypeError(f"init_params have dtype {params.dtype} but the data {x.dtype}; cast one with .to(dtype)")
-    _validate.logits(params.logits, "init_params.logits")
-    for name in ("means", "scale"):
-        _validate.finite(getattr(params, name).reshape(1, -1), f"init_params.{name}")
 
 
 def _check_em_args(x: Tensor, w: Tensor | None, reg_covar: float, batch_size: Any, optimizer: Any) -> None:

@@ -218,9 +218,7 @@ def fit_batched(
     if mask is None:
         m = torch.ones(b, n, dtype=torch.bool, device=x.device)
     else:
-        m = torch.as_tensor(mask, device=x.device)
-        if m.dtype != torch.bool or tuple(m.shape) != (b, n):
-            raise ValueError(f"mask must be a bool tensor of shape ({b}, {n}); got {m.dtype} {tuple(m.shape)}")
+        m = _validate.mask(mask, b, n, x.device)
     x = torch.where(m.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
     _validate.finite(x.reshape(b * n, d), "xs (real rows)")
     counts = m.sum(-1)
@@ -230,20 +228,19 @@ def fit_batched(
     if keys is None:
         run_keys = _validate.key(key).expand(b).clone()
     else:
-        run_keys = torch.as_tensor(keys)
-        if run_keys.dtype != torch.int64 or tuple(run_keys.shape) != (b,):
-            raise ValueError(
-                f"keys must be an int64 tensor of shape ({b},); got {run_keys.dtype} {tuple(run_keys.shape)}"
-            )
+        run_keys = _validate.batch_keys(keys, b)
     shift, s = torch.func.vmap(standardisation)(x, m.to(x.dtype))  # [B, D], [B]
     if not get_method(method).per_run_scale:
         s = s.amax().expand(b)
     if init_params is not None:
-        if not isinstance(init_params, GMMParams) or init_params.batch_shape != (b,):
-            raise ValueError(f"init_params must be GMMParams with batch shape ({b},); got {init_params!r}")
+        _validate.params(init_params, "init_params")
+        if init_params.batch_shape != (b,) or init_params.family != spec.name or init_params.dim != d:
+            raise ValueError(
+                f"init_params must be {spec.name!r} GMMParams with batch shape ({b},) and D={d}; got {init_params!r}"
+            )
+        _validate.data_shape(init_params, x, "xs")
         if init_params.n_components != max(ks):
             raise ValueError(f"init_params has K={init_params.n_components} components; the fit asks for {max(ks)}")
-        _validate.logits(init_params.logits, "init_params.logits")
         starts = init_params
     else:
         real = None if mask is None else m  # vmapped init kernels: dataset i gets init(x[i][m[i]], key=run_keys[i])

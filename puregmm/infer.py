@@ -21,11 +21,16 @@ from puregmm.density import component_log_prob, log_prob
 from puregmm.params import GMMParams, precision_cholesky, weights
 
 
-def _data(params: GMMParams, x: Any) -> Tensor:
-    """``x`` as a tensor of the params' dtype/device (array-likes converted), shape-checked."""
+def _data(params: GMMParams, x: Any, at_infinity: bool = True) -> Tensor:
+    """Checked params and ``x``: array-likes are converted to the params' dtype/device, a tensor
+    must match them (:func:`puregmm._validate.data_shape`); NaN is refused, and so are rows at
+    infinity unless ``at_infinity`` (their log-density is -inf: no component is most probable)."""
+    _validate.params(params)
     if not isinstance(x, Tensor):
         x = _validate.as_float_tensor(x, "x", params.dtype).to(params.device)
     _validate.data_shape(params, x)
+    rows = x.reshape(-1, x.shape[-1])
+    _validate.finite(torch.where(torch.isinf(rows), 0.0, rows) if at_infinity else rows, "x")
     return x
 
 
@@ -68,7 +73,7 @@ def _log_lik_and_count(params: GMMParams, x: Any, sample_weight: Any) -> tuple[T
     lp = log_prob(params, x)  # [..., N]
     if w is None:
         return lp.sum(-1), torch.tensor(float(x.shape[-2]), dtype=lp.dtype)
-    return (lp * w).sum(-1), w.sum()
+    return torch.where(w > 0, lp * w, 0.0).sum(-1), w.sum()  # a zero weight drops a row, even one at infinity
 
 
 def score(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
@@ -107,7 +112,8 @@ def predict_proba(params: GMMParams, x: Any) -> Tensor:
     tensor([[1.0000, 0.0000],
             [0.6220, 0.3780]])
     """
-    return _per_batch(params, _data(params, x), lambda p, xs: torch.softmax(component_log_prob(p, xs), -1))
+    x = _data(params, x, at_infinity=False)
+    return _per_batch(params, x, lambda p, xs: torch.softmax(component_log_prob(p, xs), -1))
 
 
 def predict(params: GMMParams, x: Any) -> Tensor:
@@ -125,7 +131,8 @@ def predict(params: GMMParams, x: Any) -> Tensor:
     >>> pg.predict(p, [[0.0], [2.4], [5.0]])
     tensor([0, 0, 1])
     """
-    return _per_batch(params, _data(params, x), lambda p, xs: component_log_prob(p, xs).argmax(-1))
+    x = _data(params, x, at_infinity=False)
+    return _per_batch(params, x, lambda p, xs: component_log_prob(p, xs).argmax(-1))
 
 
 def n_parameters(params: GMMParams) -> Any:
@@ -145,6 +152,7 @@ def n_parameters(params: GMMParams) -> Any:
     >>> pg.n_parameters(p)  # 2 weights + 6 means + 3 · 3 covariance entries
     17
     """
+    _validate.params_structure(params)
     d, spec = params.dim, params.spec
     live = (params.logits != -math.inf).sum(-1)  # [B...]
     counts = [spec.n_scale_parameters(k, d) + k * d + k - 1 for k in range(params.n_components + 1)]
@@ -220,8 +228,7 @@ def sample(params: GMMParams, n: int, *, key: Any) -> tuple[Tensor, Tensor]:
     >>> pg.n_parameters(p)  # 1 weight + 2 means + 2 variances
     5
     """
-    if not isinstance(params, GMMParams):
-        raise TypeError(f"params must be GMMParams; got {type(params).__name__}")
+    _validate.params(params)
     if params.batch_shape:
         raise ValueError(f"sample needs unbatched params; got batch dims {params.batch_shape}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

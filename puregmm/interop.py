@@ -37,6 +37,7 @@ from torch.distributions import (
     Normal,
 )
 
+from puregmm import _validate
 from puregmm.families import FAMILIES, get_family
 from puregmm.params import GMMParams, covariances, moments_to_params, precision_cholesky, weights
 
@@ -69,9 +70,7 @@ def _coarsest(*arrays: Any) -> torch.dtype:
 
 
 def _check_params(params: Any) -> GMMParams:
-    if not isinstance(params, GMMParams):
-        raise TypeError(f"params must be puregmm GMMParams; got {type(params).__name__}")
-    return params
+    return _validate.params(params)
 
 
 # --- torch.distributions ---------------------------------------------------------------------
@@ -154,6 +153,7 @@ def from_distribution(d: Any, family: str | None = None) -> GMMParams:
     family = default if family is None else family
     get_family(family)
     dtype = mean.dtype  # build in float64 with the tolerances of the source dtype, then cast
+    _validate.compute_dtype(dtype, "d.mean")
     mean, cov = mean.to(torch.float64), cov.to(torch.float64)
     w = torch.softmax(d.mixture_distribution.logits.to(torch.float64), -1)  # [B..., K]
     batch = tuple(d.batch_shape)
@@ -281,6 +281,7 @@ def from_sklearn(gm: Any, family: str | None = None, *, dtype: torch.dtype = tor
         raise ValueError(f"gm.covariance_type must be one of {tuple(_SKLEARN_UNPACK)}; got {cov_type!r}")
     family = _default_family(cov_type) if family is None else family
     get_family(family)
+    dtype = _validate.float_dtype(dtype) or torch.float64
 
     f64 = torch.float64  # build in float64 with the tolerances of gm's own dtype (float32 fits), then cast
     rounding = _coarsest(gm.means_, gm.covariances_)

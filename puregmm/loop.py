@@ -21,12 +21,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from puregmm import _validate
+
 CHECKPOINT_KIND = "checkpoint"
-
-
 #: Convergence rules see the last this many steps of the history (enough for any window they
 #: use); stacking the whole history every step would cost O(steps) per step.
 HISTORY_TAIL = 256
+
+
 class LoopResult(NamedTuple):
     """What :func:`run` returns (B = number of runs).
 
@@ -110,6 +112,7 @@ def run(
             stopped runs cost nothing (the kernel must treat runs independently, as ``vmap``
             does; the result is the same).
     """
+    checkpoint_every = _validate.positive_int(checkpoint_every, "checkpoint_every")
     meta = dict(meta or {})
     b = pytree.tree_leaves(states)[0].shape[0]
     device = pytree.tree_leaves(states)[0].device

@@ -52,6 +52,7 @@ from typing import Any
 
 from torch import Tensor
 
+from puregmm import _validate
 from puregmm.families import get_family
 from puregmm.params import GMMParams
 
@@ -131,6 +132,7 @@ def from_flat(
     if not isinstance(raw, Tensor) or not raw.is_floating_point():
         got = raw.dtype if isinstance(raw, Tensor) else type(raw).__name__
         raise TypeError(f"raw must be a floating torch.Tensor [..., P]; got {got}")
+    _validate.compute_dtype(raw.dtype, "raw")
     p = param_size(k, d, family)
     if raw.dim() < 1 or raw.shape[-1] != p:
         raise ValueError(

@@ -181,6 +181,7 @@ def pad_components(params: GMMParams, n_components: int) -> GMMParams:
     >>> pg.weights(p)
     tensor([0.5000, 0.5000, 0.0000])
     """
+    _validate.params_structure(params)
     k = params.n_components
     if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < k:
         raise ValueError(f"n_components must be an int >= K={k}; got {n_components!r}")
@@ -210,6 +211,7 @@ def weights(params: GMMParams) -> Tensor:
     >>> pg.weights(p)
     tensor([0.2500, 0.7500])
     """
+    _validate.params_structure(params)
     return torch.softmax(params.logits, dim=-1)
 
 
@@ -228,6 +230,7 @@ def means(params: GMMParams) -> Tensor:
     tensor([[0.],
             [3.]])
     """
+    _validate.params_structure(params)
     return params.means
 
 
@@ -297,6 +300,7 @@ def precisions(params: GMMParams) -> Tensor:
 
 def _per_batch(params: GMMParams, fn: Any) -> Tensor:
     """Apply ``fn`` to unbatched params, vmapping over any leading batch dimensions."""
+    _validate.params_structure(params)
     for _ in params.batch_shape:
         fn = torch.func.vmap(fn)
     return fn(params)

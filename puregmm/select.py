@@ -268,6 +268,8 @@ def _components(n_components: Any, n: int) -> list[int]:
 
 
 def _families(families: Any) -> list[str]:
+    if not isinstance(families, (str, Iterable)):
+        raise TypeError(f"families must be a family name or an iterable of them; got {type(families).__name__}")
     names = [families] if isinstance(families, str) else list(families)
     if not names:
         raise ValueError(f"families is empty; give at least one of {FAMILIES}")

@@ -17,6 +17,7 @@ M-step, a stepwise blend) belongs to the method (:mod:`puregmm.stream`, :mod:`pu
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from puregmm import _validate, keys
 from puregmm.em import Stats, combine, sufficient_stats
-from puregmm.params import GMMParams
+from puregmm.params import GMMParams, precision_cholesky
 
 CHUNK_ELEMENTS = 2**22  # default chunk: about this many values per read (16 MB in float32)
 
@@ -59,6 +60,8 @@ class Source:
     def __init__(self, source: Any, chunk_size: int | None, dtype: torch.dtype | None, device: Any = None) -> None:
         self.dtype = dtype
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        # a power of two the chunks are divided by, set by fit_stream (power_of_two_scale); None: not yet
+        self.scale: float | None = None
         self._array: Any = None
         self._factory: Callable[[], Iterable[Any]] | None = None
         self._once: Iterator[Any] | None = None
@@ -113,7 +116,7 @@ class Source:
             batches: Iterable[Any] = self._once
         else:
             assert self._factory is not None
-            batches = self._factory()
+            batches = _validate.batches(self._factory())
         row = 0
         for batch in batches:
             t = self._check(batch, row)
@@ -145,7 +148,8 @@ class Source:
     def _convert(self, part: Any) -> Tensor:
         """A chunk of an already verified array source as a tensor of the compute dtype."""
         t = part if isinstance(part, Tensor) else torch.from_numpy(part)
-        return t.to(device=self.device, dtype=self.dtype)
+        t = t.to(device=self.device, dtype=self.dtype)
+        return t if self.scale in (None, 1.0) else t / self.scale
 
     def _check(self, batch: Any, row: int) -> Tensor:
         name = f"source rows {row}.." if self._array is not None else f"batch starting at row {row}"
@@ -156,7 +160,27 @@ class Source:
             self.d = t.shape[1]
         if t.shape[1] != self.d:
             raise ValueError(f"{name} has D={t.shape[1]} columns; earlier data had D={self.d}")
-        return t.to(device=self.device, dtype=self.dtype)
+        t = t.to(device=self.device, dtype=self.dtype)
+        if self.scale is not None:  # the rows of a fit: scaled, and their squares must not overflow
+            t = t if self.scale == 1.0 else t / self.scale
+            _validate.magnitude(t, name, self.scale)
+        return t
+
+
+def power_of_two_scale(params: GMMParams) -> float:
+    """1.0, or the power of two s that brings data described by ``params`` (means and widths
+    1/U_jj) near 1 when they lie beyond 2^±(exponent range / 4) of the dtype: there, sums of
+    squares in the E-step would overflow (|x| ≳ √max) or lose their precision to underflow.
+    Dividing by s is exact, so a streamed fit is affine-equivariant (the in-memory fit
+    standardises instead, :func:`puregmm.methods.standardisation`)."""
+    with torch.no_grad():
+        widths = 1.0 / torch.diagonal(precision_cholesky(params), dim1=-2, dim2=-1).abs()
+        size = float(torch.maximum(params.means.abs().amax(), widths.amax()))
+    info = torch.finfo(params.dtype)
+    hi, lo = math.log2(info.max) / 4, math.log2(info.tiny) / 4
+    if size == 0.0 or lo <= math.log2(size) <= hi:
+        return 1.0
+    return 2.0 ** round(math.log2(size))
 
 
 def read_rows(arr: Any, lo: int, hi: int) -> Any:

@@ -35,6 +35,8 @@ Not supported here: sample weights, gradient descent (use ``pg.fit`` with ``batc
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -45,10 +47,28 @@ from puregmm import _validate, loop
 from puregmm.em import m_step
 from puregmm.families import get_family
 from puregmm.init import init
-from puregmm.methods import EM_MAX_STEPS, EM_TOL, EMState, FitResult, warn_if_not_converged
+from puregmm.methods import (
+    EM_MAX_STEPS,
+    EM_TOL,
+    EMState,
+    FitResult,
+    affine,
+    standardisation,
+    standardised_reg,
+    warn_if_not_converged,
+)
 from puregmm.online import OnlineState, expected_stats, fit_online, online_update, recentre
 from puregmm.params import GMMParams
-from puregmm.sources import CHUNK_ELEMENTS, Source, default_chunk_rows, is_stream, mean_nll, pass_stats, read_rows
+from puregmm.sources import (
+    CHUNK_ELEMENTS,
+    Source,
+    default_chunk_rows,
+    is_stream,
+    mean_nll,
+    pass_stats,
+    power_of_two_scale,
+    read_rows,
+)
 
 __all__ = [
     "CHUNK_ELEMENTS", "DEFAULT_KAPPA", "METHODS", "OnlineState", "Source", "default_chunk_rows", "expected_stats",
@@ -139,6 +159,7 @@ def fit_stream(
         raise ValueError(f"n_components must be a positive int; got {n_components!r}")
     reg_covar = _validate.reg_covar(reg_covar)
     key_t = _validate.key(key)
+    dtype, device = _validate.float_dtype(dtype), _validate.device(device)
     if isinstance(init_params, GMMParams):
         dtype = init_params.dtype if dtype is None else dtype
         device = init_params.device if device is None else device
@@ -175,19 +196,47 @@ def fit_stream(
                 f"n_components={n_components} is more than the {first.shape[0]} rows of the first batch, which "
                 "initialises the stream; pass larger batches or init_params"
             )
-        params = init(first, n_components, spec.name, key=key_t, method=init_method, means=means, reg_covar=reg_covar)
+        shift, s = standardisation(first, None)  # init on standardised rows, as pg.fit: data of any range
+        z_means = None if means is None else (means - shift) / s
+        reg = float(standardised_reg(reg_covar, s))
+        z = (first - shift) / s
+        params = affine(
+            init(z, n_components, spec.name, key=key_t, method=init_method, means=z_means, reg_covar=reg), s, shift
+        )
     _check_params(params, spec.name, n_components, src)
+    src.scale = power_of_two_scale(params)  # chunks are divided by it: beyond √max, squares stay finite
+    if src.scale != 1.0:
+        params, reg_covar = _scaled(params, 1 / src.scale), (math.sqrt(reg_covar) / src.scale) ** 2
     if method == "em":
         assert steps is not None
         result = _fit_em(
             src, params, key_t, steps, tol_v, reg_covar, progress, checkpoint, checkpoint_every, resume, reduce
         )
+        result = _unscaled(result, src.scale)
         warn_if_not_converged(result)
         return result
-    return fit_online(src, params, steps, float(kappa), reg_covar, progress)
+    return _unscaled(fit_online(src, params, steps, float(kappa), reg_covar, progress), src.scale)
+
+
+def _scaled(params: GMMParams, a: float) -> GMMParams:
+    """Params of the data times ``a`` (a power of two)."""
+    return affine(
+        params, torch.tensor(a, dtype=params.dtype, device=params.device), torch.zeros((), dtype=params.dtype)
+    )
+
+
+def _unscaled(result: FitResult, scale: float) -> FitResult:
+    """A fit of the rows divided by ``scale`` in data units: params times ``scale``, losses + D log scale."""
+    if scale == 1.0:
+        return result
+    offset = result.params.dim * math.log(scale)
+    return dataclasses.replace(
+        result, params=_scaled(result.params, scale), loss=result.loss + offset, history=result.history + offset
+    )
 
 
 def _check_params(params: GMMParams, family: str, k: int, src: Source) -> None:
+    _validate.params(params, "init_params")
     if params.family != family or params.n_components != k or params.batch_shape:
         raise ValueError(f"init_params is {params!r} but the fit asks for family={family!r}, K={k} (unbatched)")
     if src.d is not None and params.dim != src.d:
