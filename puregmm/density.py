@@ -27,6 +27,13 @@ Design decisions:
 These are kernels: they check shapes only, so they run under ``vmap``, ``grad`` and
 ``torch.compile(fullgraph=True)``. A row of ``x`` holding NaN gives NaN for that row (and NaN
 gradients, as any mean over that row would).
+
+**Missing entries.** With ``observed`` (a bool mask of x's shape, True = observed) a row's
+log-density is the exact marginal density of its observed entries, whatever the others hold
+(NaN included); a row with nothing observed has log p = 0. Eagerly, rows are grouped by their
+pattern of missing entries and each pattern uses this module's density on the marginal over its
+observed dimensions (the family's ``marginal_scale``); with many patterns, or under transforms,
+the per-row precision-block form of :mod:`puregmm._masked`. ``observed=None`` is the code above.
 """
 
 from __future__ import annotations
@@ -36,12 +43,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from puregmm import _fused, _fused_autograd, _validate
+from puregmm import _fused, _fused_autograd, _masked, _validate
 from puregmm._fused import Whitening, chunk_rows, chunks
+from puregmm._masked import Plan, RowTerms, Segment
 from puregmm.families import LOG_2PI
-from puregmm.params import GMMParams
+from puregmm.params import GMMParams, precision_cholesky
 
-__all__ = ["Whitening", "component_log_prob", "joint_log_prob_chunk", "log_prob", "loss", "whitening"]
+#: ``observed=``: a bool mask of x's shape (True = observed), or a :class:`puregmm._masked.Plan` of one
+Observed = Tensor | Plan
+
+__all__ = [
+    "Observed", "Whitening", "component_log_prob", "joint_log_prob_chunk", "log_prob", "loss", "masked_rows",
+    "whitening",
+]  # fmt: skip
 
 
 def whitening(params: GMMParams, centre: Tensor | None = None) -> Whitening:
@@ -68,7 +82,7 @@ def joint_log_prob_chunk(w: Whitening, x: Tensor) -> Tensor:
     return _fused.log_joint(w, _fused.lift(w, x))
 
 
-def component_log_prob(params: GMMParams, x: Tensor) -> Tensor:
+def component_log_prob(params: GMMParams, x: Tensor, observed: Observed | None = None) -> Tensor:
     """Joint log-densities log w_k + log N(x_n | μ_k, Σ_k), shape [N, K] (unbatched params).
 
     Differentiable by plain autograd (it then keeps per-chunk activations); use :func:`log_prob`
@@ -79,6 +93,8 @@ def component_log_prob(params: GMMParams, x: Tensor) -> Tensor:
     Args:
         params: unbatched mixture params (``torch.func.vmap`` it for batched ones).
         x: data [N, D] (not checked here).
+        observed: optional [N, D] bool mask, True = observed: N(x_n | ...) is then the marginal
+            density of the row's observed entries (module docstring); log w_k for an empty row.
 
     Returns:
         [N, K] joint log-densities; a masked component's column is -inf.
@@ -89,6 +105,8 @@ def component_log_prob(params: GMMParams, x: Tensor) -> Tensor:
     tensor([[ -1.6121, -14.1121],
             [-14.1121,  -1.6121]])
     """
+    if observed is not None:
+        return masked_rows(params, x, _masked.as_plan(observed, x), _segment_joint)
     w = whitening(params)
     n = x.shape[0]
     rows = chunk_rows(n, params.n_components, params.dim, x.element_size())
@@ -130,12 +148,15 @@ def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None) -> Ten
     return -(g * _fused_autograd.logsumexp(x, w, rows)).sum()
 
 
-def log_prob(params: GMMParams, x: Tensor) -> Tensor:
+def log_prob(params: GMMParams, x: Tensor, observed: Observed | None = None) -> Tensor:
     """log p(x_n) of the mixture, shape [..., N].
 
     Args:
         params: mixture params, optionally with leading batch dims ``B...``.
         x: data [N, D], or [B..., N, D] matching the params' batch dims.
+        observed: optional bool mask of ``x``'s shape, True = observed: log p(x_n) is then the
+            marginal density of the row's observed entries (0 for a row with nothing observed);
+            the other entries are ignored, NaN included (module docstring).
 
     Returns:
         [B..., N] log-densities.
@@ -149,12 +170,16 @@ def log_prob(params: GMMParams, x: Tensor) -> Tensor:
     >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
     >>> pg.log_prob(p, torch.tensor([[0.0], [5.0]])), round(math.log(0.5) - 0.5 * math.log(2 * math.pi), 4)
     (tensor([-1.6121, -1.6121]), -1.6121)
+    >>> pg.log_prob(p, torch.tensor([[0.0, 9.0]]).T, torch.tensor([[True, False]]).T)  # a missing entry: log p = 0
+    tensor([-1.6121,  0.0000])
     """
     _validate.data_shape(params, x)
+    if observed is not None:
+        return _batched_masked(params, x, observed, lambda p, xs, ob: masked_rows(p, xs, ob, _segment_log_prob))
     return _batched(params, x, _log_prob_one)
 
 
-def loss(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+def loss(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None, observed: Observed | None = None) -> Tensor:
     """Mean negative log-likelihood, ``-log_prob(params, x).mean(-1)`` (weighted if given).
 
     With ``sample_weight`` [N] (non-negative, not all zero; not checked here) it is
@@ -165,6 +190,9 @@ def loss(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None) -> T
         params: mixture params, optionally with leading batch dims ``B...``.
         x: data [N, D], or [B..., N, D] matching the params' batch dims.
         sample_weight: optional [N] weights (above).
+        observed: optional bool mask of ``x``'s shape (True = observed): the loss is then minus
+            the mean log-density of the observed entries (:func:`log_prob`), rows counted as N
+            (an empty row adds 0); its gradient is that of the observed-data likelihood.
 
     Returns:
         0-d (or [B...]): the quantity gradient descent minimises; differentiable in ``params``.
@@ -176,6 +204,11 @@ def loss(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None) -> T
     (tensor(1.6121), torch.Size([2, 1]))
     """
     _validate.data_shape(params, x)
+    if observed is not None:
+        lp = log_prob(params, x, observed)  # [B..., N]
+        if sample_weight is None:
+            return -lp.mean(-1)
+        return -(lp * sample_weight).sum(-1) / sample_weight.sum(-1)
     if sample_weight is not None and sample_weight.dim() > 1:  # per-batch weights [B..., N]
         lp = log_prob(params, x)
         return -(lp * sample_weight).sum(-1) / sample_weight.sum(-1)
@@ -197,3 +230,92 @@ def _batched(params: GMMParams, x: Tensor, fn: Callable[[GMMParams, Tensor], Ten
     for _ in batch:
         fn = torch.func.vmap(fn, in_dims=(0, 0 if x_batch else None))
     return fn(params, x)
+
+
+# --- missing entries (observed=...) --------------------------------------------------------------
+
+
+def marginal_params(params: GMMParams, seen: Tensor) -> GMMParams:
+    """The mixture over the dimensions ``seen`` [B] (int64): the family's ``marginal_scale``."""
+    scale = params.spec.marginal_scale(params.scale, seen)
+    return GMMParams(params.logits, params.means.index_select(-1, seen), scale, params.family)
+
+
+def row_parts(params: GMMParams) -> tuple[Whitening, Tensor, Tensor, Tensor]:
+    """What :class:`puregmm._masked.RowTerms` takes from unbatched ``params``: the whitening, the
+    precision factors U [K, D, D], the means and log w [K]."""
+    u = precision_cholesky(params)  # [K, D, D]
+    u = u if params.spec.learned else u.detach()
+    return whitening(params), u, params.means, torch.log_softmax(params.logits, -1)
+
+
+def row_terms(params: GMMParams, x: Tensor, observed: Tensor, width: int) -> list[RowTerms]:
+    """:class:`puregmm._masked.RowTerms` of unbatched ``params`` on rows ``x`` [n, D], chunk by chunk."""
+    parts = row_parts(params)
+    rows = _masked.row_chunk(params.n_components, params.dim, width)
+    return [RowTerms(*parts, x[s:e], observed[s:e], width) for s, e in chunks(x.shape[0], rows)]
+
+
+def masked_rows(
+    params: GMMParams,
+    x: Tensor,
+    observed: Observed,
+    per_segment: Callable[[GMMParams, Tensor, Tensor, Segment], Tensor],
+) -> Tensor:
+    """``per_segment(params, rows, their mask, segment)`` over the segments of ``observed``'s plan
+    (:func:`puregmm._masked.plan`), results back in the rows' own order (unbatched params)."""
+    plan = _masked.as_plan(observed, x) if not isinstance(observed, Plan) else observed
+    xs, obs = (x, plan.observed) if plan.order is None else (x[plan.order], plan.observed[plan.order])
+    parts = [per_segment(params, xs[s.start : s.stop], obs[s.start : s.stop], s) for s in plan.segments]
+    out = _fused.concat(parts)
+    inverse = plan.inverse
+    return out if inverse is None else out[inverse]
+
+
+def _segment_joint(params: GMMParams, x: Tensor, observed: Tensor, seg: Segment) -> Tensor:
+    """[n, K] log w_k + log N(x_o | μ_k,o, Σ_k,oo) of one segment's rows."""
+    if seg.kind == "complete":
+        return component_log_prob(params, x)
+    if seg.kind == "empty":
+        return torch.log_softmax(params.logits, -1).expand(x.shape[0], -1)
+    if seg.kind == "pattern":
+        assert seg.seen is not None
+        return component_log_prob(marginal_params(params, seg.seen), x.index_select(1, seg.seen))
+    xf = torch.where(observed, x, 0.0)
+    return at_infinity(xf, _fused.concat([t.log_joint for t in row_terms(params, x, observed, seg.width)]))
+
+
+def _segment_log_prob(params: GMMParams, x: Tensor, observed: Tensor, seg: Segment) -> Tensor:
+    """[n] log p(x_o) of one segment's rows."""
+    if seg.kind == "complete":
+        return _log_prob_one(params, x)
+    if seg.kind == "empty":
+        return x.new_zeros(x.shape[0])
+    if seg.kind == "pattern":
+        assert seg.seen is not None
+        return _log_prob_one(marginal_params(params, seg.seen), x.index_select(1, seg.seen))
+    return torch.logsumexp(_segment_joint(params, x, observed, seg), -1)
+
+
+def _batched_masked(
+    params: GMMParams, x: Tensor, observed: Observed, fn: Callable[[GMMParams, Tensor, Observed], Tensor]
+) -> Tensor:
+    """:func:`_batched` with a mask: planned once, eagerly, when the mask is shared by the batch
+    ([N, D] or a plan); a batched mask [B..., N, D] goes into the vmap (the branch-free form)."""
+    if isinstance(observed, Plan) or observed.dim() == 2:
+        if x.dim() != 2:
+            raise ValueError(f"observed must have x's shape {tuple(x.shape)}; got {_shape(observed)}")
+        plan = _masked.as_plan(observed, x)
+        return _batched(params, x, lambda p, xs: fn(p, xs, plan))
+    _masked.check_mask(observed, x)
+    batch = params.batch_shape
+    if tuple(x.shape[:-2]) != batch:
+        raise ValueError(f"x has batch dims {tuple(x.shape[:-2])} but the params have batch dims {batch}")
+    one = fn
+    for _ in batch:
+        one = torch.func.vmap(one, in_dims=(0, 0, 0))
+    return one(params, x, observed)
+
+
+def _shape(observed: Observed) -> tuple[int, ...]:
+    return tuple((observed.observed if isinstance(observed, Plan) else observed).shape)

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from puregmm import _validate
+from puregmm import _masked, _validate
+from puregmm._masked import Plan
 from puregmm.estep import default_chunk_size, label_stats, responsibility_stats, sufficient_stats
 from puregmm.mstep import m_step
 from puregmm.params import GMMParams
@@ -44,6 +45,7 @@ def em_step(
     return_info: bool = False,
     chunk_size: int | None = None,
     reduce: Callable[[Stats], Stats] | None = None,
+    observed: Tensor | Plan | None = None,
 ) -> Any:
     """One EM iteration: ``m_step(sufficient_stats(params, x, sample_weight), params)``.
 
@@ -66,6 +68,14 @@ def em_step(
             of ``worst_*`` across ranks), so that ``x`` is this rank's shard and every rank
             gets the params of the whole data. It sees the stats with the params' batch dims
             leading. Collectives run eagerly: no ``torch.compile`` or outer ``vmap`` then.
+        observed: optional bool mask of ``x``'s shape, True = observed: the exact EM step for
+            incomplete data (Ghahramani & Jordan 1994; Little & Rubin ch. 11). The E-step uses
+            each row's marginal density of its observed entries, the conditional means of its
+            missing entries and their conditional covariance (:func:`puregmm.estep.missing_stats`),
+            so the observed-data log-likelihood never decreases (up to ``reg_covar``); the
+            unobserved entries are ignored whatever they hold (NaN included). A mask shared by
+            the batch ([N, D]) is grouped by pattern once, eagerly; a batched one takes the
+            branch-free per-row form.
 
     Returns:
         new params, or ``(params, info)``.
@@ -76,18 +86,21 @@ def em_step(
     >>> p, info = pg.em_step(p, x, return_info=True)
     >>> info.n_resets
     tensor(0)
+    >>> seen = torch.rand(100, 2) > 0.2  # about 20 % of the entries missing
+    >>> p = pg.em_step(p, torch.where(seen, x, torch.nan), observed=seen)
     """
     _validate.data_shape(params, x)
+    plan = None if observed is None else _observed_plan(observed, x)
 
-    def stats_of(p: GMMParams, xs: Tensor, ws: Tensor | None) -> Stats:
-        return sufficient_stats(p, xs, ws, chunk_size=chunk_size)
+    def stats_of(p: GMMParams, xs: Tensor, ws: Tensor | None, ob: Any = plan) -> Stats:
+        return sufficient_stats(p, xs, ws, chunk_size=chunk_size, observed=ob)
 
     def update(p: GMMParams, stats: Stats) -> tuple[GMMParams, EMInfo]:
         new, n_resets = m_step(stats, p, reg_covar=reg_covar, return_info=True)
         return new, EMInfo(stats.log_lik_sum / stats.weight_sum, n_resets)
 
-    def one(p: GMMParams, xs: Tensor, ws: Tensor | None) -> tuple[GMMParams, EMInfo]:
-        return update(p, stats_of(p, xs, ws))
+    def one(p: GMMParams, xs: Tensor, ws: Tensor | None, ob: Any = plan) -> tuple[GMMParams, EMInfo]:
+        return update(p, stats_of(p, xs, ws, ob))
 
     fn: Any = one
     batch = params.batch_shape
@@ -95,7 +108,14 @@ def em_step(
     if x_batched and tuple(x.shape[:-2]) != batch:
         raise ValueError(f"x has batch dims {tuple(x.shape[:-2])} but the params have batch dims {batch}")
     w_batched = sample_weight is not None and sample_weight.dim() > 1
-    in_dims = (0, 0 if x_batched else None, 0 if w_batched else None)
+    in_dims: tuple[Any, ...] = (0, 0 if x_batched else None, 0 if w_batched else None)
+    if isinstance(plan, Tensor):  # a batched mask [B..., N, D]: into the vmap
+        in_dims = (*in_dims, 0)
+        fn = lambda p, xs, ws, ob: one(p, xs, ws, ob)  # noqa: E731
+        for _ in batch:
+            fn = torch.func.vmap(fn, in_dims=in_dims)
+        new, info = fn(params, x, sample_weight, plan)
+        return (new, info) if return_info else new
     if reduce is not None:  # E-step, reduce across ranks, M-step: collectives stay outside vmap
         fs: Any = stats_of
         fu: Any = update
@@ -107,3 +127,14 @@ def em_step(
         fn = torch.func.vmap(fn, in_dims=in_dims)
     new, info = fn(params, x, sample_weight)
     return (new, info) if return_info else new
+
+
+def _observed_plan(observed: Tensor | Plan, x: Tensor) -> Tensor | Plan:
+    """A plan of a mask shared by the batch (grouped once, eagerly); a batched mask as it is."""
+    if isinstance(observed, Plan) or (isinstance(observed, Tensor) and observed.dim() == 2):
+        if x.dim() != 2:
+            mask = observed.observed if isinstance(observed, Plan) else observed
+            raise ValueError(f"observed must have x's shape {tuple(x.shape)}; got shape {tuple(mask.shape)}")
+        return _masked.as_plan(observed, x)
+    _masked.check_mask(observed, x)
+    return observed

@@ -16,6 +16,10 @@ whitened (safe)    ℓ by whitening each row per component (:mod:`puregmm.densit
                    about each mean directly; plain eager tensors whose natural form would
                    round by more than 1e-8 nats (a numerically safer mode of the same pass)
 given r            responsibilities given (init): M += r T, or r [y, 1] and the pooled scatter
+missing            ``observed=`` given: per pattern (or per row) the marginal density of the
+                   observed entries, the conditional mean x̂_k of the missing ones and their
+                   conditional covariance; n_k, X_k, S_k of x̂_k plus that covariance (exact
+                   EM for incomplete data); complete rows by the modes above
 =================  ========================================================================
 
 :func:`label_stats` (hard labels, eager) groups rows by label instead of looping over chunks.
@@ -24,15 +28,17 @@ given r            responsibilities given (init): M += r T, or r [y, 1] and the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from puregmm import _masked, density
 from puregmm import _moments as mo
-from puregmm import density
+from puregmm._masked import Plan, RowTerms, Segment
 from puregmm.families import SQUARE_MAX_D, Family, get_family, layout
 from puregmm.params import GMMParams
-from puregmm.stats import Stats, total
+from puregmm.stats import Stats, combine, total
 
 #: add(x_chunk [c, D], weights [c] | None, start, stop) -> the chunk's ranking score [c]
 Add = Callable[[Tensor, "Tensor | None", int, int], Tensor]
@@ -81,7 +87,12 @@ def _stats(moments: tuple[Tensor, Tensor, Tensor], passed: tuple[Tensor, ...], d
 
 
 def sufficient_stats(
-    params: GMMParams, x: Tensor, sample_weight: Tensor | None = None, *, chunk_size: int | None = None
+    params: GMMParams,
+    x: Tensor,
+    sample_weight: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    observed: Tensor | Plan | None = None,
 ) -> Stats:
     """E-step statistics of unbatched ``params`` on ``x`` [N, D] (see :class:`puregmm.Stats`).
 
@@ -102,6 +113,8 @@ def sufficient_stats(
         x: data [N, D].
         sample_weight: optional [N] non-negative weights (not checked).
         chunk_size: rows per chunk; None: from static shapes.
+        observed: optional [N, D] bool mask, True = observed: the statistics of the exact E-step
+            for incomplete data (:func:`missing_stats`; the other entries are ignored).
 
     Returns:
         :class:`puregmm.Stats` about ``params``' means, in ``params``' dtype.
@@ -119,6 +132,8 @@ def sufficient_stats(
         raise ValueError(f"x must be [N, D] with D={params.dim}; got shape {tuple(x.shape)}")
     if sample_weight is not None and sample_weight.shape != x.shape[:1]:
         raise ValueError(f"sample_weight must be [N]=({x.shape[0]},); got shape {tuple(sample_weight.shape)}")
+    if observed is not None:
+        return missing_stats(params, x, observed, sample_weight, chunk_size)
     plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
     centre = mo.centre_of(params)  # [D], g
     if plain and bool((mo.rounding_bound(params, centre) > mo.MAX_ROUNDING).any()):
@@ -344,3 +359,108 @@ def label_stats(
         s_k.append(spec.scatter(wy, y))
     passed = chunk_pass(x, sample_weight, k, max(1, x.shape[0]), lambda xc, ws, a, b: score, eager=True)
     return _stats((torch.stack(n_k), torch.stack(x_k), torch.stack(s_k)), passed, x.dtype)
+
+
+# --- the missing mode ----------------------------------------------------------------------------
+
+
+def missing_stats(
+    params: GMMParams, x: Tensor, observed: Tensor | Plan, sample_weight: Tensor | None, chunk_size: int | None
+) -> Stats:
+    """The missing mode: the E-step of EM for incomplete data (Ghahramani & Jordan 1994; Little &
+    Rubin ch. 11) on rows ``x`` [N, D] observed where ``observed`` (a mask or its plan).
+
+    With r_nk ∝ w_k N(x_o | μ_k,o, Σ_k,oo), x̂_nk = E[x | x_o, k] and C_nk = Cov[x_m | x_o, k]
+    (:mod:`puregmm._masked`): n_k = Σ ω r, X_k = Σ ω r (x̂ - μ_k), S_k = Σ ω r ((x̂ - μ_k)(x̂ - μ_k)ᵀ
+    + C), so the M-step maximises the expected complete-data likelihood and the observed-data
+    likelihood never decreases. Complete rows go through :func:`sufficient_stats`; a row with
+    nothing observed counts in ``weight_sum`` only (log p = 0). ``worst_x`` are the worst rows
+    filled with their conditional means. Float64 moments, in chunks of rows.
+    """
+    plan = observed if isinstance(observed, Plan) else _masked.as_plan(observed, x)
+    order = plan.order
+    xs, obs = (x, plan.observed) if order is None else (x[order], plan.observed[order])
+    ws = None if sample_weight is None or order is None else sample_weight[order]
+    ws = sample_weight if order is None else ws
+    parts = [sufficient_stats(params, xs[s.start : s.stop], _rows(ws, s), chunk_size=chunk_size)
+             for s in plan.segments if s.kind == "complete"]  # fmt: skip
+    rest = [s for s in plan.segments if s.kind != "complete"]
+    if rest:
+        lo, hi = rest[0].start, rest[-1].stop  # the complete rows come first or last: the rest is contiguous
+        parts.append(_incomplete_stats(params, xs[lo:hi], obs[lo:hi], _rows(ws, Segment(lo, hi, "")), rest, chunk_size))
+    out = parts[0]
+    for more in parts[1:]:
+        out = combine(out, more)
+    return out
+
+
+def _rows(w: Tensor | None, seg: Segment) -> Tensor | None:
+    return None if w is None else w[seg.start : seg.stop]
+
+
+def _incomplete_stats(
+    params: GMMParams, x: Tensor, observed: Tensor, w: Tensor | None, segments: list[Segment], chunk_size: int | None
+) -> Stats:
+    """:func:`missing_stats` of the rows that miss something (``segments`` relative to ``x``'s first row)."""
+    spec, k, (n, d) = params.spec, params.n_components, x.shape
+    mdtype = mo.moment_dtype(x.dtype)
+    p64 = params.to(mdtype)
+    lo = segments[0].start
+    segs = [Segment(s.start - lo, s.stop - lo, s.kind, s.width, s.seen, s.miss) for s in segments]
+    terms = _SegmentTerms(p64)
+    acc = _masked.Moments(spec, k, d, p64.means)
+    weight = observed.any(1).to(mdtype) * (1.0 if w is None else w.to(mdtype))  # an empty row adds nothing
+
+    def add(chunk: Tensor, wc: Tensor | None, start: int, stop: int) -> Tensor:
+        xc, oc = chunk[:, :d], chunk[:, d:] > 0.5
+        scores = []
+        for seg in segs:
+            a, b = max(seg.start, start), min(seg.stop, stop)
+            if a < b:
+                lj, resid, cond = terms(seg, xc[a - start : b - start], oc[a - start : b - start])
+                assert wc is not None
+                scores.append(acc.add(lj, resid, cond, wc[a - start : b - start]))
+        return torch.cat(scores) if len(scores) != 1 else scores[0]
+
+    rows = chunk_size or _masked.row_chunk(k, d, max(s.width for s in segs))
+    lifted = torch.cat([torch.where(observed, x, 0.0).to(mdtype), observed.to(mdtype)], 1)  # [n, 2D]
+    score_sum, _, worst_ll, worst = chunk_pass(lifted, weight, k, rows, add, eager=not _masked.traced(x, observed))
+    filled = terms.impute(worst[:, :d], worst[:, d:] > 0.5)  # the worst rows, their missing entries filled
+    _, w_sum = total(x.new_zeros(n), w, x)  # every row counts, an empty one too
+    return _stats(acc.result(), (score_sum, w_sum, worst_ll, filled), params.dtype)
+
+
+class _SegmentTerms:
+    """Per segment of rows: (ℓ [c, K], x̂_k - μ_k [c, K, D], conditional covariance) from the one
+    density: the marginal's whitening for a pattern (its conditional shared by the rows), the
+    per-row form otherwise (:class:`puregmm._masked.RowTerms`)."""
+
+    def __init__(self, params: GMMParams) -> None:
+        self.params = params
+        self.cache: dict[Any, Any] = {}
+
+    def __call__(self, seg: Segment, x: Tensor, observed: Tensor) -> tuple[Tensor, Tensor, Tensor | RowTerms]:
+        p, k, d = self.params, self.params.n_components, self.params.dim
+        if seg.kind == "empty":  # weight 0: only shapes matter
+            lj = torch.log_softmax(p.logits, -1).expand(x.shape[0], k)
+            return lj, x.new_zeros(x.shape[0], k, d), x.new_zeros(k, d, d)
+        if seg.kind == "pattern":
+            assert seg.seen is not None and seg.miss is not None
+            if id(seg) not in self.cache:
+                white = density.whitening(density.marginal_params(p, seg.seen))
+                raw, coef = p.spec.conditional_scale(p.scale, seg.miss, seg.seen, k)
+                cov = _masked.embed(p.spec.covariances(raw, k, len(seg.miss)), seg.miss, d)
+                self.cache[id(seg)] = (white, coef, cov)
+            white, coef, cov = self.cache[id(seg)]
+            lj = density.joint_log_prob_chunk(white, x.index_select(1, seg.seen))
+            return lj, _masked.pattern_resid(coef, p.means, x, seg.seen, seg.miss), cov
+        if "rows" not in self.cache:
+            self.cache["rows"] = density.row_parts(p)
+        t = RowTerms(*self.cache["rows"], x, observed, seg.width)
+        return t.log_joint, t.resid, t
+
+    def impute(self, x: Tensor, observed: Tensor) -> Tensor:
+        """Rows [m, D] with their missing entries replaced by E[x_m | x_o] under the mixture."""
+        t = RowTerms(*density.row_parts(self.params), x, observed, x.shape[1])
+        r = torch.softmax(t.log_joint, -1)  # [m, K]
+        return torch.einsum("nk,nkd->nd", r, t.resid + self.params.means)
