@@ -145,7 +145,9 @@ def init_state(
     )
 
 
-def step(state: TrainState, batch: Tensor, sample_weight: Tensor | None = None, *, reduce: Any = None) -> TrainState:
+def step(
+    state: TrainState, batch: Tensor, sample_weight: Tensor | None = None, *, reduce: Any = None, observed: Any = None
+) -> TrainState:
     """One pure gradient step on the mean NLL of ``batch`` [N, D], then the singularity reset.
 
     Never mutates its inputs, uses no global RNG, returns identical output for identical input.
@@ -164,6 +166,9 @@ def step(state: TrainState, batch: Tensor, sample_weight: Tensor | None = None, 
         batch: data [N, D] (checked against the params' D).
         sample_weight: optional [N] non-negative weights (not checked).
         reduce: optional collective (above).
+        observed: optional bool mask of ``batch``'s shape (True = observed): the step follows the
+            gradient of the observed-data likelihood (:func:`puregmm.loss` with ``observed``); the
+            other entries are ignored whatever they hold. Not with ``reduce``.
 
     Returns:
         the next :class:`TrainState`: ``step + 1``, ``loss`` the batch loss at ``state.params``.
@@ -176,7 +181,12 @@ def step(state: TrainState, batch: Tensor, sample_weight: Tensor | None = None, 
     (tensor(1), True, True)
     """
     _validate.data_shape(state.params, batch, "batch")
-    if reduce is None:
+    if observed is not None:
+        if reduce is not None:
+            raise ValueError("step: observed= (missing entries) does not combine with reduce=")
+        grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight, observed)
+        batch = torch.where(observed, batch, torch.nan)  # the reset draws complete rows only
+    elif reduce is None:
         grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight)
     else:
         grads, value = _global_grad(state.params, batch, sample_weight, reduce)
