@@ -136,8 +136,12 @@ def sufficient_stats(
         return missing_stats(params, x, observed, sample_weight, chunk_size)
     plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
     centre = mo.centre_of(params)  # [D], g
-    if plain and bool((mo.rounding_bound(params, centre) > mo.MAX_ROUNDING).any()):
-        return whitened_stats(params, x, sample_weight, chunk_size)
+    if plain:  # the safer mode only for the components whose natural form would round too much
+        flagged = torch.nonzero(mo.rounding_bound(params, centre) > mo.MAX_ROUNDING).flatten().tolist()
+        if len(flagged) == params.n_components or (flagged and params.spec.pooled_moments):
+            return whitened_stats(params, x, sample_weight, chunk_size)
+        if flagged:
+            return _mixed_stats(params, x, sample_weight, chunk_size, centre, flagged)
     if params.spec.pooled_moments:
         return pooled_stats(params, x, sample_weight, chunk_size, centre, plain)
     return _natural_stats(params, x, sample_weight, chunk_size, centre, plain)
@@ -207,6 +211,47 @@ def whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, c
 
     rows = chunk_size if chunk_size is not None else default_chunk_size(n, k, d, params.family)
     passed = chunk_pass(x, sample_weight, k, int(rows), add, eager=True)
+    return _stats((n_k, x_k, s_k), passed, params.dtype)
+
+
+def _mixed_stats(
+    params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor,
+    flagged: list[int],
+) -> Stats:  # fmt: skip
+    """The natural mode for every component but ``flagged`` (plain eager tensors), whose
+    log-densities come from whitening (:func:`puregmm.density.joint_log_prob_chunk`) and whose
+    moments are summed about their means directly, as :func:`whitened_stats` does for all: the
+    fallback costs only the components that need it."""
+    spec, k, (n, d) = params.spec, params.n_components, x.shape
+    lay = spec.moment_layout(d)
+    mdtype = mo.moment_dtype(x.dtype)
+    eta = mo.natural(params, centre, mdtype, lay)  # [K, P]
+    white = density.whitening(params.to(mdtype))
+    idx = torch.tensor(flagged, device=x.device)
+    sub = white._replace(a=white.a.index_select(-1, idx).contiguous(), const=white.const.index_select(0, idx))
+    means = params.means.to(mdtype).index_select(0, idx)
+    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
+    direct = [torch.zeros(sh, dtype=mdtype, device=x.device) for sh in ((len(flagged),), (len(flagged), d))]
+    direct.append(torch.zeros(spec.stats_shape(len(flagged), d), dtype=mdtype, device=x.device))
+
+    def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
+        nonlocal raw
+        t = mo.products(lay, xc, centre, mdtype, None)  # [c, P]
+        lj = (eta @ t.mT).index_copy(0, idx, density.joint_log_prob_chunk(sub, xc.to(mdtype)).mT)  # [K, c]
+        resp, lse = mo.responsibilities(lj, inplace=False)
+        resp = resp if ws is None else resp * ws.to(mdtype)
+        raw = raw + resp @ t
+        for i, j in enumerate(flagged):
+            y = xc.to(mdtype) - means[i]
+            ry = resp[j].unsqueeze(1) * y
+            direct[0][i] += resp[j].sum()
+            direct[1][i] += ry.sum(0)
+            direct[2][i] += spec.scatter(ry, y)
+        return lse
+
+    passed = chunk_pass(x, sample_weight, k, mo.chunk_rows(n, lay, chunk_size), add, eager=True)
+    moments = mo.about_centres(lay, raw, (params.means.detach() - centre).to(mdtype))
+    n_k, x_k, s_k = (m.index_copy(0, idx, dm) for m, dm in zip(moments, direct))
     return _stats((n_k, x_k, s_k), passed, params.dtype)
 
 
