@@ -194,7 +194,9 @@ def test_batched_params_broadcast_with_values(family):
     both = pg.GMMParams(
         *(torch.stack([a, b]) for a, b in zip((p0.logits, p0.means, p0.scale), (p1.logits, p1.means, p1.scale))), family
     )
-    values = torch.as_tensor(near_values(mu, [1], 10, seed=11)).reshape(5, 2, 1)
+    values = (
+        torch.as_tensor(near_values(mu, [1], 10, seed=11)).reshape(5, 2, 1).to(both.dtype)
+    )  # tensors are never cast
     c = pg.condition(both, [1], values)
     assert c.batch_shape == (5, 2)
     mean, _ = pg.regress(both, [1], values)
