@@ -208,7 +208,7 @@ def test_batched_params_broadcast_with_values(family):
             torch.testing.assert_close(c.means[n, b], one.means, rtol=0, atol=tol)
             torch.testing.assert_close(mean[n, b], pg.regress(p, [1], values[n, b])[0], rtol=0, atol=tol)
     with pytest.raises(ValueError, match="broadcast"):
-        pg.condition(both, [1], torch.zeros(3, 1))
+        pg.condition(both, [1], torch.zeros(3, 1, dtype=both.dtype))
 
 
 def richardson(f, h: float) -> tuple[float, float]:
