@@ -14,10 +14,10 @@ with the normaliser of |o| dimensions (Little & Rubin, *Statistical Analysis wit
 §11.2). Only the missing block P_mm is factorised (the precision-block form): no Schur
 complement of Σ, no factorisation of Σ_oo.
 
-Grouping (:func:`plan`, eager only): rows are sorted by their pattern of missing entries when
-patterns are few (each pattern then uses the marginal of its observed dimensions, i.e. the one
-density on fewer columns, and one conditional for all its rows), else by their count of missing
-entries J (the per-row form above with J×J blocks). Complete rows and empty rows (nothing
+Grouping (:func:`plan`, eager only): the rows of a frequent pattern of missing entries are
+grouped (the pattern then uses the marginal of its observed dimensions, i.e. the one density on
+fewer columns, and one conditional for all its rows); the other rows are grouped by their count
+of missing entries J (the per-row form above with J×J blocks). Complete rows and empty rows (nothing
 observed: log p = 0) are segments of their own. Under ``torch.func`` transforms and
 ``torch.compile`` the plan is one branch-free segment of width J = D: the missing entries are
 listed first in each row and the rest of the J×J block is the identity.
@@ -38,8 +38,10 @@ from puregmm.families import LOG_2PI, Family
 #: average (a pattern costs two small factorisations and Python overhead, about the per-row
 #: form's cost for this many rows, measured at D = K = 16); else by their count of missing entries.
 ROWS_PER_PATTERN = 256
-#: Bytes of one chunk's per-row blocks ([K, c, J, J] and [c, K, D]) in the per-row form.
-ROW_CHUNK_BYTES = 1 << 22
+#: With at most this many patterns, every pattern is grouped (whatever its count).
+FEW_PATTERNS = 8
+#: Bytes of one of a chunk's blocks ([K, c, D] and [K, c, J, J]) in the per-row form.
+ROW_CHUNK_BYTES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -86,33 +88,37 @@ def traced(*tensors: Tensor) -> bool:
 def plan(observed: Tensor) -> Plan:
     """The grouping of the rows of ``observed`` [N, D] (module docstring).
 
-    Eager: sorted by pattern (few patterns) or by count of missing entries. Traced: one
-    segment of width D, rows in their order.
+    Eager: complete rows first, then each frequent pattern (at least :data:`ROWS_PER_PATTERN`
+    rows, or every pattern when there are at most :data:`FEW_PATTERNS`), then the other rows by
+    their count of missing entries. Traced: one segment of width D, rows in their order.
     """
     n, d = observed.shape
     if traced(observed):
         return Plan(observed, None, (Segment(0, n, "rows", d),))
     patterns, which, counts = torch.unique(observed, dim=0, return_inverse=True, return_counts=True)
-    segments: list[Segment] = []
-    if patterns.shape[0] * ROWS_PER_PATTERN <= n or patterns.shape[0] <= 2:
-        order = torch.argsort(which, stable=True)
-        start = 0
-        for pat, size in zip(patterns.tolist(), counts.tolist(), strict=True):
-            seen = [i for i, o in enumerate(pat) if o]
-            miss = [i for i, o in enumerate(pat) if not o]
-            kind = "complete" if not miss else "empty" if not seen else "pattern"
-            idx = observed.new_tensor(seen, dtype=torch.int64), observed.new_tensor(miss, dtype=torch.int64)
-            segments.append(Segment(start, start + size, kind, len(miss), *idx))
-            start += size
-        return Plan(observed, order, tuple(segments))
+    n_pat = patterns.shape[0]
     n_miss = d - observed.sum(1)  # [N]
-    order = torch.argsort(n_miss, stable=True)
-    sizes = torch.bincount(n_miss, minlength=d + 1).tolist()
+    frequent = (counts >= ROWS_PER_PATTERN) | (n_pat <= FEW_PATTERNS)  # [P]
+    complete = patterns.all(1)  # [P]
+    key = torch.where(frequent[which], 1 + which, 1 + n_pat + n_miss)  # patterns, then counts
+    key = torch.where(complete[which], 0, key)  # complete rows first: the rest is contiguous
+    order = torch.argsort(key, stable=True)
+    sizes = torch.bincount(key, minlength=1 + n_pat + d + 1).tolist()
+    segments: list[Segment] = []
     start = 0
     for j, size in enumerate(sizes):
-        if size:
-            kind = "complete" if j == 0 else "empty" if j == d else "rows"
-            segments.append(Segment(start, start + size, kind, j))
+        if size == 0:
+            continue
+        if j == 0:
+            segments.append(Segment(start, start + size, "complete"))
+        elif j <= n_pat:
+            pat = patterns[j - 1]
+            seen, miss = torch.nonzero(pat).squeeze(1), torch.nonzero(~pat).squeeze(1)
+            kind = "empty" if seen.numel() == 0 else "pattern"
+            segments.append(Segment(start, start + size, kind, miss.numel(), seen, miss))
+        else:
+            width = j - 1 - n_pat
+            segments.append(Segment(start, start + size, "empty" if width == d else "rows", width))
         start += size
     return Plan(observed, order, tuple(segments))
 
@@ -137,19 +143,23 @@ def check_mask(observed: Tensor, x: Tensor) -> None:
 
 
 def row_chunk(k: int, d: int, width: int) -> int:
-    """Rows per chunk of the per-row form: its [K, c, J, J] and [c, K, D] blocks near
-    :data:`ROW_CHUNK_BYTES`."""
-    per_row = 8 * k * (width * width + 4 * d + 4)
+    """Rows per chunk of the per-row form: its [K, c, D] and [K, c, J, J] blocks near
+    :data:`ROW_CHUNK_BYTES` (larger blocks leave the cache, and are page-faulted in again)."""
+    per_row = 8 * k * (width * width + d + 1)
     return max(32, min(_fused.MAX_CHUNK_ROWS, ROW_CHUNK_BYTES // per_row))
 
 
 class RowTerms:
     """The per-row form on one chunk (module docstring), for unbatched params.
 
+    Per component: the gradient P (x_f - μ) = z Uᵀ and the correction (x̂ - x_f) U are GEMMs over
+    the chunk; only the J×J blocks P_mm are per row (gathered from P, factorised in a vectorised
+    loop over J).
+
     Attributes:
         log_joint: [c, K] log w_k + log N(x_o | μ_k,o, Σ_k,oo); log w_k for a row with nothing observed.
-        resid: [c, K, D] x̂_k - μ_k (observed entries x_o - μ_k,o, missing ones E[x_m | x_o, k] - μ_k,m).
-        chol: [K, c, J, J] Cholesky factors of P_k,mm (identity where padded).
+        resid: [K, c, D] x̂_k - μ_k (observed entries x_o - μ_k,o, missing ones E[x_m | x_o, k] - μ_k,m).
+        chol: [K, c, J, J] lower Cholesky factors of P_k,mm (identity where padded).
         miss: [c, J] the missing dimensions (padding: any index, ``valid`` False).
         valid: [c, J] bool.
     """
@@ -160,34 +170,88 @@ class RowTerms:
         c, d = x.shape
         k = u.shape[0]
         xf = torch.where(observed, x, w.center)  # missing entries at the centre (any value would do)
-        z = _fused.residual(w, _fused.lift(w, xf))  # [c, D, K]: (x_f - μ_k) U_k
+        z = _fused.residual(w, _fused.lift(w, xf)).permute(2, 0, 1).contiguous()  # [K, c, D]: (x_f - μ_k) U_k
         n_miss = d - observed.sum(1)  # [c]
         miss = torch.argsort(observed.to(torch.int8), dim=1, stable=True)[:, :width]  # [c, J]: missing dims first
         valid = torch.arange(width, device=x.device) < n_miss.unsqueeze(1)  # [c, J]
-        pd = torch.einsum("nik,kji->knj", z, u)  # [K, c, D]: P_k (x_f - μ_k), as rows z Uᵀ
-        g = torch.where(valid, pd.gather(2, miss.expand(k, c, width)), 0.0)  # [K, c, J]
-        prec = u @ u.mT  # [K, D, D]
-        pmm = prec[:, miss.unsqueeze(2), miss.unsqueeze(1)]  # [K, c, J, J]
-        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
-        eye = torch.eye(width, dtype=x.dtype, device=x.device)
-        chol = torch.linalg.cholesky(torch.where(pair, pmm, eye))  # [K, c, J, J]
-        step = -torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)  # [K, c, J]: x̂_m - x_m
-        delta = torch.zeros(k, c, d, dtype=x.dtype, device=x.device).scatter(2, miss.expand(k, c, width), step)
-        zf = z + (delta @ u).permute(1, 2, 0)  # [c, D, K]: (x̂_k - μ_k) U_k
-        half_log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1).mT  # [c, K]: ½ log det P_mm
-        lj = w.const - 0.5 * zf.square().sum(1) - half_log_det + 0.5 * LOG_2PI * n_miss.unsqueeze(1).to(x.dtype)
-        self.log_joint = torch.where((n_miss == d).unsqueeze(1), log_w, lj)
-        self.resid = (xf.unsqueeze(1) - means) + delta.transpose(0, 1)  # [c, K, D]
+        exact = not traced(x, observed) and bool(valid.all())  # no padding: skip the masking
+        idx = miss.expand(k, c, width)
+        g = (z @ u.mT).gather(2, idx)  # [K, c, J]: (P_k (x_f - μ_k))_m
+        flat = (miss.unsqueeze(2) * d + miss.unsqueeze(1)).reshape(-1)  # [c·J·J]
+        pmm = (u @ u.mT).reshape(k, d * d).index_select(1, flat).reshape(k, c, width, width)  # P_k,mm
+        if not exact:  # padding: zero gradient, identity block
+            eye = torch.eye(width, dtype=x.dtype, device=x.device)
+            g = torch.where(valid, g, 0.0)
+            pmm = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), pmm, eye)
+        chol = cholesky(pmm)
+        step = -chol_solve(chol, g)  # [K, c, J]: x̂_m - x_m (0 where padded)
+        delta = torch.zeros_like(z).scatter(2, idx, step)  # [K, c, D]
+        zf = z + delta @ u  # [K, c, D]: (x̂_k - μ_k) U_k
+        half_log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # [K, c]: ½ log det P_mm
+        lj = (w.const.unsqueeze(1) - 0.5 * zf.square().sum(-1) - half_log_det).mT  # [c, K]
+        lj = lj + 0.5 * LOG_2PI * n_miss.unsqueeze(1).to(x.dtype)
+        self.log_joint = lj if exact and width < d else torch.where((n_miss == d).unsqueeze(1), log_w, lj)
+        self.resid = (xf - means.unsqueeze(1)) + delta
         self.chol, self.miss, self.valid = chol, miss, valid
+
+
+#: Widths J up to this factorise by a vectorised loop over J (torch ops on [K, c] slices); wider
+#: blocks by LAPACK, whose fixed cost per small matrix (about 1 µs) dominates below.
+SMALL_WIDTH = 8
+
+
+def cholesky(a: Tensor) -> Tensor:
+    """Lower Cholesky factors of SPD [..., J, J] (J ≤ :data:`SMALL_WIDTH`: column by column,
+    vectorised over the batch)."""
+    width = a.shape[-1]
+    if width > SMALL_WIDTH:
+        return torch.linalg.cholesky(a)
+    cols: list[Tensor] = []
+    for j in range(width):
+        v = a[..., :, j]  # [..., J]
+        for col in cols:
+            v = v - col * col[..., j : j + 1]
+        below = torch.arange(width, device=a.device) >= j
+        cols.append(torch.where(below, v / torch.sqrt(v[..., j : j + 1]), 0.0))
+    return torch.stack(cols, -1)
+
+
+def chol_solve(chol: Tensor, b: Tensor) -> Tensor:
+    """(L Lᵀ)⁻¹ b for factors [..., J, J] and right-hand sides [..., J]."""
+    width = chol.shape[-1]
+    if width > SMALL_WIDTH:
+        return torch.cholesky_solve(b.unsqueeze(-1), chol).squeeze(-1)
+    y: list[Tensor] = []
+    for i in range(width):  # L y = b
+        t = b[..., i]
+        for j in range(i):
+            t = t - chol[..., i, j] * y[j]
+        y.append(t / chol[..., i, i])
+    out: list[Tensor] = [b[..., 0]] * width
+    for i in reversed(range(width)):  # Lᵀ x = y
+        t = y[i]
+        for j in range(i + 1, width):
+            t = t - chol[..., j, i] * out[j]
+        out[i] = t / chol[..., i, i]
+    return torch.stack(out, -1)
+
+
+def chol_inverse(chol: Tensor) -> Tensor:
+    """(L Lᵀ)⁻¹ [..., J, J] from factors L."""
+    width = chol.shape[-1]
+    if width > SMALL_WIDTH:
+        return torch.cholesky_inverse(chol)
+    eye = torch.eye(width, dtype=chol.dtype, device=chol.device)
+    inv = chol_solve(chol.unsqueeze(-3), eye.expand((*chol.shape[:-2], width, width)))  # row i: (LLᵀ)⁻¹ e_i
+    return inv
 
 
 def cond_cov_sum(r: Tensor, terms: RowTerms, d: int) -> Tensor:
     """Σ_n r_nk Cov[x_m | x_o, k] of the chunk as dense [K, D, D] (rows r [c, K]; the missing block
     P_mm⁻¹ of each row placed at its dimensions)."""
     k = terms.chol.shape[0]
-    inv = torch.cholesky_inverse(terms.chol)  # [K, c, J, J]
     pair = terms.valid.unsqueeze(2) & terms.valid.unsqueeze(1)  # [c, J, J]
-    vals = torch.where(pair, inv, 0.0) * r.mT.unsqueeze(-1).unsqueeze(-1)  # [K, c, J, J]
+    vals = torch.where(pair, chol_inverse(terms.chol), 0.0) * r.mT.unsqueeze(-1).unsqueeze(-1)  # [K, c, J, J]
     flat = (terms.miss.unsqueeze(2) * d + terms.miss.unsqueeze(1)).reshape(1, -1).expand(k, -1)  # [K, c·J·J]
     out = torch.zeros(k, d * d, dtype=r.dtype, device=r.device)
     return out.scatter_add(1, flat, vals.reshape(k, -1)).reshape(k, d, d)
@@ -201,44 +265,39 @@ def embed(block: Tensor, dims: Tensor, d: int) -> Tensor:
 
 
 def pattern_resid(coef: Tensor, means: Tensor, x: Tensor, seen: Tensor, miss: Tensor) -> Tensor:
-    """x̂_k - μ_k [c, K, D] of rows ``x`` [c, D] that all observe ``seen`` and miss ``miss``:
+    """x̂_k - μ_k [K, c, D] of rows ``x`` [c, D] that all observe ``seen`` and miss ``miss``:
     x_o - μ_k,o at the observed entries and C_k (x_o - μ_k,o) at the missing ones, with the
     regression coefficients ``coef`` [K, A, B] of :meth:`~puregmm.families.Family.conditional_scale`."""
-    d = x.shape[1]
-    diff = x.index_select(1, seen).unsqueeze(1) - means.index_select(1, seen)  # [c, K, B]
-    fill = torch.einsum("kab,nkb->nka", coef, diff)  # [c, K, A]
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    return diff @ eye.index_select(0, seen) + fill @ eye.index_select(0, miss)
+    diff = x.index_select(1, seen) - means.index_select(1, seen).unsqueeze(1)  # [K, c, B]
+    both = torch.cat([diff, diff @ coef.mT], -1)  # [K, c, B + A]: observed, then missing entries
+    return both.index_select(2, torch.argsort(torch.cat([seen, miss])))
 
 
 class Moments:
     """The missing mode's accumulators (:func:`puregmm.estep.missing_stats`): n_k, X_k and S_k about
-    the means from the filled rows x̂_k, plus Σ_n r_nk Cov[x_m | x_o, k] as dense [K, D, D], reduced
-    to the family's S_k at the end. Out of place, so it runs under transforms."""
+    the means from the filled rows x̂_k plus Σ_n r_nk Cov[x_m | x_o, k], S_k dense [K, D, D] (one
+    batched GEMM per chunk) and reduced to the family's shape at the end (the family's
+    ``weighted_second_moments``: its diagonal, its trace). Out of place, so it runs under transforms."""
 
     def __init__(self, spec: Family, k: int, d: int, like: Tensor) -> None:
         self.spec, self.d = spec, d
         self.n_k = like.new_zeros(k)
         self.x_k = like.new_zeros(k, d)
-        self.s_k = like.new_zeros(spec.stats_shape(k, d))
-        self.cond = like.new_zeros(k, d, d)
+        self.s_k = like.new_zeros(k, d, d)  # dense; reduced to the family's shape at the end
 
     def add(self, log_joint: Tensor, resid: Tensor, cond: Tensor | RowTerms, w: Tensor) -> Tensor:
-        """Rows with joint log-densities [c, K], x̂_k - μ_k [c, K, D], the conditional covariance
+        """Rows with joint log-densities [c, K], x̂_k - μ_k [K, c, D], the conditional covariance
         (one [K, D, D] for all rows, or the rows' :class:`RowTerms`) and weights [c]; returns log p [c]."""
         lse = torch.logsumexp(log_joint, 1)  # [c]
         r = torch.exp(log_joint - lse.unsqueeze(1)) * w.unsqueeze(1)  # [c, K]
         self.n_k = self.n_k + r.sum(0)
-        self.x_k = self.x_k + torch.einsum("nk,nkd->kd", r, resid)
-        scatter = torch.func.vmap(self.spec.scatter, in_dims=(1, 1))  # per component
-        self.s_k = self.s_k + scatter(r.unsqueeze(-1) * resid, resid)
-        if isinstance(cond, RowTerms):
-            self.cond = self.cond + cond_cov_sum(r, cond, self.d)
-        else:
-            self.cond = self.cond + r.sum(0)[:, None, None] * cond
+        wy = r.mT.unsqueeze(-1) * resid  # [K, c, D]
+        self.x_k = self.x_k + wy.sum(1)
+        cov = cond_cov_sum(r, cond, self.d) if isinstance(cond, RowTerms) else r.sum(0)[:, None, None] * cond
+        self.s_k = self.s_k + wy.mT @ resid + cov  # [K, D, D]
         return lse
 
     def result(self) -> tuple[Tensor, Tensor, Tensor]:
         """(n_k, X_k, S_k) with S_k = Σ r (x̂ - μ)(x̂ - μ)ᵀ + Σ r Cov[x_m | x_o] in the family's shape."""
         ones = self.n_k.new_ones(self.n_k.shape)
-        return self.n_k, self.x_k, self.s_k + self.spec.weighted_second_moments(ones, self.cond)
+        return self.n_k, self.x_k, self.spec.weighted_second_moments(ones, self.s_k)

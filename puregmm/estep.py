@@ -488,7 +488,7 @@ class _SegmentTerms:
         p, k, d = self.params, self.params.n_components, self.params.dim
         if seg.kind == "empty":  # weight 0: only shapes matter
             lj = torch.log_softmax(p.logits, -1).expand(x.shape[0], k)
-            return lj, x.new_zeros(x.shape[0], k, d), x.new_zeros(k, d, d)
+            return lj, x.new_zeros(k, x.shape[0], d), x.new_zeros(k, d, d)
         if seg.kind == "pattern":
             assert seg.seen is not None and seg.miss is not None
             if id(seg) not in self.cache:
@@ -508,4 +508,4 @@ class _SegmentTerms:
         """Rows [m, D] with their missing entries replaced by E[x_m | x_o] under the mixture."""
         t = RowTerms(*density.row_parts(self.params), x, observed, x.shape[1])
         r = torch.softmax(t.log_joint, -1)  # [m, K]
-        return torch.einsum("nk,nkd->nd", r, t.resid + self.params.means)
+        return torch.einsum("nk,knd->nd", r, t.resid + self.params.means.unsqueeze(1))
