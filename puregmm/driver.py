@@ -20,6 +20,7 @@ from puregmm.families import get_family
 from puregmm.init import init
 from puregmm.methods import (
     FitResult,
+    Method,
     Settings,
     affine,
     best_run,
@@ -166,6 +167,7 @@ def run(
     checkpoint: Any = None,
     checkpoint_every: int = 100,
     resume: Any = None,
+    row: Method | None = None,
 ) -> FitResult:
     """Run B stacked fits of ``cfg.method`` from ``starts`` (data units) through
     :func:`puregmm.loop.run` on standardised data; a batched :class:`FitResult` in data units.
@@ -174,9 +176,10 @@ def run(
     ``reduce``: a :class:`puregmm.distributed.Collective` when ``x`` is this rank's shard: the
     standardisation, every step's statistics or gradients and the final loss are reduced over
     the ranks (runs then advance one after another: collectives do not vmap). ``meta``: more
-    fields of the fit's identity for a checkpoint.
+    fields of the fit's identity for a checkpoint. ``row``: the method's row to run instead of
+    the table's (e.g. :func:`puregmm.missing.masked_row`, the same kernels given a mask).
     """
-    row = get_method(cfg.method)
+    row = get_method(cfg.method) if row is None else row
     b = run_keys.shape[0]
     xdim = 0 if data_batched else None
     wdim = 0 if (data_batched and w is not None) else None
