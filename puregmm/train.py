@@ -185,7 +185,8 @@ def step(
         if reduce is not None:
             raise ValueError("step: observed= (missing entries) does not combine with reduce=")
         grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight, observed)
-        batch = torch.where(observed, batch, torch.nan)  # the reset draws complete rows only
+        mask = getattr(observed, "observed", observed)  # a mask, or a plan of one (puregmm._masked.Plan)
+        batch = torch.where(mask, batch, torch.nan)  # the reset draws complete rows only
     elif reduce is None:
         grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight)
     else:
