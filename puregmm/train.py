@@ -1,14 +1,24 @@
-"""The pure gradient-descent step, with the singularity reset (Bishop PRML p. 433).
+"""The pure gradient-descent step, with the variance floor and the singularity reset (Bishop PRML p. 433).
 
 ``step(state, batch) -> state``: one optimiser update on the mean negative log-likelihood of
-``batch``, then a branch-free check that resets collapsed components. A component collapses
-when its mean sits on a data point and its variance shrinks towards zero: the likelihood
-goes to infinity, the parameters to Inf/NaN. After each update, a component is *bad* when any
-of its parameters is non-finite or its smallest variance fell below ``min_variance`` (which also
-covers a non-finite log-density normaliser). A bad component gets its mean set to a point of the
-batch drawn with ``(key, step, k)``, its covariance set to the batch's per-dimension spread,
-its weight to the mean of the good weights, and its optimiser moments zeroed. The original
-GMMPytorch behaviour (reset every component when any is bad) is ``reset="all"``.
+``batch``, then two branch-free repairs. A component collapses when its mean sits on a data
+point and its variance shrinks towards zero: the likelihood goes to infinity, the parameters
+to Inf/NaN. So, after each update:
+
+1. every direction's variance is held at or above ``min_variance`` (a clamp of the raw scale;
+   for full/tied the Cholesky-direction variances Var(x_i | x_<i), whose product is det Σ), which
+   bounds every density. A variance at the floor in some directions (a feature constant within
+   a cluster) is a legitimate fit, not a collapse, and stays there;
+2. a component is *bad* when any of its parameters is non-finite or its covariance is at the
+   floor in *every* direction (it sits on a point). A bad component gets its mean set to a
+   point of the batch drawn with ``(key, step, k)``, its covariance set to the batch's
+   per-dimension spread, its weight to the mean of the good weights, and its optimiser moments
+   zeroed. When the batch's own spread is at the floor in every direction (every valid row
+   at one point) a finite component there is the fit and is not reset. The original
+   GMMPytorch behaviour (reset every component when any is bad) is ``reset="all"``.
+
+The per-family maths (what a direction is, which components a shared scale belongs to) is in
+:class:`puregmm.families.Family`.
 """
 
 from __future__ import annotations
@@ -86,14 +96,36 @@ pytree.register_pytree_node(
 
 @functools.cache
 def default_optimizer() -> Optimizer:
-    """Adam at 0.05 decaying (cosine) to 5e-4 over 2000 steps, then flat.
+    """Adam at 0.05 decaying (cosine) to 5e-4 over 2000 steps, then flat, on whitened means
+    (:func:`whitened_means`).
 
     Suits standardised data (what :func:`puregmm.fit` feeds ``step``); the schedule depends on
     the step count only. One shared instance, so states built separately stack into one pytree.
     """
     from puregmm.optim import adam, cosine_decay
 
-    return adam(cosine_decay(0.05, 2000, alpha=0.01))
+    return whitened_means(adam(cosine_decay(0.05, 2000, alpha=0.01)))
+
+
+def whitened_means(inner: Optimizer) -> Optimizer:
+    """``inner`` stepping each component's mean in its whitened coordinates ν = μU (U the
+    precision factor, :meth:`~puregmm.families.Family.whiten`): the mean's gradient goes in as
+    g U⁻ᵀ (the gradient with respect to ν), its update comes out as Δν U⁻¹.
+
+    Adam's first steps move every coordinate by about the learning rate whatever its gradient;
+    in whitened units that is a fraction of a standard deviation in every direction, so a
+    variance held at the floor (a feature constant within a cluster) keeps its mean, where a
+    raw Adam step of 0.05 would throw it 50 floor standard deviations off. Params must be
+    :class:`GMMParams`; logits and scale pass through unchanged.
+    """
+
+    def update(grads: GMMParams, state: Any, params: GMMParams) -> tuple[GMMParams, Any]:
+        spec = params.spec
+        whitened = dataclasses.replace(grads, means=spec.unwhiten(params.scale, grads.means, transpose=True))
+        updates, state = inner.update(whitened, state, params)
+        return dataclasses.replace(updates, means=spec.unwhiten(params.scale, updates.means)), state
+
+    return Optimizer(inner.init, update)
 
 
 def init_state(
@@ -110,7 +142,8 @@ def init_state(
         params: initial params (checked finite).
         optimizer: an :class:`Optimizer`; ``None`` gives :func:`default_optimizer`.
         key: int or 0-d int64 tensor; the source of all randomness in ``step``.
-        min_variance: the variance floor (data units) below which a component is reset.
+        min_variance: the variance floor (data units): every direction's variance is held at or
+            above it; a component at it in every direction is reset.
         reset: ``"component"`` resets only bad components; ``"all"`` resets every component
             when any is bad (the original GMMPytorch behaviour).
 
@@ -240,23 +273,44 @@ def _shared_draw(reduce: Any, x: Tensor, valid: Tensor, u: Tensor, min_variance:
     return var, cand[owner, torch.arange(k, device=x.device)]
 
 
-def bad_components(params: GMMParams, min_variance: float) -> tuple[Tensor, Tensor]:
-    """Per-component flags [K] (non-finite or below the floor) and a 0-d flag for ``scale``
-    when it is shared by all components."""
+def bad_components(
+    params: GMMParams, min_variance: float, floor_is_the_fit: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Flags of components to reset [K], and the scale leaf's own flags ([K], or 0-d when shared).
+
+    A live component is bad when its logit or mean is non-finite, or its scale entry is
+    :meth:`~puregmm.families.Family.collapsed`: non-finite, or at the variance floor in *every*
+    direction (the component sits on a point). A variance at the floor in some directions only
+    is held there by :func:`floor_scale`, not reset. Masked components (logit -inf) are never bad.
+    ``floor_is_the_fit`` (0-d): the data themselves have no spread above the floor, so a finite
+    component at the floor everywhere is not reset (a reset would land there again).
+    """
     spec, k = params.spec, params.n_components
-    log_floor = torch.log(torch.tensor(min_variance, dtype=params.dtype, device=params.device))
+    own = spec.collapsed(params.scale, math.log(min_variance))
+    if floor_is_the_fit is not None:  # a zero floor (log 0 = -inf) flags the non-finite only
+        own = own & (~floor_is_the_fit | spec.collapsed(params.scale, -math.inf))
+    active = params.logits != -math.inf
+    bad = ~torch.isfinite(params.logits) | ~torch.isfinite(params.means).all(-1) | spec.per_component_flags(own, k)
+    return bad & active, own
 
-    def scale_bad(raw: Tensor) -> Tensor:
-        finite = torch.isfinite(raw).all()
-        safe = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
-        return ~finite | (spec.log_min_variance(safe) < log_floor)
 
-    active = params.logits != -math.inf  # a logit of -inf masks its component out: never bad
-    bad = ~torch.isfinite(params.logits) | ~torch.isfinite(params.means).all(-1)
-    if spec.per_component:
-        return (bad | torch.func.vmap(scale_bad)(params.scale)) & active, torch.zeros((), dtype=torch.bool)
-    shared_bad = scale_bad(params.scale) if spec.learned else torch.zeros((), dtype=torch.bool)
-    return (bad | shared_bad.expand(k)) & active, shared_bad
+def floor_scale(params: GMMParams, min_variance: float) -> GMMParams:
+    """``params`` with every direction's variance held at or above ``min_variance``
+    (:meth:`~puregmm.families.Family.floor_scale`; a projection, branch-free)."""
+    return dataclasses.replace(params, scale=params.spec.floor_scale(params.scale, math.log(min_variance)))
+
+
+def _fresh_draw(x: Tensor, valid: Tensor, u: Tensor, min_variance: float) -> tuple[Tensor, Tensor]:
+    """The reset's spread [D] (floored) and one uniformly drawn valid row per component [K, D]
+    (inverse CDF of a 0/1 mass over the rows)."""
+    w = valid.to(x.dtype).unsqueeze(-1)
+    count = w.sum().clamp_min(1.0)
+    centre = (x * w).sum(0) / count
+    var = (((x - centre) * w).square().sum(0) / count).clamp_min(min_variance)  # [D]
+    cum = torch.cumsum(valid.to(torch.int64), 0)  # [N]
+    target = (u * cum[-1].to(u.dtype)).floor().to(torch.int64) + 1
+    picks = torch.searchsorted(cum, target).clamp_max(x.shape[0] - 1)  # [K]
+    return var, torch.index_select(x, 0, picks)
 
 
 def reset_collapsed(
@@ -271,20 +325,18 @@ def reset_collapsed(
     *,
     reduce: Any = None,
 ) -> tuple[GMMParams, Any, Tensor]:
-    """Reset bad components of ``params`` (and their optimiser moments) branch-free.
+    """Hold the scale at the variance floor, then reset bad components (:func:`bad_components`)
+    of ``params`` and their optimiser moments, branch-free.
 
-    New means are rows of ``batch`` that are finite and have positive ``sample_weight``. With
-    ``reduce`` (see :func:`step`) they and the spread come from the union of every rank's
-    ``batch``, identically on all ranks.
+    New means are rows of ``batch`` that are finite and have positive ``sample_weight``; the
+    new covariance is the batch's per-dimension spread. With ``reduce`` (see :func:`step`) they
+    come from the union of every rank's ``batch``, identically on all ranks.
 
     Returns the new params, the new optimiser state and the number of components reset.
     """
     spec, k = params.spec, params.n_components
+    params = floor_scale(params, min_variance)
     active = params.logits != -math.inf  # masked components (logit -inf) are left alone
-    bad, shared_bad = bad_components(params, min_variance)
-    if mode == "all":
-        bad = bad.any().expand(k) & active
-        shared_bad = shared_bad | bad.any() if not spec.per_component and spec.learned else shared_bad
     finite_rows = torch.isfinite(batch).all(-1, keepdim=True)
     x = torch.where(finite_rows, batch, torch.zeros_like(batch))  # NaN rows cannot poison the reset
     valid = finite_rows.squeeze(-1) if sample_weight is None else finite_rows.squeeze(-1) & (sample_weight > 0)
@@ -292,16 +344,10 @@ def reset_collapsed(
     if reduce is not None:  # the same draw over the union of all ranks' rows
         var, new_means = _shared_draw(reduce, x, valid, u, min_variance)
     else:
-        w = valid.to(x.dtype).unsqueeze(-1)
-        count = w.sum().clamp_min(1.0)
-        centre = (x * w).sum(0) / count
-        var = (((x - centre) * w).square().sum(0) / count).clamp_min(min_variance)  # [D]
-        # a uniformly drawn valid row (finite, positive weight) per component: inverse CDF of a 0/1 mass
-        cum = torch.cumsum(valid.to(torch.int64), 0)  # [N]
-        target = (u * cum[-1].to(u.dtype)).floor().to(torch.int64) + 1
-        picks = torch.searchsorted(cum, target).clamp_max(x.shape[0] - 1)  # [K]
-        new_means = torch.index_select(x, 0, picks)  # [K, D]
-    fresh = spec.raw_from_variances(var, k)
+        var, new_means = _fresh_draw(x, valid, u, min_variance)
+    bad, own = bad_components(params, min_variance, floor_is_the_fit=(var <= min_variance).all())
+    if mode == "all":
+        bad = bad.any().expand(k) & active
 
     good = ~bad
     log_w = torch.log_softmax(torch.where(good, params.logits, torch.zeros_like(params.logits)), -1)
@@ -309,22 +355,17 @@ def reset_collapsed(
     n_good = live_good.sum().clamp_min(1)
     mean_good = torch.where(live_good, log_w, torch.zeros_like(log_w)).sum() / n_good
     kept = torch.where(good, params.logits, torch.zeros_like(params.logits))
-    new_logits = torch.where(bad, mean_good.expand(k), kept)
-
-    def mask_for(leaf: str) -> Tensor:
-        if leaf == "scale" and not spec.per_component:
-            return shared_bad
-        return bad
+    masks = {"logits": bad, "means": bad, "scale": spec.scale_reset(bad, active, own)}
 
     def fix(name: str, value: Tensor, replacement: Tensor) -> Tensor:
-        m = mask_for(name)
+        m = masks[name]
         m = m.reshape(m.shape + (1,) * (value.dim() - m.dim()))
         return torch.where(m, replacement, value)
 
     new = GMMParams(
-        logits=new_logits,
+        logits=torch.where(bad, mean_good.expand(k), kept),
         means=fix("means", params.means, new_means),
-        scale=fix("scale", params.scale, fresh),
+        scale=fix("scale", params.scale, spec.raw_from_variances(var, k)),
         family=params.family,
     )
 
