@@ -469,7 +469,9 @@ def _incomplete_stats(
 
     rows = chunk_size or _masked.row_chunk(k, d, max(s.width for s in segs))
     lifted = torch.cat([torch.where(observed, x, 0.0).to(mdtype), observed.to(mdtype)], 1)  # [n, 2D]
-    score_sum, _, worst_ll, worst = chunk_pass(lifted, weight, k, rows, add, eager=not _masked.traced(x, observed))
+    score_sum, _, worst_ll, worst = chunk_pass(
+        lifted, weight, k, rows, add, eager=not _masked.traced(x, observed, p64.logits, p64.means, p64.scale)
+    )
     filled = terms.impute(worst[:, :d], worst[:, d:] > 0.5)  # the worst rows, their missing entries filled
     _, w_sum = total(x.new_zeros(n), w, x)  # every row counts, an empty one too
     return _stats(acc.result(), (score_sum, w_sum, worst_ll, filled), params.dtype)

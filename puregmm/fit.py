@@ -19,6 +19,7 @@ from torch import Tensor
 
 from puregmm import _validate, driver, stream
 from puregmm import distributed as dist
+from puregmm import missing as _missing
 from puregmm.families import get_family
 from puregmm.init import init_batched
 from puregmm.methods import (
@@ -70,6 +71,7 @@ def fit(
     checkpoint_every: int = 100,
     resume: Any = None,
     distributed: bool = False,
+    missing: str = "raise",
 ) -> FitResult:
     """Fit a K-component mixture to ``data`` [N, D].
 
@@ -110,6 +112,10 @@ def fit(
         distributed: ``data`` is this rank's shard of a data-parallel fit over the initialised
             ``torch.distributed`` group (:func:`puregmm.distributed.fit_distributed`); a no-op
             without one.
+        missing: ``"raise"`` (a ValueError naming the first NaN entry) or ``"marginalize"``: NaN
+            entries are missing at random and integrated out (:mod:`puregmm.missing`: EM is the
+            exact EM for incomplete data, ``"gd"`` follows the observed-data likelihood's
+            gradient; in-memory data, one process). Data without NaN fit as with ``"raise"``.
 
     Data larger than memory: a ``.npy`` path, an ``np.memmap``, or a callable returning an
     iterator of batches goes to :func:`puregmm.stream.fit_stream` (chunked full-batch EM,
@@ -131,7 +137,22 @@ def fit(
     >>> r = pg.fit(x, 2, "diagonal", method="em")
     >>> r.converged, sorted(round(float(m), 0) for m in pg.means(r.params)[:, 0])
     (True, [-3.0, 3.0])
+    >>> holes = torch.where(torch.rand(400, 2) < 0.2, torch.nan, x)  # 20 % of the entries missing
+    >>> sorted(round(float(m), 0) for m in pg.fit(holes, 2, "diagonal", missing="marginalize").params.means[:, 0])
+    [-3.0, 3.0]
     """
+    in_memory = not stream.is_stream(data) and not (distributed and dist.is_active())
+    if _missing.check(missing) == "marginalize":
+        if not in_memory:
+            raise ValueError("missing='marginalize' fits in-memory data in one process; got a stream or a shard")
+        return _missing.fit_missing(
+            data, n_components, family, method=method, max_steps=max_steps, tol=tol, batch_size=batch_size,
+            n_init=n_init, reg_covar=reg_covar, init_params=init_params, init_method=init_method,
+            sample_weight=sample_weight, optimizer=optimizer, key=key, progress=progress, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every, resume=resume,
+        )  # fmt: skip
+    if in_memory:
+        _missing.split(data, "raise", "data")  # a ValueError naming the first NaN entry
     if distributed and dist.is_active():
         return dist.fit_distributed(
             data, n_components, family, method=method, max_steps=max_steps, tol=tol, batch_size=batch_size,
