@@ -474,7 +474,8 @@ def _incomplete_stats(
     )
     filled = terms.impute(worst[:, :d], worst[:, d:] > 0.5)  # the worst rows, their missing entries filled
     _, w_sum = total(x.new_zeros(n), w, x)  # every row counts, an empty one too
-    return _stats(acc.result(), (score_sum, w_sum, worst_ll, filled), params.dtype)
+    passed = (score_sum, w_sum, worst_ll.to(params.dtype), filled.to(params.dtype))
+    return _stats(acc.result(), passed, params.dtype)
 
 
 class _SegmentTerms:
