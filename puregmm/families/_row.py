@@ -1,36 +1,29 @@
-"""Covariance families, one table row each.
-
-Every family stores the precision of each component through an *unconstrained* factor
-``raw`` (the field ``GMMParams.scale``) so that any real value is a valid covariance:
-
-=========  ===============  ======================================================
-family     ``scale`` shape  precision of component k
-=========  ===============  ======================================================
-full       [K, D, D]        U_k U_kᵀ, U_k = triu(raw_k, 1) + diag(exp(diag raw_k))
-tied       [D, D]           U Uᵀ (the same U for every component)
-diagonal   [K, D]           diag(exp(2 raw_k))
-isotropic  [K]              exp(2 raw_k) · I
-shared     []               exp(2 raw) · I (one variance for all components)
-constant   []               exp(2 raw) · I, fixed: never learned by ``step``/EM
-=========  ===============  ======================================================
-
-U is scikit-learn's ``precisions_cholesky_`` (upper triangular, precision = U Uᵀ), so that
-``(x - μ) @ U`` whitens ``x``. ``raw`` is therefore minus the log standard deviation for the
-scalar and diagonal families.
-"""
+"""The :class:`Family` row: every per-family function, as a method (see :mod:`puregmm.families`)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
-FAMILIES = ("full", "tied", "diagonal", "isotropic", "shared", "constant")
+from puregmm.families._helpers import (  # noqa: F401  (the rows' maths)
+    LOG_2PI,
+    SQUARE_MAX_D,
+    Layout,
+    MStepWeights,
+    _positive_qr,
+    _raw_of_upper,
+    floored_upper_factor,
+    layout,
+    raw_from_cov_repaired,
+    upper_factor,
+)
+
+#: Names of the rows whose variance is fixed (filled in by :mod:`puregmm.families` from its table).
+FIXED_VARIANCE: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -300,7 +293,7 @@ class Family:
         if not self.learned:
             return self._fixed_raw(variance, batch, a)
         if variance is not None:
-            fixed = " or ".join(repr(f.name) for f in _TABLE.values() if not f.learned)
+            fixed = " or ".join(repr(name) for name in FIXED_VARIANCE)
             raise ValueError(f"variance is only for family {fixed}; got variance={variance!r} with {self.name!r}")
         if self.scale_ndim == 2:
             n_blocks = k if self.per_component else 1
@@ -410,133 +403,3 @@ class Family:
         q, r = _positive_qr(u.index_select(-2, rest).mT.flip(-1))  # U_aᵀ J = QR
         coef = -torch.linalg.solve_triangular(r, q.mT @ u.index_select(-2, given).mT, upper=True).flip(-2)
         return _raw_of_upper(r.mT.flip(-2, -1)), self.per_component_raw(coef, k)
-
-
-def _positive_qr(a: Tensor) -> tuple[Tensor, Tensor]:
-    """Reduced QR of ``a`` [M, N] (M >= N) with R's diagonal made positive (rows of R and columns of
-    Q flipped together, so QR is unchanged)."""
-    q, r = torch.linalg.qr(a)
-    sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(r.dtype)  # [N]
-    return q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
-
-
-def _raw_of_upper(v: Tensor) -> Tensor:
-    """``raw`` of an upper-triangular factor ``v`` with a positive diagonal (the inverse of
-    :func:`upper_factor`)."""
-    d = v.shape[-1]
-    strict = torch.ones(d, d, dtype=torch.bool, device=v.device).triu(1)
-    off = torch.where(strict, v, torch.zeros((), dtype=v.dtype, device=v.device))
-    return off + torch.diag_embed(torch.log(torch.diagonal(v, dim1=-2, dim2=-1)))
-
-
-def upper_factor(raw: Tensor) -> Tensor:
-    """U = triu(raw, 1) + diag(exp(diag raw)) over the last two dims.
-
-    Written with a constant mask rather than ``torch.triu``, which is ~10x slower under ``vmap``.
-    """
-    d = raw.shape[-1]
-    strict = torch.ones(d, d, dtype=torch.bool, device=raw.device).triu(1)
-    off = torch.where(strict, raw, torch.zeros((), dtype=raw.dtype, device=raw.device))
-    return off + torch.diag_embed(torch.exp(torch.diagonal(raw, dim1=-2, dim2=-1)))
-
-
-# --- EM: the M-step's helpers ----------------------------------------------------------------------
-class MStepWeights(NamedTuple):
-    """Per-component counts and flags the M-step's covariance update needs (all [K])."""
-
-    nk: Tensor  # n'_k = n_k + 10·eps
-    empty: Tensor  # re-seeded this step
-    active: Tensor  # not masked (logit > -inf)
-    pool: Tensor  # pooling weights of the good components (sum to 1)
-
-
-def raw_from_cov_repaired(cov: Tensor, eps: float, floor: float, lowest: Tensor) -> tuple[Tensor, Tensor]:
-    """The matrix families' ``raw`` from covariances [..., D, D], repairing (and counting) the
-    ones whose Cholesky factorisation fails and widening (by j·I, counted) the numerically
-    singular ones: a Cholesky pivot L_ii² (each at least λ_min) below ``lowest`` [...] (the
-    position's resolution) or below 10·D·eps₆₄ times the largest variance (what the float64
-    moments resolve)."""
-    d = cov.shape[-1]
-    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    diag = torch.diagonal(cov, dim1=-2, dim2=-1)  # [..., D]
-    chol, info = torch.linalg.cholesky_ex(cov)
-    limit = torch.maximum(lowest.to(cov.dtype), 10 * d * torch.finfo(torch.float64).eps * diag.amax(-1))
-    pivot = torch.diagonal(chol, dim1=-2, dim2=-1).square().amin(-1)
-    redo = (info != 0) | ~(pivot >= limit)  # NaN counts as singular
-    jitter = torch.where(info != 0, 10 * d * eps * diag.amax(-1).clamp_min(floor) + floor, 0.0)
-    jitter = jitter + torch.where(redo, d * limit, 0.0)  # then λ_min >= D·limit
-    chol2, info2 = torch.linalg.cholesky_ex(cov + jitter[..., None, None] * eye)
-    chol3 = torch.diag_embed(diag.clamp_min(floor).sqrt())
-    chol = torch.where(redo[..., None, None], torch.where((info2 != 0)[..., None, None], chol3, chol2), chol)
-    u = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).mT  # U = L⁻ᵀ
-    raw = torch.triu(u, 1) + torch.diag_embed(torch.log(torch.diagonal(u, dim1=-2, dim2=-1)))
-    return raw, redo.sum()
-
-
-# --- EM: the statistics' layout (see puregmm._moments) -------------------------------------------
-class Layout(NamedTuple):
-    """Static column layout of T for one family and dimension (module table)."""
-
-    ndim: int  # the family's scale_ndim: 2 full/tied, 1 diagonal, 0 scalar
-    d: int
-    h: int  # full/tied: side of the folded block; else 0
-    width: int  # P
-    square: bool = False  # full: every product [y, 1][y, 1]ᵀ, unfolded (m² columns)
-
-
-#: Out of place (vmap, autograd), full family with D up to this: the unfolded square layout,
-#: built by one broadcast multiplication (the folded one costs a few slices and a
-#: concatenation: at D = 2, B = 1000 batched fits, 20 % of an EM step), for m² instead of
-#: about m²/2 columns in the GEMMs.
-SQUARE_MAX_D = 4
-
-
-def layout(ndim: int, d: int, square: bool = False) -> Layout:
-    if ndim == 2:
-        m = d + 1
-        if square:
-            return Layout(2, d, 0, m * m, True)
-        h = (m + 2) // 2  # ⌈(m+1)/2⌉: the tail's m - h <= h - 1 rows fit below the diagonal
-        return Layout(2, d, h, h * h + h * (m - h))
-    return Layout(ndim, d, 0, 2 * d + 1 if ndim == 1 else d + 2)
-
-
-_TABLE = {
-    "full": Family("full", 2, True, True),
-    "tied": Family("tied", 2, False, True),
-    "diagonal": Family("diagonal", 1, True, True),
-    "isotropic": Family("isotropic", 0, True, True),
-    "shared": Family("shared", 0, False, True),
-    "constant": Family("constant", 0, False, False),
-}
-
-LOG_2PI = math.log(2.0 * math.pi)
-
-
-def get_family(name: object) -> Family:
-    """The :class:`Family` called ``name``; ``ValueError`` listing the choices otherwise."""
-    if not isinstance(name, str) or name not in _TABLE:
-        raise ValueError(f"unknown family {name!r}; choose one of {FAMILIES}")
-    return _TABLE[name]
-
-
-# --- interop, MDN heads, validation: helpers ---------------------------------------------------
-def floored_upper_factor(a: Tensor, d: int, log_floor: float) -> Tensor:
-    """``raw`` of the full family [..., D, D] from an MDN head's packed ``a [..., D(D+1)/2]``.
-
-    log diag(U) = -a_ii/2 - ½ log(1 + floor ‖M‖²_F), off-diagonal U_ij = a_ij / √(1 + floor ‖M‖²_F),
-    with log ‖M‖²_F computed as a logsumexp so a large or small diagonal cannot overflow
-    (see :mod:`puregmm.mdn` for why every eigenvalue of Σ is then above the floor).
-    """
-    log_diag_m = -0.5 * a[..., :d]  # [..., D]
-    off = a[..., d:]  # [..., D(D-1)/2]
-    off_sq = off.square().sum(-1, keepdim=True)  # [..., 1]
-    has_off = off_sq > 0  # log 0 = -inf, and a where keeps its gradient finite
-    log_off_sq = torch.where(has_off, torch.log(torch.where(has_off, off_sq, torch.ones_like(off_sq))), -math.inf)
-    log_norm_sq = torch.logsumexp(torch.cat([2.0 * log_diag_m, log_off_sq], -1), -1)  # log ‖M‖²_F [...]
-    log_c = -0.5 * F.softplus(log_norm_sq + log_floor)  # log 1/√(1 + floor ‖M‖²)  [...]
-    rows, cols = torch.triu_indices(d, d, 1, device=a.device)
-    place = torch.zeros(off.shape[-1], d * d, dtype=a.dtype, device=a.device)  # one-hot [d(d-1)/2, D²]
-    place[torch.arange(off.shape[-1], device=a.device), rows * d + cols] = 1.0  # a constant, built eagerly
-    upper = ((off * torch.exp(log_c).unsqueeze(-1)) @ place).unflatten(-1, (d, d))  # [..., D, D]
-    return upper + torch.diag_embed(log_diag_m + log_c.unsqueeze(-1))
