@@ -20,6 +20,7 @@ column means (k-means on imputed data), then the fit uses the observed entries o
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -201,7 +202,7 @@ def masked_row(method: str, plan: _masked.Plan) -> Method:
         stats = sufficient_stats(params, z, w, observed=plan)
         return -stats.log_lik_sum / stats.weight_sum
 
-    advances = {"em": em_advance, "gd": gd_advance}
+    advances: dict[str, Callable[..., Any]] = {"em": em_advance, "gd": gd_advance}
     if method not in advances:
         raise ValueError(f"missing='marginalize' fits with method 'em' or 'gd'; got {method!r}")
     return base._replace(advance=advances[method], final_loss=final_loss)
