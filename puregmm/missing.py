@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from puregmm import _masked, _validate, driver
+from puregmm.density import component_log_prob
 from puregmm.em import em_step, sufficient_stats
 from puregmm.families import get_family
 from puregmm.init import init
@@ -45,7 +46,7 @@ from puregmm.train import TrainState, step
 
 MISSING = ("raise", "marginalize")
 
-__all__ = ["MISSING", "check", "fit_missing", "split"]
+__all__ = ["MISSING", "check", "fit_missing", "joint", "masked_row", "raise_on_nan", "split"]
 
 
 def check(missing: Any) -> str:
@@ -66,7 +67,9 @@ def raise_on_nan(x: Tensor, name: str = "x") -> None:
         )
 
 
-def split(x: Any, missing: Any, name: str = "x", dtype: torch.dtype | None = None) -> tuple[Any, Tensor | None]:
+def split(
+    x: Any, missing: Any, name: str = "x", dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> tuple[Any, Tensor | None]:
     """(``x``, observed mask or None) for an entry point's ``missing=``.
 
     ``"raise"``: ``x`` as given (array-likes converted), after refusing NaN. ``"marginalize"``:
@@ -74,7 +77,7 @@ def split(x: Any, missing: Any, name: str = "x", dtype: torch.dtype | None = Non
     nothing is missing (the complete-data path, unchanged).
     """
     check(missing)
-    t = x if isinstance(x, Tensor) else _validate.as_float_tensor(x, name, dtype)
+    t = x if isinstance(x, Tensor) else _validate.as_float_tensor(x, name, dtype).to(device)
     if missing == "raise":
         raise_on_nan(t, name)
         return x, None
@@ -82,6 +85,20 @@ def split(x: Any, missing: Any, name: str = "x", dtype: torch.dtype | None = Non
     if bool(observed.all()):
         return x, None
     return torch.where(observed, t, torch.zeros((), dtype=t.dtype, device=t.device)), observed
+
+
+def joint(params: GMMParams, x: Tensor, observed: Tensor) -> Tensor:
+    """log w_k + log N(x_o | μ_k,o, Σ_k,oo) [..., N, K] of rows ``x`` (NaN set to 0) observed where
+    ``observed``, for params with any batch dims (what ``predict``/``predict_proba`` rank); the
+    observed entries must be finite (a row at infinity has no most probable component)."""
+    _validate.params(params)
+    _validate.data_shape(params, x)
+    _validate.finite(x.reshape(-1, x.shape[-1]), "x (its non-NaN entries)")
+    fn: Callable[..., Tensor] = component_log_prob
+    batched = x.dim() > 2
+    for _ in params.batch_shape:
+        fn = torch.func.vmap(fn, in_dims=(0, 0 if batched else None, 0 if batched else None))
+    return fn(params, x, observed if batched else _masked.plan(observed))
 
 
 # --- fitting ---------------------------------------------------------------------------------------
