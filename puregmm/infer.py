@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from puregmm import _validate, keys
+from puregmm import missing as _missing
 from puregmm.density import component_log_prob, log_prob
 from puregmm.params import GMMParams, precision_cholesky, weights
 
@@ -42,22 +43,28 @@ def _per_batch(params: GMMParams, x: Tensor, fn: Callable[[GMMParams, Tensor], T
     return fn(params, x)
 
 
-def score_samples(params: GMMParams, x: Any) -> Tensor:
+def score_samples(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
     """log p(x_n) [..., N]; the same as :func:`puregmm.log_prob`.
 
     Args:
         params: mixture params, optionally batched [B..., ...].
         x: data [N, D] or [B..., N, D] (array-likes are converted to the params' dtype).
+        missing: ``"raise"`` (default: a ValueError naming the first NaN entry) or ``"marginalize"``
+            (NaN entries missing at random, integrated out: :mod:`puregmm.missing`).
 
     Returns:
-        the log-density of each row, [N] (or [B..., N]).
+        the log-density of each row, [N] (or [B..., N]); with ``"marginalize"`` the density of
+        the row's observed entries (0 for a row with nothing observed).
 
     >>> import torch, puregmm as pg
     >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
     >>> pg.score_samples(p, [[0.0], [2.4], [5.0]])
     tensor([-1.6121, -4.0180, -1.6121])
+    >>> pg.score_samples(p, [[0.0], [float("nan")]], missing="marginalize")
+    tensor([-1.6121,  0.0000])
     """
-    return log_prob(params, _data(params, x))
+    x, observed = _missing.split(x, missing, "x", params.dtype, params.device)
+    return log_prob(params, _data(params, x), observed)
 
 
 def _weights(params: GMMParams, x: Tensor, sample_weight: Any) -> Tensor | None:
@@ -66,23 +73,26 @@ def _weights(params: GMMParams, x: Tensor, sample_weight: Any) -> Tensor | None:
     return _validate.sample_weight(sample_weight, x.shape[-2], x.dtype, x.device)
 
 
-def _log_lik_and_count(params: GMMParams, x: Any, sample_weight: Any) -> tuple[Tensor, Tensor]:
-    """Σ ω log p(x) [...] and Σ ω (or N)."""
+def _log_lik_and_count(params: GMMParams, x: Any, sample_weight: Any, missing: str) -> tuple[Tensor, Tensor]:
+    """Σ ω log p(x) [...] and Σ ω (or N; rows with missing entries count as rows)."""
+    x, observed = _missing.split(x, missing, "x", params.dtype, params.device)
     x = _data(params, x)
     w = _weights(params, x, sample_weight)
-    lp = log_prob(params, x)  # [..., N]
+    lp = log_prob(params, x, observed)  # [..., N]
     if w is None:
         return lp.sum(-1), torch.tensor(float(x.shape[-2]), dtype=lp.dtype)
     return torch.where(w > 0, lp * w, 0.0).sum(-1), w.sum()  # a zero weight drops a row, even one at infinity
 
 
-def score(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
+def score(params: GMMParams, x: Any, sample_weight: Any = None, missing: str = "raise") -> Tensor:
     """Mean (weighted) log-likelihood, 0-d (or [B...] for batched params) = -loss.
 
     Args:
         params: mixture params.
         x: data [N, D].
         sample_weight: optional [N] non-negative weights, not all zero (checked).
+        missing: ``"raise"`` (default: a ValueError naming the first NaN entry) or ``"marginalize"``
+            (NaN entries missing at random, integrated out: :mod:`puregmm.missing`).
 
     Returns:
         Σ ω log p(x_n) / Σ ω: 0-d, or [B...] for batched params.
@@ -92,19 +102,22 @@ def score(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
     >>> pg.score(p, [[0.0], [2.4], [5.0]])
     tensor(-2.4141)
     """
-    total, count = _log_lik_and_count(params, x, sample_weight)
+    total, count = _log_lik_and_count(params, x, sample_weight, missing)
     return total / count
 
 
-def predict_proba(params: GMMParams, x: Any) -> Tensor:
+def predict_proba(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
     """Responsibilities p(k | x_n) [..., N, K] = softmax_k(log w_k + log N(x_n | μ_k, Σ_k)).
 
     Args:
         params: mixture params, optionally batched [B..., ...].
         x: data [N, D] or [B..., N, D].
+        missing: ``"raise"`` (default: a ValueError naming the first NaN entry) or ``"marginalize"``
+            (NaN entries missing at random, integrated out: :mod:`puregmm.missing`).
 
     Returns:
-        [N, K] (or [B..., N, K]), each row summing to 1.
+        [N, K] (or [B..., N, K]), each row summing to 1 (with ``"marginalize"``, given the row's
+        observed entries: the weights for a row with nothing observed).
 
     >>> import torch, puregmm as pg
     >>> p = pg.from_moments(torch.tensor([0.5, 0.5]), torch.tensor([[0.0], [5.0]]), torch.ones(2, 1, 1))
@@ -112,16 +125,21 @@ def predict_proba(params: GMMParams, x: Any) -> Tensor:
     tensor([[1.0000, 0.0000],
             [0.6220, 0.3780]])
     """
+    x, observed = _missing.split(x, missing, "x", params.dtype, params.device)
+    if observed is not None:
+        return torch.softmax(_missing.joint(params, x, observed), -1)
     x = _data(params, x, at_infinity=False)
     return _per_batch(params, x, lambda p, xs: torch.softmax(component_log_prob(p, xs), -1))
 
 
-def predict(params: GMMParams, x: Any) -> Tensor:
+def predict(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
     """Most probable component [..., N] (int64), argmax_k of :func:`predict_proba`.
 
     Args:
         params: mixture params, optionally batched [B..., ...].
         x: data [N, D] or [B..., N, D].
+        missing: ``"raise"`` (default: a ValueError naming the first NaN entry) or ``"marginalize"``
+            (NaN entries missing at random, integrated out: :mod:`puregmm.missing`).
 
     Returns:
         component indices [N] (or [B..., N]), int64.
@@ -131,6 +149,9 @@ def predict(params: GMMParams, x: Any) -> Tensor:
     >>> pg.predict(p, [[0.0], [2.4], [5.0]])
     tensor([0, 0, 1])
     """
+    x, observed = _missing.split(x, missing, "x", params.dtype, params.device)
+    if observed is not None:
+        return _missing.joint(params, x, observed).argmax(-1)
     x = _data(params, x, at_infinity=False)
     return _per_batch(params, x, lambda p, xs: component_log_prob(p, xs).argmax(-1))
 
@@ -161,15 +182,18 @@ def n_parameters(params: GMMParams) -> Any:
     return int(per) if not params.batch_shape else per
 
 
-def bic(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
+def bic(params: GMMParams, x: Any, sample_weight: Any = None, missing: str = "raise") -> Tensor:
     """Bayesian information criterion, -2 Σ ω log p(x) + p·log(Σ ω) (lower is better).
 
-    Without weights Σ ω = N: scikit-learn's ``bic``. (Schwarz 1978.)
+    Without weights Σ ω = N: scikit-learn's ``bic``. (Schwarz 1978.) With
+    ``missing="marginalize"``, log p is each row's observed-data density and rows count as N.
 
     Args:
         params: mixture params, optionally batched (p counts live components per batch entry).
         x: data [N, D] (or [B..., N, D]).
         sample_weight: optional [N] non-negative weights, not all zero (checked).
+        missing: ``"raise"`` (default: a ValueError naming the first NaN entry) or ``"marginalize"``
+            (NaN entries missing at random, integrated out: :mod:`puregmm.missing`).
 
     Returns:
         0-d, or [B...] for batched params.
@@ -180,17 +204,19 @@ def bic(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
     >>> pg.bic(p, x), -2 * 3 * pg.score(p, x) + 5 * torch.log(torch.tensor(3.0))
     (tensor(19.9774), tensor(19.9774))
     """
-    total, count = _log_lik_and_count(params, x, sample_weight)
+    total, count = _log_lik_and_count(params, x, sample_weight, missing)
     return -2.0 * total + n_parameters(params) * torch.log(count)
 
 
-def aic(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
+def aic(params: GMMParams, x: Any, sample_weight: Any = None, missing: str = "raise") -> Tensor:
     """Akaike information criterion, -2 Σ ω log p(x) + 2p (lower is better; Akaike 1974).
 
     Args:
         params: mixture params, optionally batched.
         x: data [N, D] (or [B..., N, D]).
         sample_weight: optional [N] non-negative weights, not all zero (checked).
+        missing: ``"raise"`` (default: a ValueError naming the first NaN entry) or ``"marginalize"``
+            (NaN entries missing at random, integrated out: :mod:`puregmm.missing`).
 
     Returns:
         0-d, or [B...] for batched params.
@@ -200,7 +226,7 @@ def aic(params: GMMParams, x: Any, sample_weight: Any = None) -> Tensor:
     >>> pg.aic(p, [[0.0], [2.4], [5.0]])  # p = 5 free parameters
     tensor(24.4843)
     """
-    total, _ = _log_lik_and_count(params, x, sample_weight)
+    total, _ = _log_lik_and_count(params, x, sample_weight, missing)
     return -2.0 * total + 2.0 * n_parameters(params)
 
 
