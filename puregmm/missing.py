@@ -67,16 +67,18 @@ def raise_on_nan(x: Tensor, name: str = "x") -> None:
         )
 
 
-def split(
-    x: Any, missing: Any, name: str = "x", dtype: torch.dtype | None = None, device: torch.device | None = None
-) -> tuple[Any, Tensor | None]:
+def split(x: Any, missing: Any, name: str = "x", params: GMMParams | None = None) -> tuple[Any, Tensor | None]:
     """(``x``, observed mask or None) for an entry point's ``missing=``.
 
-    ``"raise"``: ``x`` as given (array-likes converted), after refusing NaN. ``"marginalize"``:
-    a tensor with its NaN entries set to 0 (ignored) and the mask ``~isnan(x)``, or None when
-    nothing is missing (the complete-data path, unchanged).
+    ``"raise"``: ``x`` as given, after refusing NaN. ``"marginalize"``: a tensor with its NaN
+    entries set to 0 (ignored) and the mask ``~isnan(x)``, or None when nothing is missing (the
+    complete-data path, unchanged). Array-likes are converted to ``params``' dtype and device
+    (``params`` checked first).
     """
+    if params is not None:
+        _validate.params(params)
     check(missing)
+    dtype, device = (None, None) if params is None else (params.dtype, params.device)
     t = x if isinstance(x, Tensor) else _validate.as_float_tensor(x, name, dtype).to(device)
     if missing == "raise":
         raise_on_nan(t, name)
