@@ -63,7 +63,7 @@ def score_samples(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
     >>> pg.score_samples(p, [[0.0], [float("nan")]], missing="marginalize")
     tensor([-1.6121,  0.0000])
     """
-    x, observed = _missing.split(x, missing, "x", params.dtype, params.device)
+    x, observed = _missing.split(x, missing, "x", params)
     return log_prob(params, _data(params, x), observed)
 
 
@@ -75,7 +75,7 @@ def _weights(params: GMMParams, x: Tensor, sample_weight: Any) -> Tensor | None:
 
 def _log_lik_and_count(params: GMMParams, x: Any, sample_weight: Any, missing: str) -> tuple[Tensor, Tensor]:
     """Σ ω log p(x) [...] and Σ ω (or N; rows with missing entries count as rows)."""
-    x, observed = _missing.split(x, missing, "x", params.dtype, params.device)
+    x, observed = _missing.split(x, missing, "x", params)
     x = _data(params, x)
     w = _weights(params, x, sample_weight)
     lp = log_prob(params, x, observed)  # [..., N]
@@ -125,7 +125,7 @@ def predict_proba(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
     tensor([[1.0000, 0.0000],
             [0.6220, 0.3780]])
     """
-    x, observed = _missing.split(x, missing, "x", params.dtype, params.device)
+    x, observed = _missing.split(x, missing, "x", params)
     if observed is not None:
         return torch.softmax(_missing.joint(params, x, observed), -1)
     x = _data(params, x, at_infinity=False)
@@ -149,7 +149,7 @@ def predict(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
     >>> pg.predict(p, [[0.0], [2.4], [5.0]])
     tensor([0, 0, 1])
     """
-    x, observed = _missing.split(x, missing, "x", params.dtype, params.device)
+    x, observed = _missing.split(x, missing, "x", params)
     if observed is not None:
         return _missing.joint(params, x, observed).argmax(-1)
     x = _data(params, x, at_infinity=False)
