@@ -34,7 +34,6 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from puregmm import _validate, keys
-from puregmm.density import log_prob
 from puregmm.density import loss as nll
 from puregmm.optim import Optimizer, apply_updates
 from puregmm.params import GMMParams
@@ -214,16 +213,15 @@ def step(
     (tensor(1), True, True)
     """
     _validate.data_shape(state.params, batch, "batch")
+    if observed is not None and reduce is not None:
+        raise ValueError("step: observed= (missing entries) does not combine with reduce=")
+    # one gradient path: the mean NLL's (the fused loss), on one process or on this rank's rows
+    grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight, observed)
     if observed is not None:
-        if reduce is not None:
-            raise ValueError("step: observed= (missing entries) does not combine with reduce=")
-        grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight, observed)
         mask = getattr(observed, "observed", observed)  # a mask, or a plan of one (puregmm._masked.Plan)
         batch = torch.where(mask, batch, torch.nan)  # the reset draws complete rows only
-    elif reduce is None:
-        grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight)
-    else:
-        grads, value = _global_grad(state.params, batch, sample_weight, reduce)
+    if reduce is not None:
+        grads, value = _global_mean(grads, value, batch, sample_weight, reduce)
     updates, opt_state = state.optimizer.update(grads, state.opt_state, state.params)
     params = apply_updates(state.params, updates)
     params, opt_state, n_bad = reset_collapsed(
@@ -234,18 +232,13 @@ def step(
     )
 
 
-def _global_grad(params: GMMParams, batch: Tensor, sample_weight: Tensor | None, reduce: Any) -> tuple[Any, Tensor]:
-    """(∇ mean NLL, mean NLL) over the union of every rank's ``batch``: per-rank sums of the
-    weighted NLL and its gradient, all-reduced, divided by the all-reduced weight sum."""
-
-    def total(p: GMMParams) -> Tensor:
-        lp = log_prob(p, batch)  # [N]
-        return -(lp if sample_weight is None else lp * sample_weight).sum()
-
-    grads, value = torch.func.grad_and_value(total)(params)
+def _global_mean(grads: Any, value: Tensor, batch: Tensor, sample_weight: Tensor | None, reduce: Any) -> tuple:
+    """(∇ mean NLL, mean NLL) over the union of every rank's ``batch`` from this rank's mean and
+    its gradient: each scaled to this rank's sum by its weight, all-reduced, divided by the
+    all-reduced weight sum (the gradient of the global mean, not a mean of per-rank means)."""
     count = batch.new_tensor(float(batch.shape[0])) if sample_weight is None else sample_weight.sum()
-    grads, value, count = reduce.sum((grads, value, count))
-    return pytree.tree_map(lambda g: g / count, grads), value / count
+    grads, value, total = reduce.sum((pytree.tree_map(lambda g: g * count, grads), value * count, count))
+    return pytree.tree_map(lambda g: g / total, grads), value / total
 
 
 def _shared_draw(reduce: Any, x: Tensor, valid: Tensor, u: Tensor, min_variance: float) -> tuple[Tensor, Tensor]:
