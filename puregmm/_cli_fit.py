@@ -37,6 +37,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     _check_folder(out, args)
     if args.distributed:
         return _fit_distributed(args, out)
+    if args.components == "auto" and args.missing == "marginalize":
+        raise UsageError("--missing marginalize needs a number of components, not --components auto")
     if args.components == "auto" and not hasattr(pg, "select"):
         raise UsageError(
             "--components auto is not yet available: this puregmm has no pg.select; pass a number, e.g. --components 5"
@@ -57,6 +59,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     messages = _print_warnings(caught)
     report = report_dict(args, x, params, fitted, table, seconds, messages)
+    if bool(torch.isnan(x).any()):  # --missing marginalize: the picture shows the rows imputed
+        x = pg.impute(params, x)
     wrote = _write_results(out, args, params, report, x, None if fitted is None else fitted.history, table)
     _print_summary(report, params, seconds, out, wrote)
     return 0
@@ -173,7 +177,10 @@ def _run_fit(x: torch.Tensor, args: argparse.Namespace, fit_kwargs: dict[str, An
     """(params, FitResult or None, selection table or None)."""
     if args.components == "auto":
         return _fit_auto(x, args)
-    fitted = pg.fit(x, args.components, args.family, progress=not args.quiet, **_fit_options(args), **fit_kwargs)
+    fitted = pg.fit(
+        x, args.components, args.family, progress=not args.quiet, missing=args.missing, **_fit_options(args),
+        **fit_kwargs,
+    )  # fmt: skip
     return fitted.params, fitted, None
 
 
@@ -213,6 +220,8 @@ def _fit_distributed(args: argparse.Namespace, out: Path) -> int:
 
     if args.components == "auto":
         raise UsageError("--distributed needs a number of components, not --components auto")
+    if args.missing == "marginalize":
+        raise UsageError("--missing marginalize fits in one process; drop --distributed")
     if Path(args.data).suffix.lower() != ".npy":
         raise UsageError(f"--distributed reads a memory-mapped .npy (each rank its slice); got {args.data!r}")
     owned = not dist.is_initialized()

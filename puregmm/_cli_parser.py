@@ -1,4 +1,4 @@
-"""The CLI's argument parser: four sub-commands, and argument types that refuse bad values.
+"""The CLI's argument parser: five sub-commands, and argument types that refuse bad values.
 
 Numbers are checked as they are parsed (argparse then exits 2 with the usage line): counts are
 positive, tolerances positive and finite, ``--threads`` between 1 and this machine's CPU count
@@ -16,7 +16,7 @@ from typing import Any
 import puregmm as pg
 from puregmm._cli_common import PROG
 from puregmm._cli_fit import CHECKPOINT, cmd_fit
-from puregmm._cli_use import cmd_demo, cmd_sample, cmd_score
+from puregmm._cli_use import cmd_demo, cmd_impute, cmd_sample, cmd_score
 from puregmm.data import SUFFIXES
 from puregmm.families import FAMILIES
 
@@ -27,17 +27,18 @@ _FMT = argparse.RawDescriptionHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its four sub-commands."""
+    """The argument parser with its five sub-commands."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=_FMT,
-        description="Gaussian mixture models in PyTorch: fit, score, sample, demo.",
+        description="Gaussian mixture models in PyTorch: fit, score, sample, impute, demo.",
         epilog=(
             "examples:\n"
             "  puregmm demo --out demo.png\n"
             "  puregmm fit data.csv --components 5 --family full --out run/\n"
             "  puregmm score run/model.safetensors data.csv --out scores.csv\n"
-            "  puregmm sample run/model.safetensors 1000 --seed 0 --out samples.npy\n\n"
+            "  puregmm sample run/model.safetensors 1000 --seed 0 --out samples.npy\n"
+            "  puregmm impute run/model.safetensors holes.csv --out filled.csv\n\n"
             "Run `puregmm COMMAND --help` for a command's options. "
             "Exit codes: 0 ok, 2 bad usage or input, 1 other errors (a bug)."
         ),
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub, common)
     _add_score(sub, common)
     _add_sample(sub, common)
+    _add_impute(sub, common)
     _add_demo(sub, common)
     return parser
 
@@ -110,6 +112,13 @@ def _add_fit(sub: Any, common: argparse.ArgumentParser) -> None:
         help=f"with --components auto, try K = 1..KMAX (default {AUTO_MAX_COMPONENTS})",
     )
     p.add_argument("--dtype", choices=("float32", "float64"), help="compute dtype (default: the data's float type)")
+    p.add_argument(
+        "--missing",
+        default="raise",
+        choices=("raise", "marginalize"),
+        help="NaN entries: raise (default: an error naming the first) or marginalize (missing at random, "
+        "integrated out: EM for incomplete data)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--resume", action="store_true", help=f"continue the fit from DIR/{CHECKPOINT} (same settings)")
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="checkpoint every N steps")
@@ -157,6 +166,26 @@ def _add_sample(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="random key (default 0)")
     p.add_argument("--out", default="samples.npy", metavar="NPY", help="output .npy file (default samples.npy)")
     p.set_defaults(handler=cmd_sample)
+
+
+def _add_impute(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "impute",
+        parents=[common],
+        formatter_class=_FMT,
+        help="fill the NaN entries of a data file with their conditional means",
+        description=(
+            "Replace every NaN entry of DATA by its conditional mean given the row's observed entries\n"
+            "under MODEL (pg.impute), and write the result to FILE in DATA's format (same suffix;\n"
+            "a CSV/TSV keeps its header). A file without NaN is copied unchanged; ±Inf is an error.\n"
+            "Written whole, once DATA is checked; never over MODEL or DATA."
+        ),
+        epilog="example:\n  puregmm impute run/model.safetensors holes.csv --out filled.csv",
+    )
+    p.add_argument("model", metavar="MODEL", help="a model file written by `puregmm fit` or pg.save")
+    p.add_argument("data", metavar="DATA", help=f"data file ({', '.join(SUFFIXES)}) with NaN marking missing entries")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file, in DATA's format")
+    p.set_defaults(handler=cmd_impute)
 
 
 def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:

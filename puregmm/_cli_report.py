@@ -26,7 +26,8 @@ def report_dict(
     """The JSON-ready report; non-finite numbers become ``null``."""
     with torch.no_grad():
         loss = float(pg.loss(params, x)) if fitted is None else float(fitted.loss)
-        bic, aic = float(pg.bic(params, x)), float(pg.aic(params, x))
+        missing = getattr(args, "missing", "raise")  # --missing marginalize: observed-data likelihoods, N rows
+        bic, aic = float(pg.bic(params, x, missing=missing)), float(pg.aic(params, x, missing=missing))
     report = {
         "family": params.family,
         "K": params.n_components,

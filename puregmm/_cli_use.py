@@ -1,4 +1,4 @@
-"""The CLI's ``score``, ``sample`` and ``demo`` commands: use a model, or show one being fitted.
+"""The CLI's ``score``, ``sample``, ``impute`` and ``demo`` commands: use a model, or show one being fitted.
 
 Each command checks its inputs and its outputs (writable, not an input) before any work, and
 writes every file whole or not at all (:mod:`puregmm._files`).
@@ -7,11 +7,13 @@ writes every file whole or not at all (:mod:`puregmm._files`).
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from puregmm._cli_common import (
     tensor,
     write_figure,
 )
-from puregmm.data import load_data
+from puregmm.data import _is_number, load_data
 
 SCORE_CHUNK = 65536  # rows scored at a time: bounded memory on memory-mapped .npy files
 SAMPLE_BUFFERS = 6  # 8-byte tensors of [N, D + 1] that pg.sample's hashes and uniforms hold at once, about
@@ -145,3 +147,79 @@ def _points_bytes(x: torch.Tensor, path: str) -> bytes:
     if path.lower().endswith(".npy"):
         return npy_bytes(arr)
     return csv_bytes(arr, ",".join(f"x{i + 1}" for i in range(arr.shape[1])), "%.9g")
+
+
+def cmd_impute(args: argparse.Namespace) -> int:
+    """DATA with every NaN entry replaced by E[x_missing | x_observed] under MODEL (``pg.impute``),
+    written to --out in DATA's format; a file without NaN is copied unchanged."""
+    src, dst = Path(args.data), Path(args.out)
+    if src.suffix.lower() != dst.suffix.lower():
+        raise UsageError(
+            f"--out must end in DATA's suffix {src.suffix!r} (impute writes DATA's format); got {args.out!r}"
+        )
+    check_outputs({"--out": args.out}, {"MODEL": args.model, "DATA": args.data})
+    params = load_model(args.model)
+    arr = load_data(args.data)
+    if arr.shape[1] != params.dim:
+        raise UsageError(
+            f"DATA {args.data!r} has D={arr.shape[1]} columns but the model has D={params.dim}; "
+            "impute data with the columns the model was fitted on"
+        )
+    x = tensor(arr, None).to(params.dtype)
+    inf = torch.isinf(x)
+    if bool(inf.any()):
+        first = tuple(torch.nonzero(inf)[0].tolist())
+        raise UsageError(
+            f"DATA {args.data!r} holds {float(x[first]):+} at (row, column) {first}; only NaN marks a missing value"
+        )
+    n_missing = int(torch.isnan(x).sum())
+    if n_missing == 0:
+        _files.write_atomic(args.out, src.read_bytes())
+        print(f"impute: no missing entries in {args.data}; copied unchanged -> {args.out}")
+        return 0
+    with torch.no_grad():
+        filled = pg.impute(params, x).cpu().numpy()
+    _files.write_atomic(args.out, _table_bytes(filled, arr, src))
+    print(f"impute: filled {n_missing} missing entries in {arr.shape[0]} rows -> {args.out}")
+    return 0
+
+
+def _table_bytes(filled: np.ndarray, arr: np.ndarray, src: Path) -> bytes:
+    """``filled`` encoded as DATA's format: .npy in DATA's float dtype, CSV/TSV with DATA's header
+    line and delimiter, parquet with DATA's column names."""
+    suffix = src.suffix.lower()
+    if suffix == ".npy":
+        return npy_bytes(filled.astype(arr.dtype if arr.dtype.kind == "f" else np.float64))
+    names = _column_names(src, arr.shape[1])
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.table({name: filled[:, i] for i, name in enumerate(names)}), buf)
+        return buf.getvalue()
+    delimiter = "\t" if suffix == ".tsv" else ","
+    header = _header_line(src, delimiter) or ""
+    lines = (delimiter.join(map(repr, row)) for row in filled.tolist())  # shortest round-trip decimals
+    return (header + "\n".join(lines) + "\n").encode()
+
+
+def _header_line(src: Path, delimiter: str) -> str | None:
+    """DATA's header row (a first row with a non-numeric field), re-encoded, or None."""
+    with open(src, newline="", encoding="utf-8-sig") as f:
+        first = next((row for row in csv.reader(f, delimiter=delimiter) if row), None)
+    if first is None or all(_is_number(v) for v in first):
+        return None
+    buf = io.StringIO()
+    csv.writer(buf, delimiter=delimiter, lineterminator="\n").writerow(first)
+    return buf.getvalue()
+
+
+def _column_names(src: Path, d: int) -> list[str]:
+    """Parquet column names of DATA (or x1..xD)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(src).names)[:d]
+    except Exception:  # any reader problem: generic names
+        return [f"x{i + 1}" for i in range(d)]

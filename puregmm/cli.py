@@ -1,4 +1,4 @@
-"""The ``puregmm`` command line: ``fit``, ``score``, ``sample`` and ``demo``.
+"""The ``puregmm`` command line: ``fit``, ``score``, ``sample``, ``impute`` and ``demo``.
 
 The CLI only reads files, calls the library and writes files; all maths is in the library.
 The parser is in :mod:`puregmm._cli_parser`, the commands in :mod:`puregmm._cli_fit` and
@@ -13,9 +13,9 @@ The parser is in :mod:`puregmm._cli_parser`, the commands in :mod:`puregmm._cli_
 * 1: anything else, a genuine bug, with its traceback.
 * 130: interrupted (Ctrl-C); a file being written is left as it was.
 
-Every file the CLI writes (model, checkpoint, report, picture, scores, samples, points) is
-checked before any work and written whole or not at all, to the resolved target, never over
-an input (:mod:`puregmm._files`).
+Every file the CLI writes (model, checkpoint, report, picture, scores, samples, imputed data,
+points) is checked before any work and written whole or not at all, to the resolved target,
+never over an input (:mod:`puregmm._files`).
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def test_fit_bad_data_exits_2(tmp_path: Path, capsys) -> None:
     x[7, 1] = np.nan
     np.save(tmp_path / "nan.npy", x)
     assert cli.main(["fit", str(tmp_path / "nan.npy"), "-k", "2", "--out", str(tmp_path / "o")]) == 2
-    assert "NaN or Inf (first bad rows: [7])" in capsys.readouterr().err
+    assert "data holds NaN at index (7, 1)" in capsys.readouterr().err  # fit's missing="raise"
     (tmp_path / "file").write_text("")
     assert cli.main(["fit", str(tmp_path / "nan.npy"), "-k", "2", "--out", str(tmp_path / "file")]) == 2
     assert "is not a folder" in capsys.readouterr().err

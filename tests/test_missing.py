@@ -278,3 +278,68 @@ def test_missing_raise_names_the_first_nan_entry_and_other_values_are_refused():
         pg.fit(x, 2)
     with pytest.raises(ValueError, match=r"missing must be one of \('raise', 'marginalize'\); got 'drop'"):
         pg.fit(x, 2, missing="drop")
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def holes_csv(tmp_path):
+    x, _ = mixture_data(2, 3, 200, separation=5.0, seed=14)
+    gen = torch.Generator().manual_seed(15)
+    holes = torch.where(torch.rand(200, 3, generator=gen) < 0.2, torch.nan, x).numpy()
+    path = tmp_path / "holes.csv"
+    np.savetxt(path, holes, delimiter=",", header="a,b,c", comments="", fmt="%.17g")
+    return path, holes
+
+
+def test_cli_fit_missing_marginalize_and_impute(tmp_path, holes_csv, capsys):
+    from puregmm import cli
+
+    path, holes = holes_csv
+    assert cli.main(["fit", str(path), "-k", "2", "--out", str(tmp_path / "raise"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "data holds NaN at index" in err and len(err.strip().splitlines()) == 1
+    out = tmp_path / "run"
+    assert cli.main(["fit", str(path), "-k", "2", "--missing", "marginalize", "--out", str(out), "-q"]) == 0
+    params = pg.load(out / "model.safetensors")
+    report = __import__("json").loads((out / "report.json").read_text())
+    x = torch.as_tensor(holes)
+    assert report["N"] == 200
+    np.testing.assert_allclose(report["bic"], float(pg.bic(params, x, missing="marginalize")), rtol=1e-12)
+
+    filled = tmp_path / "filled.csv"
+    assert cli.main(["impute", str(out / "model.safetensors"), str(path), "--out", str(filled)]) == 0
+    assert filled.read_text().splitlines()[0] == "a,b,c"  # the header is kept
+    got = np.loadtxt(filled, delimiter=",", skiprows=1)
+    want = pg.impute(params, x).numpy()
+    observed = ~np.isnan(holes)
+    assert np.array_equal(got[observed], holes[observed])  # observed entries written back exactly
+    np.testing.assert_allclose(got, want, rtol=0, atol=0)  # repr: shortest round-trip decimals
+
+    npy = tmp_path / "holes.npy"
+    np.save(npy, holes.astype(np.float32))
+    assert cli.main(["impute", str(out / "model.safetensors"), str(npy), "--out", str(tmp_path / "f.npy")]) == 0
+    arr = np.load(tmp_path / "f.npy")
+    assert arr.dtype == np.float32 and not np.isnan(arr).any()
+
+
+def test_cli_impute_copies_a_complete_file_and_refuses_inf(tmp_path, holes_csv, capsys):
+    from puregmm import cli
+
+    path, holes = holes_csv
+    model = tmp_path / "m.safetensors"
+    pg.save(random_params("diagonal", 2, 3, seed=16), model)
+    clean = tmp_path / "clean.csv"
+    clean.write_text("a,b,c\n1.5,2,3e-1\n4,5.25,6\n")
+    assert cli.main(["impute", str(model), str(clean), "--out", str(tmp_path / "same.csv")]) == 0
+    assert (tmp_path / "same.csv").read_bytes() == clean.read_bytes()
+    bad = np.nan_to_num(holes[:5], nan=0.0)
+    bad[2, 1] = -np.inf
+    np.save(tmp_path / "inf.npy", bad)
+    capsys.readouterr()
+    assert cli.main(["impute", str(model), str(tmp_path / "inf.npy"), "--out", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-inf at (row, column) (2, 1)" in err[0]
+    assert not (tmp_path / "o.npy").exists()
+    assert cli.main(["impute", str(model), str(path), "--out", str(tmp_path / "o.npy")]) == 2  # another format
