@@ -256,15 +256,19 @@ def same_dtype(t: Tensor, dtype: torch.dtype, name: str) -> None:
         )
 
 
+#: The params class, registered by :mod:`puregmm.params` where it is defined (so that this module,
+#: which params.py uses, does not import it back).
+PARAMS_TYPE: Any = None
+
+
 def params_structure(p: Any, name: str = "params") -> None:
     """Static checks of params: a :class:`GMMParams` of a known family whose leaves are float
     tensors of one dtype (not half) on one device, with shapes logits [B..., K],
     means [B..., K, D] and the family's scale [B..., *scale_shape(K, D)], K, D >= 1. Reads no
     values (kernels call it, under ``vmap`` and ``torch.compile``)."""
     from puregmm.families import get_family
-    from puregmm.params import GMMParams
 
-    if not isinstance(p, GMMParams):
+    if PARAMS_TYPE is None or not isinstance(p, PARAMS_TYPE):
         raise TypeError(
             f"{name} must be GMMParams (from pg.fit(...).params, pg.init or pg.from_moments); got {type(p).__name__}"
         )

@@ -96,6 +96,7 @@ def _flatten_with_keys(p: GMMParams) -> tuple[list[tuple[Any, Tensor]], str]:
     return [(pytree.GetAttrKey(n), getattr(p, n)) for n in names], p.family
 
 
+_validate.PARAMS_TYPE = GMMParams  # the entry checks recognise params by this class
 pytree.register_pytree_node(
     GMMParams,
     _flatten,
