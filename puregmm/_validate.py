@@ -8,6 +8,7 @@ static shapes and so work under ``vmap`` and ``torch.compile(fullgraph=True)``. 
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,7 +75,7 @@ def n_components(k: Any, n: int) -> int:
     if k < 1:
         raise ValueError(f"n_components must be >= 1; got {k}")
     if k > n:
-        raise ValueError(f"n_components={k} is more than the number of samples N={n}")
+        raise ValueError(f"n_components={k} is more than the number of samples N={n} (rows of the data)")
     return int(k)
 
 
@@ -218,8 +219,8 @@ def positive_int(v: Any, name: str) -> int:
     """A positive ``int`` (bool refused): ``TypeError`` for another type, ``ValueError`` below 1."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be a positive int; got {type(v).__name__} {v!r}")
-    if v < 1:
-        raise ValueError(f"{name} must be a positive int; got {v!r}")
+    if not 1 <= v < 2**63:
+        raise ValueError(f"{name} must be a positive int (below 2**63); got {v!r}")
     return int(v)
 
 
@@ -389,3 +390,46 @@ def magnitude(t: Tensor, name: str, scale: float = 1.0) -> None:
             "was scaled for the rows it was initialised from and their squares would overflow; fit in memory "
             "(pg.fit on a tensor standardises all rows) or pass init_params fitted on data like these rows"
         )
+
+
+def kernel_weight(w: Any, x: Tensor, batch: tuple[int, ...] = (), name: str = "sample_weight") -> None:
+    """Static check of a kernel's weights: ``None``, or a tensor of ``x``'s dtype with one weight
+    per row of x [..., N, D]: [N], or [*batch, N] per batch entry (values are not read)."""
+    if w is None:
+        return
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name} must be None or a tensor [N] of x's dtype; got {type(w).__name__}")
+    same_dtype(w, x.dtype, name)
+    n = x.shape[-2]
+    if tuple(w.shape) not in ((n,), (*batch, n)):
+        raise ValueError(
+            f"{name} must have shape ({n},) or {(*batch, n)}, one weight per row of x; got {tuple(w.shape)}"
+        )
+
+
+def flag(v: Any, name: str) -> bool:
+    """A ``bool`` (NumPy bools too)."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {type(v).__name__} {v!r}")
+    return bool(v)
+
+
+def path(p: Any, name: str = "path") -> Any:
+    """A file path: ``str`` or ``os.PathLike``."""
+    if not isinstance(p, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (str or os.PathLike); got {type(p).__name__} {p!r}")
+    return p
+
+
+def unbatched(params: GMMParams, what: str) -> None:
+    """Static: ``what`` takes one mixture; batched params go through ``torch.func.vmap``."""
+    if params.batch_shape:
+        raise ValueError(
+            f"{what} needs unbatched params (vmap it over batched ones); got batch dims {params.batch_shape}"
+        )
+
+
+def eager(t: Tensor) -> bool:
+    """Whether ``t`` is a plain tensor outside ``torch.compile`` and ``torch.func`` transforms,
+    where a value check may read it."""
+    return not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(t)

@@ -47,8 +47,9 @@ __all__ = ["condition", "impute", "marginal", "mixture_covariance", "mixture_mea
 
 
 def _params(params: Any) -> GMMParams:
+    """Checked params: the structure always, the values when eager (not under vmap/compile)."""
     _validate.params_structure(params)
-    return params  # type: ignore[no-any-return]
+    return _validate.params(params) if _validate.eager(params.means) else params
 
 
 def _dims(params: GMMParams, dims: Any, *, keep_one: bool) -> list[int]:
@@ -90,7 +91,7 @@ def _values(params: GMMParams, values: Any, n_given: int) -> Tensor:
         raise ValueError(
             f"values must have shape [..., {n_given}] (one entry per dim given); got shape {tuple(values.shape)}"
         )
-    eager = not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(values)
+    eager = _validate.eager(values)
     if eager and values.numel() and not bool(torch.isfinite(values).all()):
         first = tuple(torch.nonzero(~torch.isfinite(values))[0].tolist())
         raise ValueError(

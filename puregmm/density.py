@@ -105,6 +105,8 @@ def component_log_prob(params: GMMParams, x: Tensor, observed: Observed | None =
     tensor([[ -1.6121, -14.1121],
             [-14.1121,  -1.6121]])
     """
+    _validate.data_shape(params, x)
+    _validate.unbatched(params, "component_log_prob")
     if observed is not None:
         return masked_rows(params, x, _masked.as_plan(observed, x), _segment_joint)
     w = whitening(params)
@@ -204,6 +206,7 @@ def loss(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None, obse
     (tensor(1.6121), torch.Size([2, 1]))
     """
     _validate.data_shape(params, x)
+    _validate.kernel_weight(sample_weight, x, params.batch_shape)
     if observed is not None:
         lp = log_prob(params, x, observed)  # [B..., N]
         if sample_weight is None:

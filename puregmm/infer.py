@@ -43,6 +43,21 @@ def _per_batch(params: GMMParams, x: Tensor, fn: Callable[[GMMParams, Tensor], T
     return fn(params, x)
 
 
+def _joint(params: GMMParams, x: Any) -> Tensor:
+    """log w_k + log N(x_n | μ_k, Σ_k) [..., N, K] of checked rows; a row whose every component
+    log-density is -inf (so far out that its squared distances overflow) has no most probable
+    component, and is refused rather than given NaN responsibilities."""
+    joint = _per_batch(params, _data(params, x, at_infinity=False), component_log_prob)
+    lost = torch.isneginf(joint).all(-1).reshape(-1)  # [B·N]
+    if bool(lost.any()):
+        rows = torch.nonzero(lost).flatten()[:5].tolist()
+        raise ValueError(
+            f"x rows {rows} are so far from every component that their densities underflow to 0 "
+            "(log-density -inf): no component is most probable there; check their scale or drop them"
+        )
+    return joint
+
+
 def score_samples(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
     """log p(x_n) [..., N]; the same as :func:`puregmm.log_prob`.
 
@@ -128,8 +143,7 @@ def predict_proba(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
     x, observed = _missing.split(x, missing, "x", params)
     if observed is not None:
         return torch.softmax(_missing.joint(params, x, observed), -1)
-    x = _data(params, x, at_infinity=False)
-    return _per_batch(params, x, lambda p, xs: torch.softmax(component_log_prob(p, xs), -1))
+    return torch.softmax(_joint(params, x), -1)
 
 
 def predict(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
@@ -152,8 +166,7 @@ def predict(params: GMMParams, x: Any, missing: str = "raise") -> Tensor:
     x, observed = _missing.split(x, missing, "x", params)
     if observed is not None:
         return _missing.joint(params, x, observed).argmax(-1)
-    x = _data(params, x, at_infinity=False)
-    return _per_batch(params, x, lambda p, xs: component_log_prob(p, xs).argmax(-1))
+    return _joint(params, x).argmax(-1)
 
 
 def n_parameters(params: GMMParams) -> Any:
@@ -257,8 +270,7 @@ def sample(params: GMMParams, n: int, *, key: Any) -> tuple[Tensor, Tensor]:
     _validate.params(params)
     if params.batch_shape:
         raise ValueError(f"sample needs unbatched params; got batch dims {params.batch_shape}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int (the number of samples); got {n!r}")
+    n = _validate.positive_int(n, "n (the number of samples)")
     key = _validate.key(key)
     k, d, dev, dt = params.n_components, params.dim, params.device, params.dtype
     rows = torch.arange(n, device=dev)

@@ -36,6 +36,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from puregmm import _validate
 from puregmm._files import write_atomic
 from puregmm.families import FAMILIES, Family, get_family
 from puregmm.params import GMMParams
@@ -95,7 +96,7 @@ def save(params: GMMParams, path: PathLike) -> None:
     GMMParams(family='full', K=2, D=2, dtype=float32, device=cpu)
     """
     meta = _params_meta(params)
-    _check_params(_leaves(params), meta, f"params (nothing saved to {os.fspath(path)!r})")
+    _check_params(_leaves(params), meta, f"params (nothing saved to {os.fspath(_validate.path(path))!r})")
     save_tree(params, path, meta, kind=PARAMS_KIND)
 
 
@@ -123,7 +124,7 @@ def load(path: PathLike, *, device: Any = None) -> GMMParams:
     >>> q.family, all(torch.equal(getattr(p, f), getattr(q, f)) for f in ("logits", "means", "scale"))
     ('diagonal', True)
     """
-    tensors, meta = _read(path, PARAMS_KIND)
+    tensors, meta = _read(_validate.path(path), PARAMS_KIND)
     spec = _check_params(tensors, meta, f"{os.fspath(path)!r}")
     params = GMMParams(tensors["logits"], tensors["means"], tensors["scale"], spec.name)
     return params if device is None else params.to(device)
@@ -153,6 +154,7 @@ def save_tree(tree: Any, path: PathLike, metadata: dict[str, str] | None = None,
     >>> pg.load_tree(path).metadata["note"]
     'run 3'
     """
+    _validate.path(path)
     tensors = _flatten(tree)
     meta = dict(metadata or {})
     for key, value in meta.items():
@@ -199,7 +201,7 @@ def load_tree(path: PathLike, like: Any = None, *, kind: str = "tree") -> TreeFi
     >>> pg.load_tree(path, like={"w": torch.zeros(2), "b": torch.zeros(())}).tree
     {'w': tensor([1., 1.]), 'b': tensor(0.)}
     """
-    tensors, meta = _read(path, kind)
+    tensors, meta = _read(_validate.path(path), kind)
     if like is None:
         return TreeFile(tensors, meta)
     return TreeFile(_unflatten_like(tensors, like, repr(os.fspath(path))), meta)
@@ -305,9 +307,11 @@ def _flatten(tree: Any) -> dict[str, Tensor]:
         if name in out:
             raise ValueError(f"two leaves are both named {name!r}; rename a key (dots in dict keys clash)")
         if not isinstance(leaf, Tensor):
-            raise TypeError(f"every leaf must be a torch.Tensor; leaf {name!r} is {type(leaf).__name__} (wrap it)")
+            raise TypeError(
+                f"tree: every leaf must be a torch.Tensor; leaf {name!r} is {type(leaf).__name__} (wrap it)"
+            )
         if _dtype_name(leaf.dtype) not in _DTYPES:
-            raise TypeError(f"leaf {name!r} has dtype {leaf.dtype}; supported: {sorted(_DTYPES)}")
+            raise TypeError(f"tree: leaf {name!r} has dtype {leaf.dtype}; supported: {sorted(_DTYPES)}")
         out[name] = leaf.detach().to("cpu", copy=True).contiguous()  # a copy: no shared storage
     return out
 

@@ -113,6 +113,7 @@ def run(
             does; the result is the same).
     """
     checkpoint_every = _validate.positive_int(checkpoint_every, "checkpoint_every")
+    progress = _validate.flag(progress, "progress")
     meta = dict(meta or {})
     b = pytree.tree_leaves(states)[0].shape[0]
     device = pytree.tree_leaves(states)[0].device

@@ -64,6 +64,8 @@ def _check_int(value: Any, name: str) -> int:
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1; got {value}")
+    if value >= 2**63:
+        raise ValueError(f"{name} must be below 2**63; got {value}")
     return value
 
 

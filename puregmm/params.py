@@ -184,7 +184,7 @@ def pad_components(params: GMMParams, n_components: int) -> GMMParams:
     """
     _validate.params_structure(params)
     k = params.n_components
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < k:
+    if isinstance(n_components, bool) or not isinstance(n_components, int) or not k <= n_components < 2**63:
         raise ValueError(f"n_components must be an int >= K={k}; got {n_components!r}")
     extra = n_components - k
     if extra == 0:

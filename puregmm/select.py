@@ -157,9 +157,8 @@ def select(
     """
     data = _validate.data(x, "x")
     n = data.shape[0]
-    if not isinstance(criterion, str) or criterion.lower() not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
-    criterion = criterion.lower()
+    criterion = _criterion(criterion)
+    progress = _validate.flag(progress, "progress")
     ks = _components(n_components, n)
     fams = _families(families)
     bad = sorted(set(fit_kwargs) & set(_OWNED))
@@ -218,7 +217,8 @@ def format_table(table: Iterable[SelectionRow], criterion: str = "bic") -> str:
       family  K        bic        aic      loss  converged  steps  resets
     * full    2         10          8       1.5  yes           12       0
     """
-    rows = list(table)
+    rows = _rows(table)
+    criterion = _criterion(criterion)
     if not rows:
         return "(no candidates)"
     best = _best_index(rows, criterion)
@@ -231,6 +231,23 @@ def format_table(table: Iterable[SelectionRow], criterion: str = "bic") -> str:
             f"{'yes' if r.converged else 'no':<9} {r.n_steps:>6} {r.n_resets:>7}"
         )
     return "\n".join(lines)
+
+
+def _criterion(criterion: Any) -> str:
+    if not isinstance(criterion, str) or criterion.lower() not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
+    return criterion.lower()
+
+
+def _rows(table: Any) -> list[SelectionRow]:
+    """``table`` as a list of :class:`SelectionRow` (any iterable of them)."""
+    if isinstance(table, (str, bytes, torch.Tensor, np.ndarray)) or not isinstance(table, Iterable):
+        raise TypeError(f"table must be an iterable of SelectionRow (pg.select(...).table); got {type(table).__name__}")
+    rows = list(table)
+    bad = [type(r).__name__ for r in rows if not isinstance(r, SelectionRow)]
+    if bad:
+        raise TypeError(f"table must hold SelectionRow rows (pg.select(...).table); got {bad[:3]}")
+    return rows
 
 
 def _num(v: float, width: int) -> str:
@@ -249,6 +266,8 @@ def _best_index(rows: Any, criterion: str) -> int:
 
 
 def _components(n_components: Any, n: int) -> list[int]:
+    if isinstance(n_components, (torch.Tensor, np.ndarray)):
+        n_components = n_components.tolist()  # an int for a 0-d array, else a list
     if isinstance(n_components, (int, np.integer)) and not isinstance(n_components, bool):
         ks = [n_components]
     elif isinstance(n_components, Iterable) and not isinstance(n_components, str):
@@ -268,11 +287,13 @@ def _components(n_components: Any, n: int) -> list[int]:
 
 
 def _families(families: Any) -> list[str]:
-    if not isinstance(families, (str, Iterable)):
+    if isinstance(families, (torch.Tensor, np.ndarray)) or not isinstance(families, (str, Iterable)):
         raise TypeError(f"families must be a family name or an iterable of them; got {type(families).__name__}")
     names = [families] if isinstance(families, str) else list(families)
     if not names:
         raise ValueError(f"families is empty; give at least one of {FAMILIES}")
+    if not all(isinstance(f, str) for f in names):
+        raise TypeError(f"families must hold family names (str) from {FAMILIES}; got {names!r}")
     unknown = [f for f in names if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown families {unknown}; choose from {FAMILIES}")
