@@ -355,3 +355,23 @@ def test_zero_weight_on_a_row_at_infinity_drops_it(p64: pg.GMMParams) -> None:
     assert torch.equal(got, pg.score(p64, x[:1]))
     with pytest.raises(ValueError, match=r"x contains NaN or Inf \(first bad rows: \[1\]\)"):
         pg.predict(p64, x)  # no component is most probable at infinity
+
+
+@pytest.mark.parametrize("a", [1e-300, 1e200])
+def test_cli_fit_beyond_sqrt_max(tmp_path, a: float) -> None:
+    # the CLI memory-maps a .npy (a streamed fit): its loss is the fit of x shifted by D log a,
+    # within the EM rounding bound of tests/test_fit_contract.py
+    import json
+    import subprocess
+    import sys
+
+    x = _blobs(13)
+    np.save(tmp_path / "x.npy", (x * a).numpy())
+    cmd = [sys.executable, "-m", "puregmm", "fit", str(tmp_path / "x.npy"), "-k", "3", "--reg-covar", "0"]
+    run = subprocess.run([*cmd, "--out", str(tmp_path / "run"), "--no-plot", "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    ref = _quiet(stream.fit_stream, x.numpy(), 3, "full", reg_covar=0.0)
+    assert math.isclose(report["loss"], float(ref.loss) + D * math.log(a), rel_tol=1e4 * EPS64, abs_tol=1e5 * EPS64)
+    params = pg.load(tmp_path / "run" / "model.safetensors")
+    torch.testing.assert_close(params.means / a, ref.params.means, rtol=1e4 * EPS64, atol=1e5 * EPS64)
