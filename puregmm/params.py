@@ -17,7 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from puregmm import _validate
+from puregmm import _validate, _validate_params
 from puregmm.families import Family, get_family
 
 
@@ -96,7 +96,7 @@ def _flatten_with_keys(p: GMMParams) -> tuple[list[tuple[Any, Tensor]], str]:
     return [(pytree.GetAttrKey(n), getattr(p, n)) for n in names], p.family
 
 
-_validate.PARAMS_TYPE = GMMParams  # the entry checks recognise params by this class
+_validate_params.PARAMS_TYPE = GMMParams  # the entry checks recognise params by this class
 pytree.register_pytree_node(
     GMMParams,
     _flatten,
