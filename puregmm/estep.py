@@ -68,15 +68,17 @@ def chunk_pass(x: Tensor, w: Tensor | None, k: int, rows: int, add: Add, eager: 
     never among the lowest (padding).
     """
     n = x.shape[0]
-    scores: list[Tensor] = []
+    score_sum: Tensor | float = 0.0
+    weight_sum: Tensor | float = 0.0
     worst = mo.Worst(k)
-    for start in range(0, n, rows):
+    for start in range(0, n, rows):  # a chunk's score is used here and then dropped: nothing of size N
         stop = min(n, start + rows)
         ws = None if w is None else w[start:stop]
         score = add(x[start:stop], ws, start, stop)
-        scores.append(score)
+        part, count = total(score, ws, x[start:stop])
+        score_sum, weight_sum = score_sum + part, weight_sum + count
         worst.add(mo.ranked(score, ws), start, eager=eager)
-    score_sum, weight_sum = total(torch.cat(scores) if len(scores) != 1 else scores[0], w, x)
+    assert isinstance(score_sum, Tensor) and isinstance(weight_sum, Tensor)
     return (score_sum, weight_sum, *worst.result(x))
 
 
@@ -158,7 +160,7 @@ def _natural_stats(
     rows = mo.chunk_rows(n, lay, chunk_size)
     work = mo.Work(lay, rows, k, x, mdtype) if plain else None
     raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
-    lse_all = x.new_empty(n, dtype=mdtype) if work is not None else None
+    lse_buf = x.new_empty(rows, dtype=mdtype) if work is not None else None  # one chunk's log p, reused
 
     def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
         nonlocal raw
@@ -167,9 +169,9 @@ def _natural_stats(
             resp, lse = mo.responsibilities(eta @ t.mT, inplace=False)  # [K, c], [c]
             raw = raw + (resp if ws is None else resp * ws) @ t
             return lse
-        assert lse_all is not None  # in place, in the workspace
+        assert lse_buf is not None  # in place, in the workspace
         lj = torch.mm(eta, t.mT, out=work.lj[:, : stop - start])  # [K, c]
-        resp, lse = mo.responsibilities(lj, inplace=True, lse_out=lse_all[start:stop])
+        resp, lse = mo.responsibilities(lj, inplace=True, lse_out=lse_buf[: stop - start])
         if ws is not None:
             resp.mul_(ws)
         raw.addmm_(resp, t)
