@@ -142,38 +142,26 @@ def fit(
     [-3.0, 3.0]
     """
     in_memory = not stream.is_stream(data) and not (distributed and dist.is_active())
+    options: dict[str, Any] = dict(
+        method=method, max_steps=max_steps, tol=tol, batch_size=batch_size, n_init=n_init, reg_covar=reg_covar,
+        init_params=init_params, init_method=init_method, sample_weight=sample_weight, optimizer=optimizer, key=key,
+        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+    )  # fmt: skip
     if _missing.check(missing) == "marginalize":
         if not in_memory:
             raise ValueError("missing='marginalize' fits in-memory data in one process; got a stream or a shard")
-        return _missing.fit_missing(
-            data, n_components, family, method=method, max_steps=max_steps, tol=tol, batch_size=batch_size,
-            n_init=n_init, reg_covar=reg_covar, init_params=init_params, init_method=init_method,
-            sample_weight=sample_weight, optimizer=optimizer, key=key, progress=progress, checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every, resume=resume,
-        )  # fmt: skip
+        return _missing.fit_missing(data, n_components, family, **options)
     if in_memory:
         _missing.split(data, "raise", "data")  # a ValueError naming the first NaN entry
     if distributed and dist.is_active():
-        return dist.fit_distributed(
-            data, n_components, family, method=method, max_steps=max_steps, tol=tol, batch_size=batch_size,
-            n_init=n_init, reg_covar=reg_covar, init_params=init_params, init_method=init_method,
-            sample_weight=sample_weight, optimizer=optimizer, key=key, progress=progress,
-            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-        )  # fmt: skip
+        return dist.fit_distributed(data, n_components, family, **options)
     if method == "online_em" or (method == "em" and stream.is_stream(data)):  # a data source, not a method branch
         if sample_weight is not None or batch_size is not None or optimizer is not None or n_init != 1:
             raise ValueError("streamed fits take no sample_weight, batch_size, optimizer or n_init > 1")
-        return stream.fit_stream(
-            data, n_components, family, method=method, init_params=init_params, init_method=init_method,
-            max_steps=max_steps, tol=tol, reg_covar=reg_covar, key=key, progress=progress,
-            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-        )  # fmt: skip
-    return driver.fit_data(
-        data, n_components, family, method=method, max_steps=max_steps, tol=tol, batch_size=batch_size,
-        n_init=n_init, reg_covar=reg_covar, init_params=init_params, init_method=init_method,
-        sample_weight=sample_weight, optimizer=optimizer, key=key, progress=progress, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, resume=resume,
-    )  # fmt: skip
+        for unused in ("sample_weight", "batch_size", "optimizer", "n_init"):
+            del options[unused]
+        return stream.fit_stream(data, n_components, family, **options)
+    return driver.fit_data(data, n_components, family, **options)
 
 
 def fit_batched(
