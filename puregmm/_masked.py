@@ -246,6 +246,50 @@ def chol_inverse(chol: Tensor) -> Tensor:
     return inv
 
 
+def spd_entries(a: list[list[Tensor]], b: list[Tensor]) -> tuple[list[Tensor], Tensor, list[list[Tensor]]]:
+    """For SPD matrices given entry by entry (``a[i][j]``, tensors of one batch shape, J ≤
+    :data:`SMALL_WIDTH`) and right-hand sides ``b[i]``: (A⁻¹ b by entries, ½ log det A, A⁻¹ by
+    entries), by the Cholesky factor L entry by entry: every op is one element-wise pass over
+    the batch, contiguous, no stacking of strided slices."""
+    width = len(b)
+    low: list[list[Tensor]] = [[b[0]] * width for _ in range(width)]  # L[i][j], j <= i
+    for j in range(width):
+        piv = a[j][j]
+        for p in range(j):
+            piv = piv - low[j][p].square()
+        low[j][j] = torch.sqrt(piv)
+        for i in range(j + 1, width):
+            v = a[i][j]
+            for p in range(j):
+                v = v - low[i][p] * low[j][p]
+            low[i][j] = v / low[j][j]
+    half_log_det = torch.log(low[0][0])
+    for j in range(1, width):
+        half_log_det = half_log_det + torch.log(low[j][j])
+    inv_low: list[list[Tensor]] = [[b[0]] * width for _ in range(width)]  # L⁻¹[i][j], j <= i
+    for i in range(width):
+        inv_low[i][i] = 1.0 / low[i][i]
+        for j in range(i):
+            v = low[i][j] * inv_low[j][j]
+            for p in range(j + 1, i):
+                v = v + low[i][p] * inv_low[p][j]
+            inv_low[i][j] = -v * inv_low[i][i]
+    inv = [[b[0]] * width for _ in range(width)]  # A⁻¹ = L⁻ᵀ L⁻¹
+    for i in range(width):
+        for j in range(i + 1):
+            v = inv_low[i][i] * inv_low[i][j]
+            for p in range(i + 1, width):
+                v = v + inv_low[p][i] * inv_low[p][j]
+            inv[i][j] = inv[j][i] = v
+    sol = []
+    for i in range(width):
+        v = inv[i][0] * b[0]
+        for j in range(1, width):
+            v = v + inv[i][j] * b[j]
+        sol.append(v)
+    return sol, half_log_det, inv
+
+
 def cond_cov_sum(r: Tensor, terms: RowTerms, d: int) -> Tensor:
     """Σ_n r_nk Cov[x_m | x_o, k] of the chunk as dense [K, D, D] (rows r [c, K]; the missing block
     P_mm⁻¹ of each row placed at its dimensions)."""

@@ -343,3 +343,27 @@ def test_cli_impute_copies_a_complete_file_and_refuses_inf(tmp_path, holes_csv, 
     assert len(err) == 1 and "-inf at (row, column) (2, 1)" in err[0]
     assert not (tmp_path / "o.npy").exists()
     assert cli.main(["impute", str(model), str(path), "--out", str(tmp_path / "o.npy")]) == 2  # another format
+
+
+def test_em_step_with_a_narrow_far_component_whitens_each_row(grouping):
+    """A component 1e-3 wide at 1e5 from the others: the exponential-family form would round by
+    ~eps·(1e8)² nats, so the eager E-step whitens each row per component (the same rule as the
+    complete-data E-step) and still matches the NumPy incomplete-data EM."""
+    mu = torch.tensor([[0.0, 0.0, 0.0], [1e5, 1e5, 1e5]], dtype=F64)
+    cov = torch.stack([torch.eye(3, dtype=F64), 1e-6 * torch.eye(3, dtype=F64)])
+    p = pg.from_moments(torch.tensor([0.5, 0.5], dtype=F64), mu, cov)
+    gen = torch.Generator().manual_seed(17)
+    x = torch.cat(
+        [torch.randn(60, 3, generator=gen, dtype=F64), mu[1] + 1e-3 * torch.randn(60, 3, generator=gen, dtype=F64)]
+    )
+    observed = torch.rand(120, 3, generator=gen) > 0.3
+    x = torch.where(observed, x, torch.nan)
+    _, means, covs, _ = numpy_incomplete_em(p, x.numpy(), observed.numpy(), 1e-12)
+    q = pg.em_step(p, x, observed=observed, reg_covar=1e-12)
+    # per-component whitening rounds x - μ_k at eps·|μ| (1e5), i.e. eps·|μ|/σ_k relative to a
+    # width σ_k; the exponential-family form would be off by eps·(|μ|/σ)² ~ 2 nats here
+    eps, far = bounds.eps(F64), float(mu.abs().max())
+    np.testing.assert_allclose(q.means.numpy(), means, rtol=0, atol=bounds.SLACK * eps * far)
+    for k, sigma in enumerate((1.0, 1e-3)):
+        rtol = bounds.SLACK * eps * far / sigma
+        np.testing.assert_allclose(pg.covariances(q)[k].numpy(), covs[k], rtol=0, atol=rtol * np.abs(covs[k]).max())
