@@ -367,3 +367,16 @@ def test_em_step_with_a_narrow_far_component_whitens_each_row(grouping):
     for k, sigma in enumerate((1.0, 1e-3)):
         rtol = bounds.SLACK * eps * far / sigma
         np.testing.assert_allclose(pg.covariances(q)[k].numpy(), covs[k], rtol=0, atol=rtol * np.abs(covs[k]).max())
+
+
+def test_masked_kernels_compile_with_fullgraph():
+    """Under torch.compile the mask is traced: the branch-free per-row form (width D), equal to eager."""
+    p = random_params("full", 2, 3, seed=18)
+    x, observed = masked_data(40, 3, 0.3, seed=19, empty=1, full=1)
+    x = torch.where(observed, x, 0.0)
+    log_prob = torch.compile(lambda q, xs, ob: pg.log_prob(q, xs, ob), fullgraph=True, backend="aot_eager")
+    atol = bounds.component_log_prob_atol(p, completed(p, x, observed))
+    torch.testing.assert_close(log_prob(p, x, observed), pg.log_prob(p, x, observed), rtol=0, atol=2 * atol)
+    step = torch.compile(lambda q, xs, ob: pg.em_step(q, xs, observed=ob), fullgraph=True, backend="aot_eager")
+    rtol = bounds.stats_rtol(p, completed(p, x, observed))
+    bounds.assert_leaves_close(step(p, x, observed).means, pg.em_step(p, x, observed=observed).means, rtol)
