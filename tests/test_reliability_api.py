@@ -11,10 +11,12 @@ bad input must be named. Deterministic under ``CI=true`` (tests/conftest.py).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 import math
 import os
+import shutil
 import tempfile
 import traceback
 import warnings
@@ -37,7 +39,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 D, K, N = 2, 2, 24
 F64 = torch.float64
-TMP = tempfile.mkdtemp(prefix="puregmm-reliability-")
+TMP = tempfile.mkdtemp(prefix="puregmm-reliability-")  # the good calls' files, removed at exit
+atexit.register(shutil.rmtree, TMP, ignore_errors=True)
 
 
 def _x() -> torch.Tensor:
