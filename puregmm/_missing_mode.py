@@ -54,14 +54,14 @@ def incomplete_stats(
     weight = observed.any(1).to(mdtype) * (1.0 if w is None else w.to(mdtype))  # an empty row adds nothing
 
     def add(chunk: Tensor, wc: Tensor | None, start: int, stop: int) -> Tensor:
-        xc, oc = chunk[:, :d], chunk[:, d:] > 0.5
+        xc, oc = chunk, observed[start:stop]
         scores = []
         for seg in segs:
             a, b = max(seg.start, start), min(seg.stop, stop)
             if a < b:
                 rows, piece = slice(a - start, b - start), (xc[a - start : b - start], oc[a - start : b - start])
                 assert wc is not None
-                if natural is not None and seg.kind in ("rows", "pattern"):
+                if natural is not None and seg.kind == "rows":
                     scores.append(natural.add(*piece, seg.width, wc[rows]))
                     continue
                 lj, resid, cond = terms(seg, *piece)
@@ -69,10 +69,10 @@ def incomplete_stats(
         return torch.cat(scores) if len(scores) != 1 else scores[0]
 
     widest = max(s.width for s in segs)
-    lifted = torch.cat([torch.where(observed, x, 0.0).to(mdtype), observed.to(mdtype)], 1)  # [n, 2D]
-    rows = natural.chunk_rows(n, lifted, chunk_size) if natural else chunk_size or _masked.row_chunk(k, d, widest)
-    score_sum, _, worst_ll, worst = chunk_pass(lifted, weight, k, rows, add, eager=eager)
-    filled = terms.impute(worst[:, :d], worst[:, d:] > 0.5)  # the worst rows, their missing entries filled
+    marked = torch.where(observed, x, torch.nan).to(mdtype)  # [n, D]: the worst rows come back with their mask
+    rows = natural.chunk_rows(n, marked, chunk_size) if natural else chunk_size or _masked.row_chunk(k, d, widest)
+    score_sum, _, worst_ll, worst = chunk_pass(marked, weight, k, rows, add, eager=eager)
+    filled = terms.impute(worst, ~torch.isnan(worst))  # the worst rows, their missing entries filled
     _, w_sum = total(x.new_zeros(n), w, x)  # every row counts, an empty one too
     moments = acc.result()
     if natural is not None:
