@@ -143,6 +143,8 @@ def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None) -> Ten
     n = x.shape[0]
     g = x.new_full((1,), 1.0 / n).expand(n) if sample_weight is None else sample_weight / sample_weight.sum()
     rows = chunk_rows(n, params.n_components, params.dim, x.element_size())
+    if n <= rows:  # one chunk: the chunk functions under plain autograd (no Function machinery)
+        return -(g * _fused.logsumexp_rows(joint_log_prob_chunk(w, x))).sum()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w.a, w.const, x, g))
     if needs_grad and not torch.compiler.is_compiling():  # gradient statistics in the same pass
         out = _fused_autograd.NLL.apply(x, w.center, w.a, w.const, g, w.dense, rows, x.requires_grad)
@@ -164,8 +166,6 @@ def log_prob(params: GMMParams, x: Tensor, observed: Observed | None = None) -> 
         [B..., N] log-densities.
 
     Raises:
-    if n <= rows:  # one chunk: the chunk functions under plain autograd (no Function machinery)
-        return -(g * _fused.logsumexp_rows(joint_log_prob_chunk(w, x))).sum()
         ValueError: ``x`` is not [..., N, D] with the params' D.
 
     >>> import math, torch, puregmm as pg
