@@ -481,6 +481,10 @@ def init(
     key = _validate.key(key)
     if not spec.learned and variance is not None:
         _check_variance(variance)
+    finfo = torch.finfo(x.dtype)
+    big = float(x.abs().amax())
+    if big > finfo.max**0.5 / 16 or 0 < big < finfo.tiny**0.5 * 16:  # squares would overflow or underflow
+        return _init_standardised(x, k, spec.name, key, method, variance, given, reg_covar, w)
     rows = torch.arange(n, device=x.device)
     params, var = _run(
         x, w, rows, key.reshape(1), k, spec.name, method=method, given=given, variance=variance, reg_covar=reg_covar
@@ -488,6 +492,24 @@ def init(
     if var is not None and not bool(var[0] > 0):
         _zero_variance()
     return pytree.tree_map(lambda t: t[0], params)
+
+
+def _init_standardised(
+    x: Tensor, k: int, family: str, key: Tensor, method: str, variance: float | None, given: Tensor | None,
+    reg_covar: float, w: Tensor | None,
+) -> GMMParams:  # fmt: skip
+    """:func:`init` of data far from 1 in scale: on z = (x - m) / s, mapped back (init is
+    affine-equivariant), so that squared distances neither overflow nor underflow."""
+    from puregmm.methods import affine, standardisation, standardised_reg
+
+    shift, s = standardisation(x, w)
+    fixed = None if variance is None else float((math.sqrt(variance) / s).square().clamp(min=1e-300, max=1e300))
+    p = init(
+        (x - shift) / s, k, family, key=key, method=method, variance=fixed,
+        means=None if given is None else (given - shift) / s, reg_covar=float(standardised_reg(reg_covar, s)),
+        sample_weight=w,
+    )  # fmt: skip
+    return affine(p, s, shift)
 
 
 def _check_variance(variance: Any) -> None:

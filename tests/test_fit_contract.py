@@ -88,3 +88,20 @@ def test_one_row_beyond_sqrt_max() -> None:
     x = torch.cat([x, torch.tensor([[1e200, 0.0, 0.0]], dtype=torch.float64)])
     r = _quiet(x, 3, "full", key=0)
     assert torch.isfinite(r.loss) and torch.isfinite(r.params.means).all() and torch.isfinite(r.params.scale).all()
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+@pytest.mark.parametrize("a", [1e-300, 1e200, 1e300])
+def test_init_affine_equivariant_beyond_sqrt_max(family: str, a: float) -> None:
+    x = _blobs(5)
+    ref = pg.init(x, 3, family, key=0, reg_covar=0.0)
+    got = pg.init(x * a, 3, family, key=0, reg_covar=0.0)
+    assert all(torch.isfinite(t).all() for t in (got.logits, got.means, got.scale))
+    tol = 1e3 * EPS64  # the affine map's rounding, through one M-step on separated blobs
+    torch.testing.assert_close(got.means / a, ref.means, rtol=tol, atol=tol * 10)
+    # U -> U / a: the log-diagonal of the precision factor shifts by -log a
+    want = pg.GMMParams(ref.logits, ref.means, ref.scale, family)
+    got_back = pg.GMMParams(
+        got.logits, got.means / a, got.spec.scaled_raw(got.scale, torch.tensor(1.0 / a, dtype=torch.float64)), family
+    )
+    torch.testing.assert_close(got_back.scale, want.scale, rtol=tol, atol=tol * 10)
