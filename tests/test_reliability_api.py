@@ -276,7 +276,6 @@ KNOWN_GAPS = {
     "init_state": "train.init_state: min_variance and params structure unchecked",
     "step": "train.step: state unchecked (AttributeError)",
     "kmeans_plusplus": "init.kmeans_plusplus: x and n_components unchecked",
-    "init": "init.init: data beyond sqrt(max float) give NaN scale (no standardisation)",
     "plot_criterion": "plot: table and criterion unchecked",
     "plot_fit": "plot: max_points unchecked (ZeroDivisionError), bad params reach cholesky",
     "plot_loss": "plot: history unchecked (RuntimeError from torch.as_tensor)",
