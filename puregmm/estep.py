@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from puregmm import _masked, density
+from puregmm import _masked, _validate, density
 from puregmm import _moments as mo
 from puregmm._masked import Plan, Segment
 from puregmm._missing_mode import incomplete_stats
@@ -130,10 +130,10 @@ def sufficient_stats(
     >>> s.resp_sum.shape, s.weight_sum
     (torch.Size([3]), tensor(100., dtype=torch.float64))
     """
-    if x.dim() != 2 or x.shape[-1] != params.dim:
-        raise ValueError(f"x must be [N, D] with D={params.dim}; got shape {tuple(x.shape)}")
-    if sample_weight is not None and sample_weight.shape != x.shape[:1]:
-        raise ValueError(f"sample_weight must be [N]=({x.shape[0]},); got shape {tuple(sample_weight.shape)}")
+    _validate.data_shape(params, x)  # static: the params' structure, x [N, D] of their dtype
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, D] with D={params.dim} (unbatched params); got shape {tuple(x.shape)}")
+    _validate.kernel_weight(sample_weight, x)
     if observed is not None:
         return missing_stats(params, x, observed, sample_weight, chunk_size)
     plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)

@@ -117,6 +117,7 @@ def em_state(params: GMMParams, key: Any = 0) -> EMState:
     >>> pg.em_state(pg.init(torch.randn(50, 2), 2, "diagonal"), key=3).key
     tensor(3)
     """
+    _validate.params_structure(params)
     zero = torch.zeros((), dtype=torch.int64)
     nan = torch.full((), float("nan"), dtype=params.dtype, device=params.device)
     return EMState(params, zero, nan, zero, _validate.key(key))

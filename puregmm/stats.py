@@ -89,6 +89,9 @@ def combine(a: Stats, b: Stats) -> Stats:
     >>> all(torch.allclose(u, v) for u, v in zip(both, pg.sufficient_stats(p, x)))
     True
     """
+    for name, s_ in (("a", a), ("b", b)):
+        if not isinstance(s_, Stats):
+            raise TypeError(f"combine: {name} must be puregmm.Stats (from sufficient_stats); got {type(s_).__name__}")
     k = a.worst_log_lik.shape[-1]
     vals = torch.cat([a.worst_log_lik, b.worst_log_lik], -1)  # [2K]
     pts = torch.cat([a.worst_x, b.worst_x], -2)  # [2K, D]

@@ -212,6 +212,8 @@ def step(
     >>> a.step, torch.equal(a.params.means, b.params.means), bool(a.loss == pg.loss(state.params, x))
     (tensor(1), True, True)
     """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a puregmm.TrainState (from pg.init_state); got {type(state).__name__}")
     _validate.data_shape(state.params, batch, "batch")
     if observed is not None and reduce is not None:
         raise ValueError("step: observed= (missing entries) does not combine with reduce=")

@@ -268,13 +268,8 @@ def _check(name: str, case: Case, arg: str, label: str, bad: Any) -> None:
 # Functions whose modules do not check yet (issue 14 follow-ups, one line each: what is missing)
 KNOWN_GAPS = {
     "apply_updates": "optim/tree: a structure mismatch names neither params nor updates",
-    "combine": "stats.combine: non-Stats arguments raise AttributeError",
-    "em_state": "methods.em_state: params unchecked (AttributeError; half/float32 params accepted)",
-    "em_step": "em.em_step: reg_covar unchecked (tensor of any shape, str, 2**64)",
     "m_step": "mstep.m_step: stats, params and reg_covar unchecked",
-    "sufficient_stats": "estep.sufficient_stats: params/x/sample_weight not checked by _validate.data_shape",
     "init_state": "train.init_state: min_variance and params structure unchecked",
-    "step": "train.step: state unchecked (AttributeError)",
     "kmeans_plusplus": "init.kmeans_plusplus: x and n_components unchecked",
     "plot_criterion": "plot: table and criterion unchecked",
     "plot_fit": "plot: max_points unchecked (ZeroDivisionError), bad params reach cholesky",
