@@ -36,10 +36,12 @@ def incomplete_stats(
     segments: list[Segment],
     chunk_size: int | None,
     chunk_pass: Callable[..., tuple[Tensor, ...]],
+    owned: bool = False,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, ...]]:
     """(n_k, X_k, S_k) and (Σ ω log p, Σ ω, the K worst log p, their rows filled) of rows that
     miss something (``segments`` relative to ``x``'s first row) by the E-step's ``chunk_pass``
-    (:func:`puregmm.estep.chunk_pass`; :func:`puregmm.estep.missing_stats` makes the Stats)."""
+    (:func:`puregmm.estep.chunk_pass`; :func:`puregmm.estep.missing_stats` makes the Stats).
+    ``owned``: ``x`` is a view of the caller's own copy, whose missing entries may be overwritten."""
     spec, k, (n, d) = params.spec, params.n_components, x.shape
     mdtype = mo.moment_dtype(x.dtype)
     p64 = params.to(mdtype)
@@ -66,10 +68,15 @@ def incomplete_stats(
                     continue
                 lj, resid, cond = terms(seg, *piece)
                 scores.append(acc.add(lj, resid, cond, wc[rows]))
+                if b == seg.stop:  # the segment's last rows: its pattern's factors are not needed again
+                    terms.cache.pop(id(seg), None)
         return torch.cat(scores) if len(scores) != 1 else scores[0]
 
     widest = max(s.width for s in segs)
-    marked = torch.where(observed, x, torch.nan).to(mdtype)  # [n, D]: the worst rows come back with their mask
+    if owned and x.dtype == mdtype and mo.plain(x):
+        marked = x.masked_fill_(~observed, torch.nan)  # the caller's own regrouped copy: no second one
+    else:
+        marked = torch.where(observed, x, torch.nan).to(mdtype)  # [n, D]: the worst rows keep their mask
     rows = natural.chunk_rows(n, marked, chunk_size) if natural else chunk_size or _masked.row_chunk(k, d, widest)
     score_sum, _, worst_ll, worst = chunk_pass(marked, weight, k, rows, add, eager=eager)
     filled = terms.impute(worst, ~torch.isnan(worst))  # the worst rows, their missing entries filled

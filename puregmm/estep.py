@@ -425,18 +425,16 @@ def missing_stats(
     filled with their conditional means. Float64 moments, in chunks of rows.
     """
     plan = observed if isinstance(observed, Plan) else _masked.as_plan(observed, x)
-    order = plan.order
-    xs, obs = (x, plan.observed) if order is None else (x[order], plan.observed[order])
-    ws = None if sample_weight is None or order is None else sample_weight[order]
-    ws = sample_weight if order is None else ws
+    order = plan.order  # regrouped rows are a copy of our own (the missing mode may overwrite its NaN marks)
+    xs, obs = (x, plan.observed) if order is None else (x.index_select(0, order), plan.observed[order])
+    ws = sample_weight if sample_weight is None or order is None else sample_weight[order]
     parts = [sufficient_stats(params, xs[s.start : s.stop], _rows(ws, s), chunk_size=chunk_size)
              for s in plan.segments if s.kind == "complete"]  # fmt: skip
     rest = [s for s in plan.segments if s.kind != "complete"]
-    if rest:
-        lo, hi = rest[0].start, rest[-1].stop  # the complete rows come first or last: the rest is contiguous
-        moments, passed = incomplete_stats(
-            params, xs[lo:hi], obs[lo:hi], _rows(ws, Segment(lo, hi, "")), rest, chunk_size, chunk_pass
-        )
+    if rest:  # the complete rows come first or last: the rest is contiguous
+        seg = Segment(rest[0].start, rest[-1].stop, "")
+        args = (xs[seg.start : seg.stop], obs[seg.start : seg.stop], _rows(ws, seg), rest, chunk_size, chunk_pass)
+        moments, passed = incomplete_stats(params, *args, owned=order is not None)
         parts.append(_stats(moments, passed, params.dtype))
     out = parts[0]
     for more in parts[1:]:
