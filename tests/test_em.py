@@ -224,7 +224,7 @@ def test_stats_shapes() -> None:
     for family, shape in shapes.items():
         s = sufficient_stats(random_params(family, 3, 4), x)
         assert s.xx_sum.shape == shape and s.x_sum.shape == (3, 4) and s.resp_sum.shape == (3,)
-    with pytest.raises(ValueError, match="x must be"):
+    with pytest.raises(ValueError, match="x has dimension D=2 but the params have D=4"):
         sufficient_stats(random_params("full", 3, 4), x[:, :2])
 
 
