@@ -73,7 +73,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from puregmm import density
-from puregmm.families import Layout, layout, upper_factor
+from puregmm._fused import Whitening
+from puregmm.families import SQUARE_MAX_D, Layout, layout
 from puregmm.params import GMMParams
 
 #: Target bytes of a chunk's float64 block T: large enough that per-op and thread wake-up costs
@@ -143,27 +144,42 @@ def position_resolution(dtype: torch.dtype) -> float:
     return max(POSITION_RESOLUTION, 10 * torch.finfo(dtype).eps)
 
 
-def rounding_bound(params: GMMParams, centre: Tensor) -> Tensor:
+def rounding_bound(params: GMMParams, centre: Tensor, white: Whitening | None = None) -> Tensor:
     """[K] bound, in nats up to a small factor, on the rounding of ⟨η_k, T(x)⟩ for rows x that
     component k can claim: eps·λ(P_k)·(‖μ_k - g‖² + spread²), i.e. eps·tr P_k·(‖d_k‖² + tr Σ_k)
-    for the matrix families and eps·(Σ_i d_ki²/σ_ki² + D) for the others (float64 eps: T and
-    the GEMMs are float64). Masked components get 0.
+    for the matrix families and eps·(Σ_i d_ki²/σ_ki² + D) = eps·(‖t_k‖² + D) for the others
+    (float64 eps: T and the GEMMs are float64). Masked components get 0. ``white``: the float64
+    whitening about ``centre`` when the caller has it (:func:`natural` uses the same one).
     """
-    spec, k, d = params.spec, params.n_components, params.dim
-    ndim = spec.moment_layout(d).ndim  # the family's kind of T: 2 matrix, 1 vector, 0 scalar
-    raw = spec.per_component_raw(params.scale.detach(), k).to(torch.float64)
-    delta = params.means.detach().to(torch.float64) - centre.detach().to(torch.float64)  # [K, D]
-    if ndim == 2:
-        u = upper_factor(raw)  # [K, D, D], P = U Uᵀ
+    d = params.dim
+    if white is None:
+        white = density.whitening(params.to(torch.float64), centre)
+    a = white.a.detach()  # [m, D, K]: rows [U_k; -t_k] (U_k diagonal: [2, D, K])
+    if white.dense:
+        u = a[:d].permute(2, 0, 1)  # [K, D, D], P = U Uᵀ
+        delta = params.means.detach().to(torch.float64) - centre.detach().to(torch.float64)  # [K, D]
         eye = torch.eye(d, dtype=u.dtype, device=u.device).expand_as(u)
         u_inv = torch.linalg.solve_triangular(u, eye, upper=True)  # Σ = U⁻ᵀ U⁻¹
         bound = u.square().sum((-2, -1)) * (delta.square().sum(-1) + u_inv.square().sum((-2, -1)))
     else:
-        prec = torch.exp(2.0 * raw)  # [K, D] or [K]
-        scaled = prec * delta.square() if ndim == 1 else prec.unsqueeze(-1) * delta.square()
-        bound = scaled.sum(-1) + d
+        bound = a[1].square().sum(0) + d  # ‖t_k‖² + D, t_k = (μ_k - g) U_k
     bound = bound * torch.finfo(torch.float64).eps
     return torch.where(params.logits.detach() == -math.inf, torch.zeros_like(bound), bound)
+
+
+#: Plain eager calls whose rows fit one chunk use the square layout (every product, m² columns,
+#: one broadcast multiplication) when N·(D+1)·K is at most this: the folded layout's per-row-block
+#: passes (~5 ops per row of the folded block, ~5 us each) then cost more than the GEMMs' extra
+#: flops (2·N·m²·K at a few GFLOP/s). At (178, 13, 2), one wine fit's step, 45 of 340 ops.
+SQUARE_MAX_WORK = 1 << 15
+
+
+def square_layout(n: int, d: int, k: int, plain: bool, chunk_size: int | None) -> bool:
+    """Whether the full family's E-step uses the square layout: out of place with D <=
+    :data:`~puregmm.families.SQUARE_MAX_D`, or plain and small (:data:`SQUARE_MAX_WORK`) in one chunk."""
+    if not plain:
+        return d <= SQUARE_MAX_D
+    return n * (d + 1) * k <= SQUARE_MAX_WORK and chunk_size is None
 
 
 def chunk_rows(n: int, lay: Layout, chunk_size: int | None) -> int:
@@ -190,7 +206,7 @@ class Work:
     def __init__(self, lay: Layout, rows: int, k: int, x: Tensor, dtype: torch.dtype) -> None:
         opts: dict[str, Any] = {"dtype": dtype, "device": x.device}
         d, h = lay.d, lay.h
-        self.yt = torch.zeros(max(2 * h, d + 1), rows, **opts)  # [x - g, 1, 0...]ᵀ
+        self.yt = torch.zeros(max(2 * h, d + 1), rows, **opts)  # [x - g, 1, 0...]ᵀ (square: [x - g, 1]ᵀ)
         self.yt[d] = 1.0
         self.tt = torch.empty(lay.width, rows, **opts)  # Tᵀ
         if lay.ndim != 2:
@@ -231,6 +247,10 @@ def products(lay: Layout, x: Tensor, centre: Tensor, dtype: torch.dtype, work: W
         return tt.mT
     yt = work.yt[:, :c]  # [2h, c]
     torch.sub(xt, centre.unsqueeze(1), out=yt[:d])
+    if lay.square:  # every product of [y, 1] in one pass
+        yl = yt[: d + 1]
+        torch.mul(yl.unsqueeze(1), yl.unsqueeze(0), out=tt.view(d + 1, d + 1, c))
+        return tt.mT
     a = yt[:h]
     torch.mul(a.unsqueeze(1), a.unsqueeze(0), out=tt[: h * h].view(h, h, c))  # a aᵀ; lower part overwritten:
     for i in range(1, h):  # b bᵀ below the diagonal: row i holds b_j b_(i-1), j < i
@@ -242,7 +262,9 @@ def products(lay: Layout, x: Tensor, centre: Tensor, dtype: torch.dtype, work: W
 # --- natural parameters ---------------------------------------------------------------------------
 
 
-def natural(params: GMMParams, centre: Tensor, dtype: torch.dtype, lay: Layout | None = None) -> Tensor:
+def natural(
+    params: GMMParams, centre: Tensor, dtype: torch.dtype, lay: Layout | None = None, white: Whitening | None = None
+) -> Tensor:
     """η [K, P] in ``dtype``: ⟨η_k, T(x)⟩ = log w_k + log N(x | μ_k, Σ_k) for T about ``centre``.
 
     Not a second derivation of the density: the expansion of the one component log-density
@@ -250,10 +272,11 @@ def natural(params: GMMParams, centre: Tensor, dtype: torch.dtype, lay: Layout |
     η_k holds the coefficients of const_k - ½ [y, 1] A_k A_kᵀ [y, 1]ᵀ in T's layout. With
     A_k = [U_k; -t_k] (t_k = (μ_k - g) U_k) that is -½ P_k, P_k d_k and const_k - ½‖t_k‖².
     Differentiable in the params (the constant family's variance and the centre are detached).
+    ``white``: that whitening (of ``params`` in ``dtype`` about ``centre``) when the caller has it.
     """
     k, d = params.n_components, params.dim
     lay = lay if lay is not None else params.spec.moment_layout(d)
-    w = density.whitening(params.to(dtype), centre)
+    w = density.whitening(params.to(dtype), centre) if white is None else white
     if lay.ndim == 2:  # a: [m, D, K], rows [U_k; -t_k]
         m = d + 1
         quad = torch.einsum("idk,jdk->kij", w.a, w.a)  # [K, m, m] = A_k A_kᵀ
@@ -273,7 +296,9 @@ def natural(params: GMMParams, centre: Tensor, dtype: torch.dtype, lay: Layout |
     return torch.cat([-0.5 * s[:, :1].square(), lin, const], -1)  # [K, D+2]
 
 
-def tied_natural(params: GMMParams, centre: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def tied_natural(
+    params: GMMParams, centre: Tensor, dtype: torch.dtype, white: Whitening | None = None
+) -> tuple[Tensor, Tensor]:
     """Tied family: (U [D, D], η_lin [K, D+1]) with ℓ_nk = ⟨η_lin_k, [y, 1]⟩ - ½‖yᵀU‖², y = x - g.
 
     The quadratic part -½ yᵀPy is common to all components: it shifts every ℓ_nk of a row alike,
@@ -281,7 +306,7 @@ def tied_natural(params: GMMParams, centre: Tensor, dtype: torch.dtype) -> tuple
     (one [c, D] x [D, D] GEMM per chunk instead of the [K, P] one). From the same whitening as
     :func:`natural`.
     """
-    w = density.whitening(params.to(dtype), centre)
+    w = density.whitening(params.to(dtype), centre) if white is None else white
     u, neg_t = w.a[:-1, :, 0], w.a[-1].mT  # [D, D] (one U for all), [K, D]
     const = w.const - 0.5 * neg_t.square().sum(-1)
     return u, torch.cat([-neg_t @ u.mT, const.unsqueeze(-1)], -1)  # P d = U Uᵀ d
@@ -362,14 +387,20 @@ class Worst:
         self.rows.append(order + start)
 
     def result(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        vals, rows = torch.cat(self.vals), torch.cat(self.rows)
-        order = torch.sort(vals, stable=True).indices[: self.k]
-        worst_ll, worst_x = torch.gather(vals, 0, order).to(x.dtype), x.index_select(0, rows.index_select(0, order))
-        m = worst_ll.shape[0]
-        if m < self.k:  # fewer rows than components: pad with "no point"
-            worst_ll = torch.cat([worst_ll, worst_ll.new_full((self.k - m,), float("inf"))])
-            worst_x = torch.cat([worst_x, worst_x.new_zeros((self.k - m, x.shape[1]))])
-        return worst_ll, worst_x
+        return lowest(torch.cat(self.vals), x, self.k, torch.cat(self.rows))
+
+
+def lowest(scores: Tensor, x: Tensor, k: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The K lowest ``scores`` [c] (stable: ties keep the earlier entry) and their rows of ``x``
+    (entry i is row ``rows[i]``, default i), padded with (+inf, a zero row) to K entries."""
+    order = torch.sort(scores, stable=True).indices[:k]
+    picked = order if rows is None else rows.index_select(0, order)
+    worst_ll, worst_x = torch.gather(scores, 0, order).to(x.dtype), x.index_select(0, picked)
+    m = worst_ll.shape[0]
+    if m < k:  # fewer rows than components: pad with "no point"
+        worst_ll = torch.cat([worst_ll, worst_ll.new_full((k - m,), float("inf"))])
+        worst_x = torch.cat([worst_x, worst_x.new_zeros((k - m, x.shape[1]))])
+    return worst_ll, worst_x
 
 
 def ranked(score: Tensor, w: Tensor | None) -> Tensor:

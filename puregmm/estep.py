@@ -34,12 +34,16 @@ from torch import Tensor
 
 from puregmm import _masked, _validate, density
 from puregmm import _moments as mo
+from puregmm._fused import Whitening
 from puregmm._masked import Plan, Segment
 from puregmm._missing_mode import incomplete_stats
-from puregmm.families import SQUARE_MAX_D, Family, get_family, layout
+from puregmm.families import Family, get_family, layout
 from puregmm.params import GMMParams
 from puregmm.stats import Stats, combine, total
 
+#: Data of at most this many rows, in one chunk, rank their rows by one stable sort (fewer small
+#: ops than :class:`puregmm._moments.Worst`'s top-K passes, and a sort of a few thousand is cheap).
+SORT_MAX_ROWS = 4096
 #: add(x_chunk [c, D], weights [c] | None, start, stop) -> the chunk's ranking score [c]
 Add = Callable[[Tensor, "Tensor | None", int, int], Tensor]
 
@@ -68,6 +72,9 @@ def chunk_pass(x: Tensor, w: Tensor | None, k: int, rows: int, add: Add, eager: 
     never among the lowest (padding).
     """
     n = x.shape[0]
+    if 0 < n <= min(rows, SORT_MAX_ROWS):  # one small chunk: its K lowest rows by one stable sort
+        score = add(x, w, 0, n)
+        return (*total(score, w, x), *mo.lowest(mo.ranked(score, w), x, k))
     score_sum: Tensor | float = 0.0
     weight_sum: Tensor | float = 0.0
     worst = mo.Worst(k)
@@ -138,25 +145,27 @@ def sufficient_stats(
         return missing_stats(params, x, observed, sample_weight, chunk_size)
     plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
     centre = mo.centre_of(params)  # [D], g
+    white = density.whitening(params.to(mo.moment_dtype(x.dtype)), centre)  # η's maps (and the bound's)
     if plain:  # the safer mode only for the components whose natural form would round too much
-        flagged = torch.nonzero(mo.rounding_bound(params, centre) > mo.MAX_ROUNDING).flatten().tolist()
+        flagged = torch.nonzero(mo.rounding_bound(params, centre, white) > mo.MAX_ROUNDING).flatten().tolist()
         if len(flagged) == params.n_components or (flagged and params.spec.pooled_moments):
             return whitened_stats(params, x, sample_weight, chunk_size)
         if flagged:
             return _mixed_stats(params, x, sample_weight, chunk_size, centre, flagged)
     if params.spec.pooled_moments:
-        return pooled_stats(params, x, sample_weight, chunk_size, centre, plain)
-    return _natural_stats(params, x, sample_weight, chunk_size, centre, plain)
+        return pooled_stats(params, x, sample_weight, chunk_size, centre, plain, white)
+    return _natural_stats(params, x, sample_weight, chunk_size, centre, plain, white)
 
 
 def _natural_stats(
-    params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor, plain: bool
-) -> Stats:
+    params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor, plain: bool,
+    white: Whitening,
+) -> Stats:  # fmt: skip
     """The natural mode: T once per chunk serves ℓ = η Tᵀ and the moments r T."""
     k, (n, d) = params.n_components, x.shape
-    lay = params.spec.moment_layout(d, square=not plain and d <= SQUARE_MAX_D)
+    lay = params.spec.moment_layout(d, square=mo.square_layout(n, d, k, plain, chunk_size))
     mdtype = mo.moment_dtype(x.dtype)
-    eta = mo.natural(params, centre, mdtype, lay)  # [K, P]
+    eta = mo.natural(params, centre, mdtype, lay, white)  # [K, P]
     rows = mo.chunk_rows(n, lay, chunk_size)
     work = mo.Work(lay, rows, k, x, mdtype) if plain else None
     raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
@@ -258,8 +267,9 @@ def _mixed_stats(
 
 
 def pooled_stats(
-    params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor, plain: bool
-) -> Stats:
+    params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor, plain: bool,
+    white: Whitening | None = None,
+) -> Stats:  # fmt: skip
     """The pooled mode (tied family): no per-component second moments.
 
     The tied M-step needs only Σ_k S_k = Σ_k Σ_n ω r_nk (x_n - c_k)(x_n - c_k)ᵀ, and as
@@ -273,7 +283,7 @@ def pooled_stats(
     """
     k, (n, d) = params.n_components, x.shape
     mdtype = mo.moment_dtype(x.dtype)
-    u, eta = mo.tied_natural(params, centre, mdtype)  # [D, D], [K, D+1]
+    u, eta = mo.tied_natural(params, centre, mdtype, white)  # [D, D], [K, D+1]
     acc = _Pooled(k, d, centre, mdtype, x.device)
 
     def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
@@ -362,7 +372,7 @@ def _given_stats(
 ) -> Stats:  # fmt: skip
     """:func:`responsibility_stats` of a per-component family: M += rᵀ T per chunk."""
     k, (n, d) = resp.shape[1], x.shape
-    lay = spec.moment_layout(d)
+    lay = spec.moment_layout(d, square=mo.square_layout(n, d, k, plain, chunk_size))
     mdtype = mo.moment_dtype(x.dtype)
     rows = mo.chunk_rows(n, lay, chunk_size)
     work = mo.Work(lay, rows, k, x, mdtype) if plain else None

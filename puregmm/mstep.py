@@ -65,26 +65,19 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float | Tensor = 1e-6,
     eps = finfo.eps
     active = params.logits.detach() != -math.inf  # [K]; masked components stay as they are
     empty = (stats.resp_sum <= eps * stats.weight_sum) & active  # [K]
-    good = ~empty & active
     nk = stats.resp_sum + 10 * eps  # [K], scikit-learn's guard
     shift = stats.x_sum / nk.unsqueeze(-1)  # [K, D], new mean - centre
     means = params.means.detach() + shift
-    rank = (torch.cumsum(empty.to(torch.int64), 0) - 1).clamp_min(0)  # j-th empty -> j-th worst
-    means = torch.where(empty.unsqueeze(-1), stats.worst_x.index_select(0, rank), means)
-    means = torch.where(active.unsqueeze(-1), means, params.means)
-
-    goodf = good.to(nk.dtype)
-    n_good = goodf.sum().clamp_min(1.0)
-    nk_good = nk * goodf
-    pool = nk_good / nk_good.sum().clamp_min(finfo.tiny)  # [K], pooling weights of the good ones
-
-    nk_new = torch.where(empty, (nk_good.sum() / n_good).expand_as(nk), nk)
-    nk_new = torch.where(active, nk_new, torch.zeros_like(nk_new))  # log 0 = -inf: masked stays masked
+    eager = mo.plain(stats.resp_sum, stats.x_sum, stats.xx_sum, params.logits, params.means, params.scale)
+    if eager and not bool((empty | ~active).any()):  # nothing to re-seed or keep: no selections
+        weights, nk_new = MStepWeights(nk, None, None, None, eager=True), nk
+    else:
+        means, nk_new, weights = _reseed_and_mask(stats, params, empty, active, nk, means, eager)
     # the least variance a component can resolve at its position: below it, its rows minus its
     # mean are rounding (a collapse onto a few points with reg_covar=0); per dimension
     least = mo.position_resolution(params.dtype) ** 2 * means.detach().square()  # [K, D]
-    least = torch.where(active.unsqueeze(-1), least, torch.zeros_like(least))
-    weights = MStepWeights(nk, empty, active, pool)
+    if weights.active is not None:
+        least = torch.where(weights.active.unsqueeze(-1), least, torch.zeros_like(least))
     scale, n_fixed = params.spec.m_step_scale(stats.xx_sum, weights, shift, least, reg_covar, params.scale)
 
     logits = torch.log(nk_new) - torch.log(nk_new.sum())
@@ -92,3 +85,23 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float | Tensor = 1e-6,
     if return_info:
         return new, empty.sum() + n_fixed
     return new
+
+
+def _reseed_and_mask(
+    stats: Stats, params: GMMParams, empty: Tensor, active: Tensor, nk: Tensor, means: Tensor, eager: bool
+) -> tuple[Tensor, Tensor, MStepWeights]:
+    """Branch-free: empty components re-seeded at the worst points with the good ones' mean count,
+    masked ones keeping their mean and weight 0. Returns (means, new counts, the weights)."""
+    rank = (torch.cumsum(empty.to(torch.int64), 0) - 1).clamp_min(0)  # j-th empty -> j-th worst
+    means = torch.where(empty.unsqueeze(-1), stats.worst_x.index_select(0, rank), means)
+    means = torch.where(active.unsqueeze(-1), means, params.means)
+
+    good = ~empty & active
+    goodf = good.to(nk.dtype)
+    n_good = goodf.sum().clamp_min(1.0)
+    nk_good = nk * goodf
+    pool = nk_good / nk_good.sum().clamp_min(torch.finfo(nk.dtype).tiny)  # [K], pooling weights of the good ones
+
+    nk_new = torch.where(empty, (nk_good.sum() / n_good).expand_as(nk), nk)
+    nk_new = torch.where(active, nk_new, torch.zeros_like(nk_new))  # log 0 = -inf: masked stays masked
+    return means, nk_new, MStepWeights(nk, empty, active, pool, eager)

@@ -42,20 +42,29 @@ def upper_factor(raw: Tensor) -> Tensor:
 
 # --- EM: the M-step's helpers ----------------------------------------------------------------------
 class MStepWeights(NamedTuple):
-    """Per-component counts and flags the M-step's covariance update needs (all [K])."""
+    """Per-component counts and flags the M-step's covariance update needs (all [K]).
+
+    ``empty``, ``active`` and ``pool`` are None when the M-step found every component active and
+    none empty on plain eager tensors (:func:`puregmm.m_step`): the update then skips the
+    branch-free selections, which would select nothing; ``eager`` says the same checks may be
+    taken by value (plain eager tensors: no ``vmap``, autograd or ``torch.compile``)."""
 
     nk: Tensor  # n'_k = n_k + 10·eps
-    empty: Tensor  # re-seeded this step
-    active: Tensor  # not masked (logit > -inf)
-    pool: Tensor  # pooling weights of the good components (sum to 1)
+    empty: Tensor | None  # re-seeded this step
+    active: Tensor | None  # not masked (logit > -inf)
+    pool: Tensor | None  # pooling weights of the good components (sum to 1)
+    eager: bool = False
 
 
-def raw_from_cov_repaired(cov: Tensor, eps: float, floor: float, lowest: Tensor) -> tuple[Tensor, Tensor]:
+def raw_from_cov_repaired(
+    cov: Tensor, eps: float, floor: float, lowest: Tensor, eager: bool = False
+) -> tuple[Tensor, Tensor]:
     """The matrix families' ``raw`` from covariances [..., D, D], repairing (and counting) the
     ones whose Cholesky factorisation fails and widening (by j·I, counted) the numerically
     singular ones: a Cholesky pivot L_ii² (each at least λ_min) below ``lowest`` [...] (the
     position's resolution) or below 10·D·eps₆₄ times the largest variance (what the float64
-    moments resolve)."""
+    moments resolve). ``eager`` (plain tensors): skip the repair's factorisations when none
+    needs one (the branch-free form would select nothing from them)."""
     d = cov.shape[-1]
     eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
     diag = torch.diagonal(cov, dim1=-2, dim2=-1)  # [..., D]
@@ -63,14 +72,24 @@ def raw_from_cov_repaired(cov: Tensor, eps: float, floor: float, lowest: Tensor)
     limit = torch.maximum(lowest.to(cov.dtype), 10 * d * torch.finfo(torch.float64).eps * diag.amax(-1))
     pivot = torch.diagonal(chol, dim1=-2, dim2=-1).square().amin(-1)
     redo = (info != 0) | ~(pivot >= limit)  # NaN counts as singular
+    if not (eager and not bool(redo.any())):
+        chol = _repaired(cov, chol, info, redo, diag, limit, eps, floor)
+    u = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).mT  # U = L⁻ᵀ
+    raw = torch.triu(u, 1) + torch.diag_embed(torch.log(torch.diagonal(u, dim1=-2, dim2=-1)))
+    return raw, redo.sum()
+
+
+def _repaired(
+    cov: Tensor, chol: Tensor, info: Tensor, redo: Tensor, diag: Tensor, limit: Tensor, eps: float, floor: float
+) -> Tensor:
+    """Cholesky factors with the ``redo`` ones replaced: of cov + j·I, or of the floored diagonal."""
+    d = cov.shape[-1]
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
     jitter = torch.where(info != 0, 10 * d * eps * diag.amax(-1).clamp_min(floor) + floor, 0.0)
     jitter = jitter + torch.where(redo, d * limit, 0.0)  # then λ_min >= D·limit
     chol2, info2 = torch.linalg.cholesky_ex(cov + jitter[..., None, None] * eye)
     chol3 = torch.diag_embed(diag.clamp_min(floor).sqrt())
-    chol = torch.where(redo[..., None, None], torch.where((info2 != 0)[..., None, None], chol3, chol2), chol)
-    u = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).mT  # U = L⁻ᵀ
-    raw = torch.triu(u, 1) + torch.diag_embed(torch.log(torch.diagonal(u, dim1=-2, dim2=-1)))
-    return raw, redo.sum()
+    return torch.where(redo[..., None, None], torch.where((info2 != 0)[..., None, None], chol3, chol2), chol)
 
 
 # --- EM: the statistics' layout (see puregmm._moments) -------------------------------------------

@@ -196,42 +196,45 @@ class Family:
         """
         k, d = shift.shape
         finfo = torch.finfo(shift.dtype)
-        nk, empty, active, pool = w.nk, w.empty, w.active, w.pool
+        nk, empty, active, pool = w.nk, w.empty, w.active, w.pool  # None: every component regular
         if not self.learned:
             return old, torch.zeros((), dtype=torch.int64, device=old.device)
         if self.scale_ndim == 2:
             cov = xx_sum / nk[:, None, None] - shift.unsqueeze(-1) * shift.unsqueeze(-2)  # [K, D, D]
-            if self.per_component:
-                cov = torch.where(empty[:, None, None], (pool[:, None, None] * cov).sum(0).expand_as(cov), cov)
-            else:  # tied: Σ_k n'_k Σ_k / Σ n'
+            if not self.per_component:  # tied: Σ_k n'_k Σ_k / Σ n'
                 cov = (nk[:, None, None] * cov).sum(0) / nk.sum()
+            elif empty is not None and pool is not None:
+                cov = torch.where(empty[:, None, None], (pool[:, None, None] * cov).sum(0).expand_as(cov), cov)
             eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
             cov = 0.5 * (cov + cov.mT) + reg_covar * eye
-            if self.per_component:  # masked: a placeholder that factorises, then the old scale back
+            if self.per_component and active is not None:  # masked: a placeholder that factorises
                 cov = torch.where(active[:, None, None], cov, eye)
             lowest = least.amax(-1) if self.per_component else least.amax()
-            raw, n_fixed = raw_from_cov_repaired(cov, finfo.eps, finfo.tiny**0.5, lowest)
-            return (torch.where(active[:, None, None], raw, old) if self.per_component else raw), n_fixed
+            raw, n_fixed = raw_from_cov_repaired(cov, finfo.eps, finfo.tiny**0.5, lowest, w.eager)
+            if self.per_component and active is not None:  # masked: the old scale back
+                raw = torch.where(active[:, None, None], raw, old)
+            return raw, n_fixed
         if self.scale_ndim == 1:
             var = (xx_sum / nk.unsqueeze(-1) - shift.square()).clamp_min(0.0)  # [K, D]
-            var = torch.where(empty.unsqueeze(-1), (pool.unsqueeze(-1) * var).sum(0).expand_as(var), var)
+            if empty is not None and pool is not None:
+                var = torch.where(empty.unsqueeze(-1), (pool.unsqueeze(-1) * var).sum(0).expand_as(var), var)
             lim = least
         else:
             var = ((xx_sum / nk - shift.square().sum(-1)) / d).clamp_min(0.0)  # [K]
-            if self.per_component:
-                var = torch.where(empty, (pool * var).sum().expand_as(var), var)
-            else:  # shared: one variance pooled over components
+            if not self.per_component:  # shared: one variance pooled over components
                 var = (nk * var).sum() / nk.sum()
+            elif empty is not None and pool is not None:
+                var = torch.where(empty, (pool * var).sum().expand_as(var), var)
             lim = least.amax(-1) if self.per_component else least.amax()
         var = var + reg_covar
         lim = lim.clamp_min(finfo.tiny**0.5)
         small = var < lim
         if not self.per_component:
             return -0.5 * torch.log(torch.where(small, lim, var)), small.reshape(1, -1).any(-1).sum()
-        per = active.reshape((k,) + (1,) * (var.dim() - 1))
-        small = small & per
+        per = None if active is None else active.reshape((k,) + (1,) * (var.dim() - 1))
+        small = small if per is None else small & per
         raw = -0.5 * torch.log(torch.where(small, lim, var))
-        return torch.where(per, raw, old), small.reshape(k, -1).any(-1).sum()
+        return (raw if per is None else torch.where(per, raw, old)), small.reshape(k, -1).any(-1).sum()
 
     # --- interop, MDN heads, validation ----------------------------------------------------
     @property
