@@ -193,7 +193,7 @@ def run(
         s = s.amax().expand(b)
     z = (x - shift[:, None, :]) / s[:, None, None] if data_batched else (x - shift[0]) / s[0]
     std_cfg = cfg._replace(reg_covar=standardised_reg(cfg.reg_covar, s[0]))  # EM: one scale for all runs
-    std = torch.func.vmap(affine)(starts, 1.0 / s, -shift / s.unsqueeze(-1))
+    std = per_run(affine, b)(starts, 1.0 / s, -shift / s.unsqueeze(-1))
     states = stack([row.make_state(index(std, i), run_keys[i], std_cfg) for i in range(b)])
     if reduce is None:
         kernel = batched_kernel(lambda st, zs, ws: row.advance(st, zs, ws, std_cfg), b, data_batched, w is not None)
@@ -217,7 +217,7 @@ def run(
         advance_live=None if reduce is not None else on_live(kernel, z, w, data_batched),
         progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, meta=meta,
     )  # fmt: skip
-    params = torch.func.vmap(affine)(out.states.params, s, shift)
+    params = per_run(affine, b)(out.states.params, s, shift)
     z_params = out.states.params
     if reduce is not None or (b == 1 and not data_batched):  # unbatched kernels (fast in-place path)
         final = torch.stack([row.final_loss(index(z_params, i), z, w, reduce).detach() for i in range(b)])
@@ -239,6 +239,14 @@ def stack(trees: list[Any]) -> Any:
 
 def index(tree: Any, i: int) -> Any:
     return pytree.tree_map(lambda t: t[i], tree)
+
+
+def per_run(fn: Callable[..., Any], n_runs: int) -> Callable[..., Any]:
+    """``fn`` over arguments stacked on dim 0: ``vmap`` for several runs, a plain call on run 0
+    for one (vmap's per-call overhead is most of a small fit's set-up)."""
+    if n_runs > 1:
+        return torch.func.vmap(fn)
+    return lambda *args: pytree.tree_map(lambda t: t.unsqueeze(0), fn(*index(args, 0)))
 
 
 def batched_kernel(fn: Callable[..., Any], n_runs: int, data_batched: bool, has_w: bool) -> Callable[..., Any]:

@@ -147,7 +147,8 @@ def sufficient_stats(
     centre = mo.centre_of(params)  # [D], g
     white = density.whitening(params.to(mo.moment_dtype(x.dtype)), centre)  # η's maps (and the bound's)
     if plain:  # the safer mode only for the components whose natural form would round too much
-        flagged = torch.nonzero(mo.rounding_bound(params, centre, white) > mo.MAX_ROUNDING).flatten().tolist()
+        too_coarse = mo.rounding_bound(params, centre, white) > mo.MAX_ROUNDING
+        flagged = torch.nonzero(too_coarse).flatten().tolist() if bool(too_coarse.any()) else []
         if len(flagged) == params.n_components or (flagged and params.spec.pooled_moments):
             return whitened_stats(params, x, sample_weight, chunk_size)
         if flagged:
@@ -167,18 +168,19 @@ def _natural_stats(
     mdtype = mo.moment_dtype(x.dtype)
     eta = mo.natural(params, centre, mdtype, lay, white)  # [K, P]
     rows = mo.chunk_rows(n, lay, chunk_size)
-    work = mo.Work(lay, rows, k, x, mdtype) if plain else None
-    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
+    work = mo.Work(lay, rows, k, x, mdtype) if plain and rows < n else None  # reused by several chunks
+    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device) if work is not None else None  # Σ r T
     lse_buf = x.new_empty(rows, dtype=mdtype) if work is not None else None  # one chunk's log p, reused
 
     def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
         nonlocal raw
         t = mo.products(lay, xc, centre, mdtype, work)  # [c, P]
-        if work is None:  # out of place (autograd, torch.func, compile)
+        if work is None:  # out of place (one chunk, autograd, torch.func, compile)
             resp, lse = mo.responsibilities(eta @ t.mT, inplace=False)  # [K, c], [c]
-            raw = raw + (resp if ws is None else resp * ws) @ t
+            part = (resp if ws is None else resp * ws) @ t
+            raw = part if raw is None else raw + part
             return lse
-        assert lse_buf is not None  # in place, in the workspace
+        assert lse_buf is not None and raw is not None  # in place, in the workspace
         lj = torch.mm(eta, t.mT, out=work.lj[:, : stop - start])  # [K, c]
         resp, lse = mo.responsibilities(lj, inplace=True, lse_out=lse_buf[: stop - start])
         if ws is not None:
@@ -186,8 +188,10 @@ def _natural_stats(
         raw.addmm_(resp, t)
         return lse
 
-    passed = chunk_pass(x, sample_weight, k, rows, add, eager=work is not None)
+    passed = chunk_pass(x, sample_weight, k, rows, add, eager=plain)
     shift = (params.means.detach() - centre).to(mdtype)
+    if raw is None:  # no rows
+        raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)
     return _stats(mo.about_centres(lay, raw, shift), passed, params.dtype)
 
 

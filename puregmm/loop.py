@@ -54,25 +54,26 @@ def select_runs(done: Tensor, old: Any, new: Any) -> Any:
     return pytree.tree_map(pick, old, new)
 
 
-def em_converged(tol: float) -> Callable[[Tensor], Tensor]:
-    """scikit-learn's rule: the mean log-likelihood changed by less than ``tol`` in one step."""
+def em_converged(tol: float) -> Callable[[list[Tensor]], Tensor]:
+    """scikit-learn's rule: the mean log-likelihood changed by less than ``tol`` in one step.
+    Rules take the history as its rows (each [B]), the latest last."""
 
-    def rule(history: Tensor) -> Tensor:
-        if history.shape[0] < 2:
-            return torch.zeros(history.shape[1], dtype=torch.bool, device=history.device)
-        return (history[-1] - history[-2]).abs() < tol
+    def rule(rows: list[Tensor]) -> Tensor:
+        if len(rows) < 2:
+            return torch.zeros(rows[-1].shape, dtype=torch.bool, device=rows[-1].device)
+        return (rows[-1] - rows[-2]).abs() < tol
 
     return rule
 
 
-def window_converged(tol: float, window: int) -> Callable[[Tensor], Tensor]:
+def window_converged(tol: float, window: int) -> Callable[[list[Tensor]], Tensor]:
     """The loss varied by at most ``tol·max(1, |loss|)`` over the last ``window`` steps (for
     gradient descent, whose loss is not monotone)."""
 
-    def rule(history: Tensor) -> Tensor:
-        if history.shape[0] <= window:
-            return torch.zeros(history.shape[1], dtype=torch.bool, device=history.device)
-        recent = history[-window - 1 :]
+    def rule(rows: list[Tensor]) -> Tensor:
+        if len(rows) <= window:
+            return torch.zeros(rows[-1].shape, dtype=torch.bool, device=rows[-1].device)
+        recent = torch.stack(rows[-window - 1 :])
         spread = recent.amax(0) - recent.amin(0)
         return spread <= tol * recent[-1].abs().clamp_min(1.0)
 
@@ -84,7 +85,7 @@ def run(
     advance: Callable[[Any], Any],
     *,
     max_steps: int,
-    converged: Callable[[Tensor], Tensor],
+    converged: Callable[[list[Tensor]], Tensor],
     loss_offset: Tensor | None = None,
     progress: bool = False,
     checkpoint: Any = None,
@@ -100,7 +101,7 @@ def run(
         advance: batched pure kernel, states -> states; ``.loss`` of its output is the loss
             of the step just taken.
         max_steps: total steps per run, those before a resumed checkpoint included.
-        converged: history [t, B] (data units) -> [B] bool.
+        converged: the history's recent rows (each [B], data units) -> [B] bool.
         loss_offset: [B] added to ``.loss`` to get data units (gradient descent runs on
             standardised data); ``None`` for none.
         progress: a tqdm bar with the best current loss.
@@ -125,19 +126,25 @@ def run(
         states, rows, n_steps, done, conv = _load(resume, states, meta)
     offset = 0.0 if loss_offset is None else loss_offset
     bar = _progress(progress, max_steps, len(rows))
-    while len(rows) < max_steps and not bool(done.all()):
-        if advance_live is not None and bool(done.any()):
+    n_done = int(done.sum())  # one sync per step; with none stopped, no selections
+    while len(rows) < max_steps and n_done < b:
+        if advance_live is not None and n_done:
             live = torch.nonzero(~done).flatten()  # [A]
             part = advance_live(pytree.tree_map(lambda t, i=live: t.index_select(0, i), states), live)
             new = pytree.tree_map(lambda t, p, i=live: t.index_copy(0, i, p), states, part)
         else:
             new = advance(states)
-        states = select_runs(done, states, new)
-        nan = torch.full_like(new.loss, float("nan"))
-        rows.append(torch.where(done, nan, new.loss + offset).detach())
-        n_steps = n_steps + (~done).to(torch.int64)
-        now = converged(torch.stack(rows[-HISTORY_TAIL:])) & ~done  # the rules look at the recent steps only
+        if n_done:
+            states = select_runs(done, states, new)
+            rows.append(torch.where(done, torch.full_like(new.loss, float("nan")), new.loss + offset).detach())
+            n_steps = n_steps + (~done).to(torch.int64)
+        else:
+            states = new
+            rows.append((new.loss + offset).detach())
+            n_steps = n_steps + 1
+        now = converged(rows[-HISTORY_TAIL:]) & ~done  # the rules look at the recent steps only
         conv, done = conv | now, done | now
+        n_done = int(done.sum())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(

@@ -205,7 +205,7 @@ class Method(NamedTuple):
         make_state: (standardised params, key, settings) -> a run's state.
         advance: (state, z, w, settings, reduce=None) -> the next state (pure, vmappable
             without ``reduce``; with it, ``z`` is this rank's shard and the sums are reduced).
-        converged: tol -> rule over the loss history [t, B] -> [B] bool.
+        converged: tol -> rule over the loss history's recent rows (each [B]) -> [B] bool.
         final_loss: (params, x, w, reduce=None) -> the reported mean NLL of the final params.
         per_run_scale: whether each run of a batch is standardised by its own spread (gradient
             descent: its floor and learning rate live in standardised units) or all by the
@@ -219,7 +219,7 @@ class Method(NamedTuple):
     tol: float
     make_state: Callable[[GMMParams, Tensor, Settings], Any]
     advance: Callable[..., Any]
-    converged: Callable[[float], Callable[[Tensor], Tensor]]
+    converged: Callable[[float], Callable[[list[Tensor]], Tensor]]
     final_loss: Callable[..., Tensor]
     per_run_scale: bool
     batches: bool
