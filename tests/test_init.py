@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
 from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
 
 import puregmm as pg
-from puregmm.init import METHODS, kmeans_plusplus, lloyd
+from puregmm.init import METHODS, kmeans_plusplus
 from tests import bounds
 from tests.bounds import SLACK, gamma
 from tests.oracles import SK_TYPE, mixture_data, sk_covariances_full, to_np
+from tests.test_kmeans import _centre_atol, _sklearn_kmeans
 
 
 def same(a: pg.GMMParams, b: pg.GMMParams) -> bool:
@@ -172,113 +171,6 @@ def test_init_batched_equals_init_of_each_dataset(method: str, family: str) -> N
             # vmapped kernels: the M-step's per-step rounding bound
             tol = bounds.stats_rtol(single, xs[b][mask[b]])
             bounds.assert_leaves_close(getattr(batched, name)[b], getattr(single, name), tol, name)
-
-
-# --- Lloyd: scikit-learn's KMeans (empty clusters relocated, tol stop) ------------------------------
-
-
-def _sklearn_kmeans(x: torch.Tensor, seeds: torch.Tensor, tol: float = 1e-4) -> Any:
-    """The independent reference: scikit-learn's ``KMeans`` (Lloyd) from the same seeds."""
-    from sklearn.cluster import KMeans
-
-    return KMeans(seeds.shape[0], init=to_np(seeds), n_init=1, tol=tol, max_iter=300).fit(to_np(x))
-
-
-def _centre_atol(x: torch.Tensor) -> float:
-    """Two roundings of a cluster mean of at most N rows: 2·γ_N·max|x - x̄| (Higham 3.4), slack."""
-    return SLACK * 2 * gamma(x.shape[0]) * float((x - x.mean(0)).abs().max())
-
-
-def _blobs(n_per: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Four tight, well-separated blobs (sd 0.5, 10 apart) and their centres."""
-    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    return centres.repeat_interleave(n_per, 0) + 0.5 * torch.randn(
-        4 * n_per, 2, generator=g, dtype=torch.float64
-    ), centres
-
-
-def _far_seeds() -> torch.Tensor:
-    """Two seeds inside blobs 0 and 1 and two far from every point: both far clusters start empty."""
-    return torch.tensor([[0.0, 0.0], [10.0, 0.0], [100.0, 100.0], [-100.0, 50.0]], dtype=torch.float64)
-
-
-def _lloyd_keeping_empty(x: np.ndarray, c: np.ndarray, iters: int = 300) -> np.ndarray:
-    """Plain Lloyd in numpy that keeps an empty cluster's centre (puregmm's former rule)."""
-    for _ in range(iters):
-        labels = ((x[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
-        c = np.stack([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(len(c))])
-    return c
-
-
-def _objective(x: torch.Tensor, centres: torch.Tensor) -> float:
-    return float(torch.cdist(x, centres).amin(-1).square().sum())
-
-
-@pytest.mark.parametrize("case", ["tol_stop", "empty_clusters", "digits"])
-def test_lloyd_is_sklearns_kmeans_from_the_same_seeds(case: str) -> None:
-    """Same seeds, same centres as scikit-learn's KMeans: the stopping rule (tol·mean variance,
-    labels repeating, 300 iterations) and the relocation of empty clusters included."""
-    if case == "tol_stop":  # overlapping clusters: KMeans stops on the centre shift, 4 iterations early
-        x, _ = mixture_data(4, 2, 400, separation=1.0, seed=1)
-        seeds = kmeans_plusplus(x, 4, key=1)
-    elif case == "empty_clusters":
-        x, _ = _blobs()
-        seeds = _far_seeds()
-    else:
-        from sklearn.datasets import load_digits
-
-        raw = torch.as_tensor(load_digits().data[:600], dtype=torch.float64)
-        x = (raw - raw.mean(0)) / raw.std(0).clamp_min(1e-12)
-        seeds = kmeans_plusplus(x, 10, key=2)
-    ours = lloyd(x, seeds)
-    np.testing.assert_allclose(to_np(ours), _sklearn_kmeans(x, seeds).cluster_centers_, rtol=0, atol=_centre_atol(x))
-    if case == "tol_stop":  # the rule matters here: running on until the labels settle lands elsewhere
-        strict = _sklearn_kmeans(x, seeds, tol=0.0).cluster_centers_
-        assert np.abs(to_np(ours) - strict).max() > 1e3 * _centre_atol(x)
-
-
-def test_empty_cluster_is_relocated_and_finds_every_blob() -> None:
-    """Three seeds in three blobs and one far from all points: its cluster is empty on the first
-    pass. Relocated to the point farthest from its centre (in the fourth blob), all four blobs
-    are found; keeping its centre (the former rule) leaves two blobs to one centre, with a
-    k-means objective over ten times larger."""
-    x, centres = _blobs()
-    seeds = torch.cat([centres[:3], torch.tensor([[100.0, 100.0]], dtype=torch.float64)])
-    ours = lloyd(x, seeds)
-    assert float(torch.cdist(centres, ours).amin(-1).max()) < 0.3  # every blob has a centre near it
-    kept = torch.as_tensor(_lloyd_keeping_empty(to_np(x), to_np(seeds)))
-    assert float(torch.cdist(centres, kept).amin(-1).max()) > 3.0
-    assert _objective(x, ours) * 10 < _objective(x, kept)  # ~ 200·2·0.5² against 100·5²
-
-
-def test_relocation_skips_zero_weight_rows_and_vmaps() -> None:
-    """Rows of weight 0 (padding, masked rows) are never the relocated points: the result is that
-    of the data without them, though they lie farthest; the vmapped step equals each dataset's."""
-    from puregmm.init import _lloyd_step
-
-    x, _ = _blobs()
-    pad = torch.tensor([[1e3, 1e3], [-1e3, 1e3]], dtype=torch.float64)
-    xw = torch.cat([pad[:1], x, pad[1:]])
-    w = torch.ones(xw.shape[0], dtype=torch.float64)
-    w[0] = w[-1] = 0.0
-    torch.testing.assert_close(
-        lloyd(xw, _far_seeds(), sample_weight=w), lloyd(x, _far_seeds()), rtol=0, atol=_centre_atol(x)
-    )
-    # one Lloyd step, batched (branch-free) against each dataset's eager step (which skips the
-    # relocation when no cluster is empty): dataset 0 relocates two empty clusters, dataset 1 none
-    xs = torch.stack([xw, xw.flip(0) + 1.0]).mT.contiguous()  # [B, D, N]
-    ws = torch.stack([w, w.flip(0)])
-    seeds = torch.stack([_far_seeds(), torch.tensor([[1.0, 1.0], [11.0, 1.0], [1.0, 11.0], [11.0, 11.0]])])
-    labels, new, shift = torch.func.vmap(_lloyd_step)(xs, ws, seeds)
-    for b in range(2):
-        lb, nb, sb = _lloyd_step(xs[b], ws[b], seeds[b])
-        assert torch.equal(labels[b], lb)
-        torch.testing.assert_close(new[b], nb, rtol=0, atol=_centre_atol(xs[b].mT))
-        torch.testing.assert_close(shift[b], sb, rtol=1e-12, atol=0)
-        torch.testing.assert_close(sb, (nb - seeds[b]).square().sum(), rtol=1e-12, atol=0)
-    moved = new[0, 2:]  # the two far clusters now sit on data points of weight 1
-    assert bool((torch.cdist(moved, xw[w > 0]).amin(-1) == 0).all())
 
 
 @pytest.mark.parametrize("family", tuple(SK_TYPE))
