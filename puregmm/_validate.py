@@ -24,14 +24,23 @@ from puregmm._validate_params import (  # re-exported: entry points call _valida
     HALF_DTYPES,
     compute_dtype,
     eager,
+    init_state_args,
+    kernel_reg_covar,
     logits,
+    m_step_args,
     params,
     params_structure,
+    positive,
+    reg_covar,
     same_dtype,
+    stats,
     unbatched,
 )
 
-__all__ = ["HALF_DTYPES", "compute_dtype", "eager", "logits", "params", "params_structure", "same_dtype", "unbatched"]
+__all__ = [
+    "HALF_DTYPES", "compute_dtype", "eager", "init_state_args", "kernel_reg_covar", "logits", "m_step_args",
+    "params", "params_structure", "positive", "reg_covar", "same_dtype", "stats", "unbatched",
+]  # fmt: skip
 
 
 def as_float_tensor(x: Any, name: str, dtype: torch.dtype | None = None) -> Tensor:
@@ -203,15 +212,6 @@ def covariance_structure(cov: Tensor, spec: Family, rounding: torch.dtype | None
         raise ValueError(f"family {spec.name!r} needs {what}")
 
 
-def reg_covar(v: Any) -> float:
-    """A finite, non-negative ``reg_covar``."""
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-        raise TypeError(f"reg_covar must be a non-negative float; got {type(v).__name__}")
-    if not 0 <= float(v) < float("inf"):
-        raise ValueError(f"reg_covar must be a finite non-negative float (e.g. 1e-6); got {v!r}")
-    return float(v)
-
-
 def means(m: Any, k: int, d: int, dtype: torch.dtype, device: torch.device, name: str = "means") -> Tensor:
     """Checked finite initial means [K, D] in the data's dtype and device."""
     t = as_float_tensor(m, name).to(dtype=dtype, device=device)
@@ -334,6 +334,13 @@ def kernel_weight(w: Any, x: Tensor, batch: tuple[int, ...] = (), name: str = "s
         raise ValueError(
             f"{name} must have shape ({n},) or {(*batch, n)}, one weight per row of x; got {tuple(w.shape)}"
         )
+
+
+def one_of(v: Any, options: tuple[str, ...], name: str) -> str:
+    """One of ``options`` (lower-case names), matched case-insensitively; returned lower-case."""
+    if not isinstance(v, str) or v.lower() not in options:
+        raise ValueError(f"{name} must be one of {options}; got {v!r}")
+    return v.lower()
 
 
 def flag(v: Any, name: str) -> bool:

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from puregmm import _validate
 from puregmm.density import component_log_prob
 from puregmm.params import GMMParams, covariances, weights
+from puregmm.select import CRITERIA
 
 
 class Projection(NamedTuple):
@@ -60,15 +62,17 @@ def project(params: GMMParams, x: Any = None, max_points: int = 5000) -> Project
     mu = params.means.detach().to(torch.float64)  # [K, D]
     cov = covariances(params).detach().to(torch.float64)  # [K, D, D]
     d = params.dim
+    x = _points(x, d)
+    _validate.positive_int(max_points, "max_points")
     pts = _subsample(x, d, max_points)  # [M, D]
     if d == 2:
         return Projection(pts, mu, cov, ("x1", "x2"))
     if d < 2:
         raise ValueError(f"project needs D >= 2; got D={d} (plot_fit draws 1-D data as a histogram)")
     if x is not None:
-        xt = torch.as_tensor(np.asarray(x)).to(torch.float64)
-        centre = xt.mean(0)
-        total = torch.cov(xt.mT)  # [D, D]
+        centre = x.mean(0)
+        big = (x - centre).abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
+        total = torch.cov(((x - centre) / big).mT)  # [D, D], scaled: the axes and shares are scale-free
     else:
         w = weights(params).detach().to(torch.float64)
         centre = w @ mu
@@ -103,6 +107,11 @@ def plot_fit(
     Returns:
         The matplotlib Axes.
 
+    Raises:
+        TypeError, ValueError: params not finite unbatched :class:`GMMParams`, ``x`` not finite
+            real data [N, D] of the params' D, ``max_points`` not a positive int, a ``sigmas``
+            entry not a positive number.
+
     For D > 2 data and ellipses are projected on the first two principal components of the
     data (of the mixture's covariance without data); D = 1 draws a histogram and the
     weighted component densities.
@@ -114,8 +123,11 @@ def plot_fit(
     >>> ax.get_title()
     'full, K=2 (1, 2, 3-sigma ellipses)'
     """
-    ax = _axes(ax)
     _check_params(params)
+    x = _points(x, params.dim)
+    _validate.positive_int(max_points, "max_points")
+    sigmas = _sigmas(sigmas)
+    ax = _axes(ax)
     colors = _colors(params.n_components)
     title = f"{params.family}, K={params.n_components}" if title is None else title
     if params.dim == 1:
@@ -155,8 +167,13 @@ def plot_loss(history: Any, *, ax: Any = None, title: str = "loss (mean negative
     >>> ax.lines[0].get_xdata().tolist()
     [1, 2, 3]
     """
+    h = _validate.as_float_tensor(history, "history", torch.float64).detach()
+    if h.dim() != 1:
+        raise ValueError(
+            f"history must be 1-D, one loss per step (FitResult.history); got shape {tuple(h.shape)} "
+            "(for a batch of fits pass one row, history[i])"
+        )
     ax = _axes(ax)
-    h = torch.as_tensor(history).detach().to(torch.float64).reshape(-1)
     ax.plot(np.arange(1, h.numel() + 1), h.numpy(), lw=1.2)
     ax.yaxis.get_major_formatter().set_useOffset(False)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -183,23 +200,28 @@ def plot_criterion(table: Any, *, criterion: str = "bic", ax: Any = None) -> Any
         The matplotlib Axes.
 
     Raises:
-        ValueError: an empty table.
+        ValueError: an empty table, a row without the columns, ``criterion`` not bic/aic.
+        TypeError: ``table`` or a row of another kind, a K or criterion value that is not a number.
 
     >>> import puregmm as pg
     >>> ax = pg.plot_criterion([{"family": "full", "K": 1, "bic": 310.2}, {"family": "full", "K": 2, "bic": 250.5}])
     >>> [t.get_text() for t in ax.get_legend().get_texts()]
     ['full', 'best: full, K=2']
     """
-    ax = _axes(ax)
+    criterion = _validate.one_of(criterion, CRITERIA, "criterion")
     rows = table_rows(table)
     if not rows:
         raise ValueError("table is empty; pass the table of pg.select(...)")
     by_family: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         family = str(field(row, ("family",), "full"))
-        k = int(field(row, ("k", "n_components")))
-        by_family.setdefault(family, []).append((k, float(field(row, (criterion.lower(),)))))
-    best = min(((v, k, f) for f, pts in by_family.items() for k, v in pts))
+        k = _number(field(row, ("k", "n_components")), "K", int)
+        by_family.setdefault(family, []).append((k, _number(field(row, (criterion,)), criterion, float)))
+    finite = [(v, k, f) for f, pts in by_family.items() for k, v in pts if math.isfinite(v)]
+    if not finite:
+        raise ValueError(f"table: every {criterion} value is NaN or infinite; nothing to compare")
+    best = min(finite)  # non-finite values are drawn as gaps and never win (as in format_table)
+    ax = _axes(ax)
     for family, pts in by_family.items():
         pts.sort()
         ax.plot([k for k, _ in pts], [v for _, v in pts], "o-", ms=4, label=family)
@@ -264,20 +286,35 @@ def _axes(ax: Any) -> Any:
 
 
 def _check_params(params: GMMParams) -> None:
-    if not isinstance(params, GMMParams):
-        raise TypeError(f"params must be GMMParams; got {type(params).__name__}")
+    """Unbatched, well-formed, finite params (what the ellipses' Cholesky factors need)."""
+    _validate.params(params)
     if params.batch_shape:
         raise ValueError(f"plots need unbatched params; got batch shape {params.batch_shape} (index one fit: p[i])")
 
 
-def _subsample(x: Any, d: int, max_points: int) -> Tensor:
+def _points(x: Any, d: int) -> Tensor | None:
+    """``x`` as finite float64 data [N, d] (any real dtype is drawn), or None."""
+    if x is None:
+        return None
+    xt = _validate.data(x, "x", torch.float64)
+    if xt.shape[1] != d:
+        raise ValueError(f"x must be [N, {d}] to match the params; got shape {tuple(xt.shape)}")
+    return xt
+
+
+def _sigmas(sigmas: Any) -> list[float]:
+    """The ellipses' radii: positive numbers."""
+    if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Iterable):
+        raise TypeError(f"sigmas must be a sequence of positive numbers such as (1, 2, 3); got {sigmas!r}")
+    return [_validate.positive(n, "sigmas") for n in sigmas]
+
+
+def _subsample(x: Tensor | None, d: int, max_points: int) -> Tensor:
+    """Every ⌈N/max_points⌉-th row of checked data [N, d] (:func:`_points`)."""
     if x is None:
         return torch.zeros(0, d, dtype=torch.float64)
-    xt = torch.as_tensor(np.asarray(x))
-    if xt.dim() != 2 or xt.shape[1] != d:
-        raise ValueError(f"x must be [N, {d}] to match the params; got shape {tuple(xt.shape)}")
-    stride = max(1, math.ceil(xt.shape[0] / max_points))
-    return xt[::stride].to(torch.float64)
+    stride = max(1, math.ceil(x.shape[0] / max_points))
+    return x[::stride]
 
 
 def _labels(params: GMMParams, x: Any, max_points: int) -> list[int]:
@@ -311,25 +348,45 @@ def _plot_1d(params: GMMParams, x: Any, ax: Any, colors: list[Any], max_points: 
     ax.set_ylabel("density")
 
 
+_NOT_TABLES = (str, bytes, Tensor, np.ndarray)  # iterable, but of numbers or characters, not rows
+_KINDS = "rows (dicts, NamedTuples or objects with attributes), a dict of columns or a DataFrame"
+
+
 def table_rows(table: Any) -> list[Any]:
     """Rows of a table given as rows, a dict of columns or a pandas DataFrame."""
     if hasattr(table, "to_dict") and hasattr(table, "columns"):  # pandas DataFrame
         return list(table.to_dict("records"))
     if isinstance(table, Mapping):
+        bad = [c for c, col in table.items() if isinstance(col, _NOT_TABLES[:2]) or not isinstance(col, Iterable)]
+        if bad:
+            raise TypeError(f"table: a dict of columns needs a sequence per column; column {bad[0]!r} is not one")
         cols = list(table)
         return [dict(zip(cols, vals)) for vals in zip(*(table[c] for c in cols))]
-    if isinstance(table, Iterable):
+    if isinstance(table, Iterable) and not isinstance(table, _NOT_TABLES):
         return list(table)
-    raise TypeError(f"table must be rows, a dict of columns or a DataFrame; got {type(table).__name__}")
+    raise TypeError(f"table must be {_KINDS}; got {type(table).__name__}")
 
 
 _MISSING = object()
+
+
+def _number(v: Any, column: str, kind: type) -> Any:
+    """A table cell as ``kind`` (int or float), or a ``TypeError`` naming the column."""
+    if isinstance(v, Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"table: column {column!r} must hold numbers; got {type(v).__name__} {v!r}")
+    if kind is int and not float(v).is_integer():
+        raise TypeError(f"table: column {column!r} must hold whole numbers; got {v!r}")
+    return kind(v)
 
 
 def field(row: Any, names: tuple[str, ...], default: Any = _MISSING) -> Any:
     """The first of ``names`` (case-insensitive) in a row (dict, NamedTuple or object)."""
     if hasattr(row, "_asdict"):
         row = row._asdict()
+    if isinstance(row, (*_NOT_TABLES, list, tuple, int, float)):
+        raise TypeError(f"table must be {_KINDS}; got a row that is a {type(row).__name__}")
     if not isinstance(row, Mapping):
         row = {k: getattr(row, k) for k in dir(row) if not k.startswith("_")}
     lower = {str(k).lower(): v for k, v in row.items()}

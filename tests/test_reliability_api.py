@@ -271,9 +271,6 @@ KNOWN_GAPS = {
     "m_step": "mstep.m_step: stats, params and reg_covar unchecked",
     "init_state": "train.init_state: min_variance and params structure unchecked",
     "kmeans_plusplus": "init.kmeans_plusplus: x and n_components unchecked",
-    "plot_criterion": "plot: table and criterion unchecked",
-    "plot_fit": "plot: max_points unchecked (ZeroDivisionError), bad params reach cholesky",
-    "plot_loss": "plot: history unchecked (RuntimeError from torch.as_tensor)",
 }
 
 
