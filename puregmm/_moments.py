@@ -46,11 +46,12 @@ Design decisions:
   clusters far apart relative to their width, where a float32 sum about any common centre
   would lose every digit. The centre g removes any common offset first.
 * **Precision.** That bound is the form's limit: ⟨η_k, T(x)⟩ rounds by about
-  :func:`rounding_bound` = eps·tr P_k·(‖μ_k - g‖² + tr Σ_k) nats, ~eps·(distance / width)², which
-  passes 1e-8 for a component narrower than ~1e-4 of its mean's distance from g (or for a
-  covariance of condition number above ~1e8). Plain eager E-steps then whiten each row per
-  component instead, the way scikit-learn does (``em._whitened_stats``: rounding
-  ~eps·distance / width, not its square). Under ``vmap``, autograd and ``torch.compile`` the
+  :func:`rounding_bound` = eps·(|d_k|ᵀ|P_k||d_k| + σ_kᵀ|P_k|σ_k) nats (d_k = μ_k - g, σ_k the
+  standard deviations), ~eps·(distance / width)², which passes 1e-8 for a component narrower
+  than ~1e-4 of its mean's distance from g (or for strongly correlated features: condition
+  numbers above ~1e8). Plain eager E-steps then whiten those components' rows instead, the
+  way scikit-learn does (:func:`puregmm.estep.whitened_stats`, per component in
+  ``estep._mixed_stats``: rounding ~eps·distance / width, not its square). Under ``vmap``, autograd and ``torch.compile`` the
   check would be a value-dependent branch, so they keep this form and its bound. A width
   below what float64 resolves at all (``reg_covar=0`` with a component on one point or on a
   plane of few points) is a collapse: :func:`puregmm.m_step` widens it (see
@@ -146,9 +147,15 @@ def position_resolution(dtype: torch.dtype) -> float:
 
 def rounding_bound(params: GMMParams, centre: Tensor, white: Whitening | None = None) -> Tensor:
     """[K] bound, in nats up to a small factor, on the rounding of ⟨η_k, T(x)⟩ for rows x that
-    component k can claim: eps·λ(P_k)·(‖μ_k - g‖² + spread²), i.e. eps·tr P_k·(‖d_k‖² + tr Σ_k)
-    for the matrix families and eps·(Σ_i d_ki²/σ_ki² + D) = eps·(‖t_k‖² + D) for the others
-    (float64 eps: T and the GEMMs are float64). Masked components get 0. ``white``: the float64
+    component k can claim (x - μ_k within a few σ per coordinate).
+
+    The GEMM of η_k with T(x) rounds by ~eps·Σ |η_k| |T(x)|, and with y = x - g = d_k + z
+    (d_k = μ_k - g, z = x - μ_k) that is ~eps·(|d_k|ᵀ|P_k||d_k| + |z|ᵀ|P_k||z|); for the rows
+    the component claims |z_i| ~ σ_ki, so the bound is eps·(|d_k|ᵀ|P_k||d_k| + σ_kᵀ|P_k|σ_k)
+    (σ_k the standard deviations; for the diagonal families Σ_i d_ki²/σ_ki² + D). It is at most
+    eps·tr P_k·(‖d_k‖² + tr Σ_k) (Cauchy-Schwarz, |P_ij| <= √(P_ii P_jj)), often far less: a
+    feature with a tiny variance that is independent of the others costs its own term only.
+    float64 eps: T and the GEMMs are float64. Masked components get 0. ``white``: the float64
     whitening about ``centre`` when the caller has it (:func:`natural` uses the same one).
     """
     d = params.dim
@@ -159,8 +166,9 @@ def rounding_bound(params: GMMParams, centre: Tensor, white: Whitening | None = 
         u = a[:d].permute(2, 0, 1)  # [K, D, D], P = U Uᵀ
         delta = params.means.detach().to(torch.float64) - centre.detach().to(torch.float64)  # [K, D]
         eye = torch.eye(d, dtype=u.dtype, device=u.device).expand_as(u)
-        u_inv = torch.linalg.solve_triangular(u, eye, upper=True)  # Σ = U⁻ᵀ U⁻¹
-        bound = u.square().sum((-2, -1)) * (delta.square().sum(-1) + u_inv.square().sum((-2, -1)))
+        sigma = torch.linalg.solve_triangular(u, eye, upper=True).square().sum(-2).sqrt()  # Σ = U⁻ᵀ U⁻¹
+        v = torch.stack([delta.abs(), sigma], 1)  # [K, 2, D]
+        bound = ((v @ (u @ u.mT).abs()) * v).sum((-2, -1))
     else:
         bound = a[1].square().sum(0) + d  # ‖t_k‖² + D, t_k = (μ_k - g) U_k
     bound = bound * torch.finfo(torch.float64).eps

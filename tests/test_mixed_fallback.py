@@ -10,6 +10,7 @@ import torch
 import puregmm as pg
 from puregmm import _moments as mo
 from puregmm import estep
+from tests.bounds import SLACK
 
 EPS = torch.finfo(torch.float64).eps
 
@@ -35,3 +36,51 @@ def test_one_flagged_component_equals_the_whitened_mode(family: str, monkeypatch
         # the two modes sum the same terms in other orders: N·eps relative to the sums' magnitude
         tol = 10 * x.shape[0] * EPS * max(1.0, float(b.abs().max()))
         assert float((a - b).abs().max()) <= tol, name
+
+
+def _natural_log_joint(p: pg.GMMParams, x: torch.Tensor) -> torch.Tensor:
+    centre = mo.centre_of(p)
+    lay = p.spec.moment_layout(p.dim)
+    return mo.natural(p, centre, torch.float64, lay) @ mo.products(lay, x, centre, torch.float64, None).mT  # [K, N]
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal"])
+@pytest.mark.parametrize("case", ["tiny independent variances", "ill-conditioned correlations"])
+def test_rounding_bound_caps_the_natural_forms_error(family: str, case: str) -> None:
+    """The natural form's log-densities of rows a component claims differ from the whitened ones
+    by at most the bound (plus the whitened form's own eps·r rounding), and the bound is at most
+    the old eps·tr P·(‖d‖² + tr Σ), which flagged every component of the digits' full fits."""
+    g = torch.Generator().manual_seed(1)
+    d, k = 12, 3
+    means = 3.0 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    covs = []
+    for _ in range(k):
+        if case == "tiny independent variances":  # a few features constant within the cluster (reg only)
+            a = torch.randn(d, d, generator=g, dtype=torch.float64)
+            c = a @ a.mT / d + 0.1 * torch.eye(d, dtype=torch.float64)
+            c[:4, :] = 0.0
+            c[:, :4] = 0.0
+            c[range(4), range(4)] = 1e-6
+        else:  # condition number ~1e8
+            q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+            c = q @ torch.diag(torch.logspace(-8, 0, d, dtype=torch.float64)) @ q.mT
+        covs.append(0.5 * (c + c.mT))
+    cov = torch.stack(covs)
+    if family == "diagonal":
+        cov = torch.diag_embed(torch.diagonal(cov, dim1=-2, dim2=-1))
+    p = pg.from_moments(torch.full((k,), 1.0 / k, dtype=torch.float64), means, cov, family)
+    centre = mo.centre_of(p)
+    bound = mo.rounding_bound(p, centre)
+    old = torch.stack([torch.trace(torch.linalg.inv(c)) for c in cov]) * (
+        (means - centre).square().sum(-1) + torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1)
+    ) * EPS  # fmt: skip
+    assert bool((bound <= old * (1 + 1e-6)).all())
+    for j in range(k):  # rows component j claims: its own samples
+        chol = torch.linalg.cholesky(cov[j])
+        rows = means[j] + torch.randn(200, d, generator=g, dtype=torch.float64) @ chol.mT
+        white = pg.component_log_prob(p, rows)[:, j]  # whitening: rounding ~eps·(|ℓ| + D·r), r = a few widths
+        natural = _natural_log_joint(p, rows)[j]
+        own = EPS * (white.abs() + d * 10.0)
+        assert float(((natural - white).abs() - own).max()) <= SLACK * float(bound[j]), (case, j)
+    if case == "tiny independent variances" and family == "full":
+        assert bool((old > mo.MAX_ROUNDING).all()) and not bool((bound > mo.MAX_ROUNDING).any())
