@@ -51,8 +51,9 @@ Design decisions:
   than ~1e-4 of its mean's distance from g (or for strongly correlated features: condition
   numbers above ~1e8). Plain eager E-steps then whiten those components' rows instead, the
   way scikit-learn does (:func:`puregmm.estep.whitened_stats`, per component in
-  ``estep._mixed_stats``: rounding ~eps·distance / width, not its square). Under ``vmap``, autograd and ``torch.compile`` the
-  check would be a value-dependent branch, so they keep this form and its bound. A width
+  ``estep._mixed_stats``: rounding ~eps·distance / width, not its square). Under ``vmap``,
+  autograd and ``torch.compile`` the check would be a value-dependent branch, so they keep
+  this form and its bound. A width
   below what float64 resolves at all (``reg_covar=0`` with a component on one point or on a
   plane of few points) is a collapse: :func:`puregmm.m_step` widens it (see
   :data:`POSITION_RESOLUTION`) and counts a repair.
