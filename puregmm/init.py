@@ -82,7 +82,7 @@ def _seed(
         u = torch.where(wn > 0, u, torch.full_like(u, 2.0))  # zero-weight rows last
         centres = xc.index_select(0, torch.argsort(u, stable=True)[:k])
     else:
-        centres = xc.index_select(0, _kmeans_plusplus(xc, xt, wn.double(), key, k, trials))
+        centres = xc.index_select(0, _kmeans_plusplus(xc, xt, None if w is None else w.double(), key, k, trials))
     return offset, xc, xt, centres
 
 

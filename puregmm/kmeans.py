@@ -40,14 +40,15 @@ def _trials(n_components: int, n_local_trials: int | None) -> int:
     return 2 + int(math.log(n_components)) if n_local_trials is None else n_local_trials
 
 
-def _kmeans_plusplus(x: Tensor, xt: Tensor, w: Tensor, key: Tensor, k: int, trials: int) -> Tensor:
+def _kmeans_plusplus(x: Tensor, xt: Tensor, w: Tensor | None, key: Tensor, k: int, trials: int) -> Tensor:
     """Kernel of :func:`kmeans_plusplus`: x [N, D] (and xt = xᵀ [D, N]), w [N] float64
-    weights -> the indices [K] of the rows chosen as centres, in order."""
+    weights (None: all 1) -> the indices [K] of the rows chosen as centres, in order."""
     n = x.shape[0]
-    cum_w = torch.cumsum(w, 0)  # [N]
+    f64 = torch.float64
+    cum_w = torch.arange(1, n + 1, dtype=f64, device=x.device) if w is None else torch.cumsum(w, 0)  # [N]
     # every draw at once (uniform(key, i, j) for centre i, candidate j): one hash, not one per centre
     rows = torch.arange(k, device=x.device).unsqueeze(-1)
-    u_all = keys.uniform(key, rows, torch.arange(trials, device=x.device)).to(x.device)  # [K, L]
+    u_all = _on(keys.uniform(key, rows, torch.arange(trials, device=x.device)), x.device)  # [K, L]
 
     def draw(mass: Tensor | None, i: int, m: int) -> Tensor:  # m indices [m] drawn ∝ mass (None: ω)
         cum = cum_w
@@ -58,15 +59,25 @@ def _kmeans_plusplus(x: Tensor, xt: Tensor, w: Tensor, key: Tensor, k: int, tria
 
     x2 = _sq_norms(xt, trials)
     chosen = [draw(None, 0, 1)]  # [1]
-    d2 = _sq_dist(xt, x.index_select(0, chosen[0]))[0].to(torch.float64)  # [N]
+    d2 = _as(_sq_dist(xt, x.index_select(0, chosen[0]))[0], f64)  # [N]
     for i in range(1, k):  # static: K is a shape
-        idx = draw(w * d2, i, trials)  # [L]
-        sq = _sq_dist(xt, x.index_select(0, idx), x2).to(torch.float64)  # [L, N]
+        idx = draw(d2 if w is None else w * d2, i, trials)  # [L]
+        sq = _as(_sq_dist(xt, x.index_select(0, idx), x2), f64)  # [L, N]
         new_d2 = sq.clamp_max_(d2)  # min(d2, sq) in place: no fresh [L, N] block per centre
-        best = (new_d2 @ w).argmin().reshape(1)  # the candidate lowering Σ ω d² most
+        best = (new_d2.sum(1) if w is None else new_d2 @ w).argmin().reshape(1)  # the candidate lowering Σ ω d² most
         chosen.append(idx.index_select(0, best))
         d2 = new_d2.index_select(0, best)[0]
     return torch.cat(chosen)  # [K]
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without a call when it is already (per-call machinery at small sizes)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, without a call when it is already there."""
+    return t if t.device == device else t.to(device)
 
 
 def kmeans_plusplus(
@@ -107,7 +118,7 @@ def kmeans_plusplus(
     k = _validate.n_components(n_components, n)
     trials = _trials(k, None if n_local_trials is None else _validate.positive_int(n_local_trials, "n_local_trials"))
     if sample_weight is None:
-        w = torch.ones(n, dtype=torch.float64, device=x.device)
+        w = None
     elif eager:
         w = _validate.sample_weight(sample_weight, n, torch.float64, x.device)
     else:
@@ -197,9 +208,8 @@ def _lloyd_step(xt: Tensor, w: Tensor | None, centres: Tensor) -> tuple[Tensor, 
     if w is not None:
         r = r * w
     counts = r.sum(-1, keepdim=True)  # [K, 1]
-    empty = counts[:, 0] == 0  # [K]
-    if not mo.plain(xt, w, centres) or bool(empty.any()):
-        r = _one_hot(_relocate(labels, d2, w, empty), k, xt.dtype)
+    if not mo.plain(xt, w, centres) or bool((counts == 0).any()):
+        r = _one_hot(_relocate(labels, d2, w, counts[:, 0] == 0), k, xt.dtype)
         if w is not None:
             r = r * w
         counts = r.sum(-1, keepdim=True)
@@ -264,13 +274,14 @@ def _lloyd_loop(xt: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor
 
 def _lloyd_one(xt: Tensor, w: Tensor | None, centres: Tensor, limit: Tensor, max_iter: int) -> Tensor:
     """:func:`_lloyd_loop`'s rule for one dataset xt [D, N]: the final centres [K, D]."""
+    bound = float(limit)
     labels, centres, shift = _lloyd_step(xt, w, centres)
-    stop = shift <= limit
     for _ in range(max_iter - 1):
-        if bool(stop):
+        if float(shift) <= bound:
             break
         new_labels, centres, shift = _lloyd_step(xt, w, centres)
-        stop = (shift <= limit) | torch.equal(new_labels, labels)
+        if torch.equal(new_labels, labels):
+            break
         labels = new_labels
     return centres
 
