@@ -26,7 +26,7 @@ from torch import Tensor
 from puregmm import _masked, _validate
 from puregmm._masked import Plan
 from puregmm.estep import default_chunk_size, label_stats, responsibility_stats, sufficient_stats
-from puregmm.mstep import m_step
+from puregmm.mstep import m_step, maximise
 from puregmm.params import GMMParams
 from puregmm.stats import EMInfo, Stats, combine
 
@@ -103,7 +103,7 @@ def em_step(
         return sufficient_stats(p, xs, ws, chunk_size=chunk_size, observed=ob)
 
     def update(p: GMMParams, stats: Stats) -> tuple[GMMParams, EMInfo]:
-        new, n_resets = m_step(stats, p, reg_covar=reg_covar, return_info=True)
+        new, n_resets = maximise(stats, p, reg_covar, return_info=True)
         return new, EMInfo(stats.log_lik_sum / stats.weight_sum, n_resets)
 
     def one(p: GMMParams, xs: Tensor, ws: Tensor | None, ob: Any = plan) -> tuple[GMMParams, EMInfo]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from puregmm import _moments as mo
+from puregmm import _validate
 from puregmm.families import MStepWeights
 from puregmm.params import GMMParams
 from puregmm.stats import Stats
@@ -61,6 +62,12 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float | Tensor = 1e-6,
     >>> torch.equal(new.means, pg.em_step(p, x).means), n_resets
     (True, tensor(0))
     """
+    reg_covar = _validate.m_step_args(stats, params, reg_covar)
+    return maximise(stats, params, reg_covar, return_info)
+
+
+def maximise(stats: Stats, params: GMMParams, reg_covar: float | Tensor, return_info: bool = False) -> Any:
+    """:func:`m_step` without its argument checks, for callers that checked them (em_step)."""
     finfo = torch.finfo(params.dtype)
     eps = finfo.eps
     active = params.logits.detach() != -math.inf  # [K]; masked components stay as they are

@@ -19,8 +19,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from puregmm.em import Stats, m_step, sufficient_stats
+from puregmm.em import Stats, sufficient_stats
 from puregmm.methods import FitResult
+from puregmm.mstep import maximise
 from puregmm.params import GMMParams, covariances
 from puregmm.sources import Source, check_dim, mean_nll
 
@@ -95,7 +96,7 @@ def online_update(
         s.worst_log_lik,
         s.worst_x,
     )
-    new, n_resets = m_step(blended, p, reg_covar=reg_covar, return_info=True)
+    new, n_resets = maximise(blended, p, reg_covar, return_info=True)
     return OnlineState(new, blended, p.means.detach(), state.step + 1), -s.log_lik_sum * inv, n_resets
 
 

@@ -44,7 +44,6 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from puregmm import _validate, loop
-from puregmm.em import m_step
 from puregmm.families import get_family
 from puregmm.init import init
 from puregmm.methods import (
@@ -57,6 +56,7 @@ from puregmm.methods import (
     standardised_reg,
     warn_if_not_converged,
 )
+from puregmm.mstep import maximise
 from puregmm.online import OnlineState, expected_stats, fit_online, online_update, recentre
 from puregmm.params import GMMParams
 from puregmm.sources import (
@@ -272,7 +272,7 @@ def _fit_em(
     def advance(s: EMState) -> EMState:
         p = pytree.tree_map(lambda t: t[0], s.params)
         stats = pass_stats(src, p, reduce)
-        new, n_resets = m_step(stats, p, reg_covar=reg_covar, return_info=True)
+        new, n_resets = maximise(stats, p, reg_covar, return_info=True)
         ll = stats.log_lik_sum / stats.weight_sum
         return EMState(
             pytree.tree_map(lambda t: t.unsqueeze(0), new), s.step + 1, -ll.reshape(1), s.n_resets + n_resets, s.key
