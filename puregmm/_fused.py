@@ -147,13 +147,13 @@ def log_joint(w: Whitening, xl: Tensor, bufs: Buffers | None = None) -> Tensor:
 
 
 def _row_max(lj: Tensor) -> tuple[Tensor, Tensor]:
-    """(shift, offset) [c, 1] for a stable logsumexp: the row maxima, 0 where not finite (all
-    -inf, NaN rows) for the shift inside the exponential; the offset added back is -inf where
-    every ℓ of the row is -inf (a row at infinity, or so far that its squared distance
-    overflows), so that its log-density is -inf, not log K + 3 log eps."""
+    """(shift, offset) [c, 1] for a stable logsumexp: the row maxima m, 0 where not finite (all
+    -inf, NaN rows) for the shift inside the exponential; the offset added back is m itself:
+    the shift where m is finite, -inf where every ℓ of the row is -inf (a row at infinity, or so
+    far that its squared distance overflows), so that its log-density is -inf, not
+    log K + 3 log eps; where m is +inf or NaN the sum is +inf or NaN already, and adding m keeps it."""
     m = lj.detach().amax(1, keepdim=True)  # its gradient cancels exactly
-    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return shift, torch.where(m == -math.inf, m, shift)
+    return torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0), m
 
 
 def _shifted_exp(lj: Tensor, top: Tensor, inplace: bool) -> Tensor:
@@ -239,6 +239,8 @@ def grads_loop(w: Whitening, x: Tensor, g: Tensor, rows: int, need_x: bool, inpl
     ``inplace`` (a Function's forward) uses a workspace where the tensors allow it.
     """
     n = x.shape[0]
+    if n <= rows:  # one chunk: the out-of-place chunk function, no workspace or accumulators
+        return chunk_grads(w, lift(w, x), g, need_x)
     bufs = workspace(w, rows, x, g) if inplace else None
     if bufs is not None:
         into = Sums(torch.zeros_like(w.a), torch.zeros_like(w.const), x.new_empty(n, x.shape[1]) if need_x else None,

@@ -141,13 +141,15 @@ def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None) -> Ten
     """-Σ_n g_n log p(x_n) with g = 1/N or the normalised sample weights (unbatched params)."""
     w = whitening(params)
     n = x.shape[0]
-    g = x.new_full((1,), 1.0 / n).expand(n) if sample_weight is None else sample_weight / sample_weight.sum()
     rows = chunk_rows(n, params.n_components, params.dim, x.element_size())
-    if n <= rows:  # one chunk: the chunk functions under plain autograd (no Function machinery)
+    if n <= rows and sample_weight is None:  # one chunk: the chunk functions under plain autograd
+        return -_fused.logsumexp_rows(joint_log_prob_chunk(w, x)).mean()  # (no Function machinery)
+    g = x.new_full((1,), 1.0 / n).expand(n) if sample_weight is None else sample_weight / sample_weight.sum()
+    if n <= rows:
         return -(g * _fused.logsumexp_rows(joint_log_prob_chunk(w, x))).sum()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w.a, w.const, x, g))
     if needs_grad and not torch.compiler.is_compiling():  # gradient statistics in the same pass
-        out = _fused_autograd.NLL.apply(x, w.center, w.a, w.const, g, w.dense, rows, x.requires_grad)
+        out = _fused_autograd.apply(_fused_autograd.NLL, x, w.center, w.a, w.const, g, w.dense, rows, x.requires_grad)
         return out[0]  # type: ignore[no-any-return]
     return -(g * _fused_autograd.logsumexp(x, w, rows)).sum()
 

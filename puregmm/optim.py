@@ -105,14 +105,14 @@ def adam(learning_rate: LearningRate = 1e-3, b1: float = 0.9, b2: float = 0.999,
 
     def update(grads: Any, state: AdamState, params: Any = None) -> tuple[Any, AdamState]:
         count = state.count + 1
-        mu = tree_map2(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)  # first moment
-        nu = tree_map2(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)  # second moment
+        mu = tree_map2(lambda m, g: torch.lerp(m, g, 1 - b1), state.mu, grads)  # first moment: b1 m + (1-b1) g
+        nu = tree_map2(lambda v, g: torch.lerp(v, g * g, 1 - b2), state.nu, grads)  # second moment
         t = count.to(torch.float64)
-        c1, c2 = 1 - torch.pow(b1, t), 1 - torch.pow(b2, t)  # bias corrections
-        lr = _rate(learning_rate, state.count)
+        c1, c2 = 1 - torch.pow(b1, t), 1 - torch.pow(b2, t)  # bias corrections (0-d, cast by promotion)
+        size = -_rate(learning_rate, state.count) / c1  # -lr / (1 - b1ᵗ), once for every leaf
 
         def one(m: Tensor, v: Tensor) -> Tensor:
-            return -lr * (m / c1.to(m.dtype)) / (torch.sqrt(v / c2.to(v.dtype)) + eps)
+            return m / (torch.sqrt(v / c2) + eps) * size
 
         return tree_map2(one, mu, nu), AdamState(count, mu, nu)
 
@@ -160,7 +160,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
     >>> pg.apply_updates({"a": torch.ones(2)}, {"a": torch.tensor([0.5, -1.0])})
     {'a': tensor([1.5000, 0.0000])}
     """
-    return tree_map2(lambda p, u: p + u.to(p.dtype), params, updates)
+    return tree_map2(lambda p, u: p + u.to(p.dtype), params, updates, names=("params", "updates"))
 
 
 def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, warmup_steps: int = 0) -> Schedule:
@@ -184,10 +184,13 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, warmup
     [0.1, 0.0505, 0.001, 0.001]
     """
 
+    floor, half = init_value * alpha, init_value * (1 - alpha) * 0.5  # lr = floor + half (1 + cos πt)
+
     def schedule(count: Tensor) -> Tensor:
         c = count.to(torch.float64)
-        t = torch.clamp(c, max=decay_steps) / decay_steps
-        warm = torch.clamp((c + 1) / max(warmup_steps, 1), max=1.0)
-        return init_value * warm * (alpha + (1 - alpha) * 0.5 * (1 + torch.cos(math.pi * t)))
+        lr = floor + half * (1 + torch.cos(torch.clamp(c, max=decay_steps) * (math.pi / decay_steps)))
+        if warmup_steps <= 1:  # a warm-up over at most one step is none: min(1, (t+1)/1) = 1 for t >= 0
+            return lr
+        return lr * torch.clamp((c + 1) / warmup_steps, max=1.0)
 
     return schedule

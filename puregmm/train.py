@@ -218,7 +218,7 @@ def step(
     if observed is not None and reduce is not None:
         raise ValueError("step: observed= (missing entries) does not combine with reduce=")
     # one gradient path: the mean NLL's (the fused loss), on one process or on this rank's rows
-    grads, value = torch.func.grad_and_value(nll)(state.params, batch, sample_weight, observed)
+    grads, value = _grad_and_value(state.params, batch, sample_weight, observed)
     if observed is not None:
         mask = getattr(observed, "observed", observed)  # a mask, or a plan of one (puregmm._masked.Plan)
         batch = torch.where(mask, batch, torch.nan)  # the reset draws complete rows only
@@ -232,6 +232,30 @@ def step(
     return dataclasses.replace(
         state, params=params, opt_state=opt_state, step=state.step + 1, n_resets=state.n_resets + n_bad, loss=value
     )
+
+
+def _top_level(*tensors: Tensor | None) -> bool:
+    """Whether this call runs outside every transform: eager, no ``torch.func`` transform active,
+    and no input in an outer autograd graph (nothing to differentiate through)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _grad_and_value(params: GMMParams, batch: Tensor, sample_weight: Tensor | None, observed: Any) -> tuple:
+    """(∇ mean NLL, mean NLL) at ``params``: ``torch.func.grad_and_value`` of :func:`puregmm.loss`.
+
+    At the top level (:func:`_top_level`) the same autodiff of the same loss runs as
+    ``torch.autograd.grad`` on leaf copies of the params: the same backward formulas, so the same
+    numbers, without functorch's wrapping of every op (which doubles the cost at MDN sizes)."""
+    leaves = (params.logits, params.means, params.scale)
+    if not _top_level(*leaves, batch, sample_weight):
+        return torch.func.grad_and_value(nll)(params, batch, sample_weight, observed)
+    logits, means, scale = (t.detach().requires_grad_() for t in leaves)
+    with torch.enable_grad():
+        value = nll(GMMParams(logits, means, scale, params.family), batch, sample_weight, observed)
+    g = torch.autograd.grad(value, (logits, means, scale), allow_unused=True, materialize_grads=True)
+    return GMMParams(g[0], g[1], g[2], params.family), value.detach()
 
 
 def _global_mean(grads: Any, value: Tensor, batch: Tensor, sample_weight: Tensor | None, reduce: Any) -> tuple:
@@ -295,17 +319,25 @@ def floor_scale(params: GMMParams, min_variance: float) -> GMMParams:
     return dataclasses.replace(params, scale=params.spec.floor_scale(params.scale, math.log(min_variance)))
 
 
-def _fresh_draw(x: Tensor, valid: Tensor, u: Tensor, min_variance: float) -> tuple[Tensor, Tensor]:
-    """The reset's spread [D] (floored) and one uniformly drawn valid row per component [K, D]
-    (inverse CDF of a 0/1 mass over the rows)."""
+def _uniforms(key: Tensor, step_count: Tensor, k: int, device: torch.device) -> Tensor:
+    """The reset's K uniforms [K] of this step: component k's from ``(key, step, k)``."""
+    return keys.uniform(key, step_count, torch.arange(k, device=device))
+
+
+def _spread(x: Tensor, valid: Tensor, min_variance: float) -> Tensor:
+    """The reset's covariance: the per-dimension variance [D] of the valid rows (floored)."""
     w = valid.to(x.dtype).unsqueeze(-1)
     count = w.sum().clamp_min(1.0)
     centre = (x * w).sum(0) / count
-    var = (((x - centre) * w).square().sum(0) / count).clamp_min(min_variance)  # [D]
+    return (((x - centre) * w).square().sum(0) / count).clamp_min(min_variance)  # [D]
+
+
+def _fresh_draw(x: Tensor, valid: Tensor, u: Tensor) -> Tensor:
+    """One uniformly drawn valid row per component [K, D] (inverse CDF of a 0/1 mass over the rows)."""
     cum = torch.cumsum(valid.to(torch.int64), 0)  # [N]
     target = (u * cum[-1].to(u.dtype)).floor().to(torch.int64) + 1
     picks = torch.searchsorted(cum, target).clamp_max(x.shape[0] - 1)  # [K]
-    return var, torch.index_select(x, 0, picks)
+    return torch.index_select(x, 0, picks)
 
 
 def reset_collapsed(
@@ -325,7 +357,9 @@ def reset_collapsed(
 
     New means are rows of ``batch`` that are finite and have positive ``sample_weight``; the
     new covariance is the batch's per-dimension spread. With ``reduce`` (see :func:`step`) they
-    come from the union of every rank's ``batch``, identically on all ranks.
+    come from the union of every rank's ``batch``, identically on all ranks. Eagerly (outside
+    transforms, no ``reduce``) a step with nothing to reset returns after the flags: the
+    branch-free form would return the same tensors' values.
 
     Returns the new params, the new optimiser state and the number of components reset.
     """
@@ -335,14 +369,17 @@ def reset_collapsed(
     finite_rows = torch.isfinite(batch).all(-1, keepdim=True)
     x = torch.where(finite_rows, batch, torch.zeros_like(batch))  # NaN rows cannot poison the reset
     valid = finite_rows.squeeze(-1) if sample_weight is None else finite_rows.squeeze(-1) & (sample_weight > 0)
-    u = keys.uniform(key, step_count, torch.arange(k, device=x.device))  # [K]
     if reduce is not None:  # the same draw over the union of all ranks' rows
-        var, new_means = _shared_draw(reduce, x, valid, u, min_variance)
+        var, new_means = _shared_draw(reduce, x, valid, _uniforms(key, step_count, k, x.device), min_variance)
     else:
-        var, new_means = _fresh_draw(x, valid, u, min_variance)
+        var = _spread(x, valid, min_variance)
     bad, own = bad_components(params, min_variance, floor_is_the_fit=(var <= min_variance).all())
     if mode == "all":
         bad = bad.any().expand(k) & active
+    if reduce is None:
+        if _top_level() and not bool(bad.any() | own.any()):  # eagerly, nothing to reset: every
+            return params, opt_state, bad.sum()  # where below would return its input, so skip them
+        new_means = _fresh_draw(x, valid, _uniforms(key, step_count, k, x.device))
 
     good = ~bad
     log_w = torch.log_softmax(torch.where(good, params.logits, torch.zeros_like(params.logits)), -1)

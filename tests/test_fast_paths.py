@@ -1,0 +1,106 @@
+"""The top-level fast paths give the numbers of the general ones, bit for bit (issue 13).
+
+At the top level (eager, no ``torch.func`` transform, no outer graph) the loss's autograd
+Function skips ``Function.apply``'s signature binding and, for a first-order backward, hands
+back its forward's gradient statistics; ``step`` takes its gradient with ``torch.autograd.grad``
+instead of ``torch.func.grad_and_value`` and skips the reset's ``where``s when nothing is
+reset. Each is the same arithmetic with less machinery around it, so the results must be
+equal, not close.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import puregmm as pg
+from puregmm import _fused, _fused_autograd, train
+from tests.strategies import random_data, random_params
+
+
+def assert_trees_equal(a, b):
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    assert sa == sb
+    for i, (x, y) in enumerate(zip(la, lb)):
+        assert torch.equal(x, y) or (torch.isnan(x).all() and torch.isnan(y).all()), f"leaf {i} differs"
+
+
+def leaves_of(p: pg.GMMParams) -> list[torch.Tensor]:
+    return [p.logits, p.means, p.scale]
+
+
+@pytest.fixture(params=["one chunk", "chunks"])
+def chunked(request, monkeypatch):
+    """One chunk (the plain autograd path) or chunks of 7 rows (the autograd Functions)."""
+    if request.param == "chunks":
+        monkeypatch.setattr(_fused, "MIN_CHUNK_ROWS", 7)
+        monkeypatch.setattr(_fused, "MAX_CHUNK_ROWS", 7)
+    return request.param
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+def test_loss_backward_equals_torch_func_grad(family, chunked):
+    """``loss(...).backward()`` (fast apply, first-order backward) = ``torch.func.grad(loss)``."""
+    p, x = random_params(family, 3, 2, seed=1), random_data(40, 2, seed=2)
+    expected = torch.func.grad(pg.loss)(p, x)
+    own = [t.detach().clone().requires_grad_() for t in leaves_of(p)]
+    pg.loss(pg.GMMParams(*own, family=family), x).backward()
+    for got, want in zip(own, leaves_of(expected)):
+        assert torch.equal(torch.zeros_like(want) if got.grad is None else got.grad, want)
+
+
+def test_fast_apply_equals_function_apply_with_second_derivatives():
+    """The fast ``apply`` records the same graph as ``Function.apply``: the gradient of a
+    gradient (create_graph, through :class:`Grads`) is the same too."""
+    w = pg.density.whitening(random_params("full", 3, 2, seed=3))
+    x, n = random_data(30, 2, seed=4), 30
+    g = x.new_full((n,), 1.0 / n)
+    results = []
+    for call in (lambda *a: _fused_autograd.NLL.apply(*a), lambda *a: _fused_autograd.apply(_fused_autograd.NLL, *a)):
+        a = w.a.detach().clone().requires_grad_()
+        out = call(x, w.center, a, w.const.detach(), g, w.dense, 7, False)[0]
+        (da,) = torch.autograd.grad(out, a, create_graph=True)
+        (dda,) = torch.autograd.grad(da.square().sum(), a)
+        results.append((out, da, dda))
+    assert_trees_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+def test_step_gradient_equals_grad_and_value(family, chunked):
+    p, x = random_params(family, 3, 2, seed=5), random_data(40, 2, seed=6)
+    w = torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for weight in (None, w):
+        got = train._grad_and_value(p, x, weight, None)
+        assert_trees_equal(got, torch.func.grad_and_value(pg.loss)(p, x, weight))
+
+
+def test_step_inside_an_outer_graph_takes_the_transform_path():
+    """Params that require grad (a user differentiating through ``step``) keep their graph."""
+    p, x = random_params("diagonal", 2, 2, seed=8), random_data(30, 2, seed=9)
+    means = p.means.clone().requires_grad_()
+    state = pg.init_state(dataclasses.replace(p, means=means.detach()))
+    out = pg.step(dataclasses.replace(state, params=dataclasses.replace(p, means=means)), x)
+    (g,) = torch.autograd.grad(out.params.means.sum(), means)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+@pytest.mark.parametrize("broken", [False, True])
+def test_reset_skip_equals_the_branch_free_reset(family, broken, monkeypatch):
+    """Eagerly, a step with nothing to reset skips the reset's ``where``s: the same state as
+    the branch-free form (forced here by reporting a transform), with and without a reset."""
+    p, x = random_params(family, 3, 2, seed=10), random_data(50, 2, seed=11)
+    state = pg.step(pg.init_state(p, key=2), x)
+    if broken:
+        means = state.params.means.clone()
+        means[1, 0] = float("nan")
+        state = dataclasses.replace(state, params=dataclasses.replace(state.params, means=means))
+    fast = pg.step(state, x)
+    monkeypatch.setattr(train, "_top_level", lambda *t: False)
+    slow = pg.step(state, x)
+    assert_trees_equal(fast, slow)
+    assert (int(fast.n_resets) > 0) == broken
