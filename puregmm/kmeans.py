@@ -152,7 +152,7 @@ def _sq_dist(xt: Tensor, centres: Tensor, x2: Tensor | None = None) -> Tensor:
     D = 32). ``x2``: the points' squared norms [N] when the caller has them (:func:`_sq_norms`)."""
     mode = _mode(centres.shape[0], xt)
     if mode == "broadcast":
-        return (xt.unsqueeze(0) - centres.unsqueeze(-1)).square().sum(1)  # [K, D, N] -> [K, N]
+        return (xt - centres.unsqueeze(-1)).square().sum(1)  # [D, N] - [K, D, 1] -> [K, D, N] -> [K, N]
     if mode == "gemm":
         x2 = torch.einsum("dn,dn->n", xt, xt) if x2 is None else x2
         out = torch.addmm(x2, centres, xt, alpha=-2.0)  # [K, N]
