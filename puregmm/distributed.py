@@ -163,7 +163,7 @@ def fit_distributed(
     if method == "em" and cfg["reg_covar"] == 0.0:
         _check_constant_features(x, w, comm)
     key_t = _validate.key(key)
-    row = get_method(method)
+    row = get_method(method, in_memory=True)
     n_runs = 1 if row.deterministic and init_params is not None else cfg["n_init"]
     run_keys = driver.restart_keys(key_t, n_runs)
     w = None if w is None else w / comm.gather(w.amax()).amax()  # divided by the largest, as pg.fit does

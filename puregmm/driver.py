@@ -36,7 +36,7 @@ def settings(
     method: str, max_steps: Any, tol: Any, batch_size: Any, optimizer: Any, reg_covar: Any, x: Tensor, w: Tensor | None
 ) -> Settings:
     """Validated :class:`~puregmm.methods.Settings` of a fit on ``x`` (one dataset [N, D])."""
-    row = get_method(method)
+    row = get_method(method, in_memory=True)
     reg_covar = _validate.reg_covar(reg_covar)
     steps = row.max_steps if max_steps is None else _validate.positive_int(max_steps, "max_steps")
     tol = row.tol if tol is None else _validate.non_negative(tol, "tol")

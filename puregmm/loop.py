@@ -66,6 +66,15 @@ def em_converged(tol: float) -> Callable[[list[Tensor]], Tensor]:
     return rule
 
 
+def never_converged(tol: float) -> Callable[[list[Tensor]], Tensor]:
+    """No tolerance (online EM): a run stops at ``max_steps`` or when its stream ends."""
+
+    def rule(rows: list[Tensor]) -> Tensor:
+        return torch.zeros(rows[-1].shape, dtype=torch.bool, device=rows[-1].device)
+
+    return rule
+
+
 def window_converged(tol: float, window: int) -> Callable[[list[Tensor]], Tensor]:
     """The loss varied by at most ``tol·max(1, |loss|)`` over the last ``window`` steps (for
     gradient descent, whose loss is not monotone)."""
@@ -82,7 +91,7 @@ def window_converged(tol: float, window: int) -> Callable[[list[Tensor]], Tensor
 
 def run(
     states: Any,
-    advance: Callable[[Any], Any],
+    advance: Callable[[Any], Any | None],
     *,
     max_steps: int,
     converged: Callable[[list[Tensor]], Tensor],
@@ -99,7 +108,7 @@ def run(
     Args:
         states: stacked method states, leaves [B, ...].
         advance: batched pure kernel, states -> states; ``.loss`` of its output is the loss
-            of the step just taken.
+            of the step just taken; None when its data source has ended (the loop stops).
         max_steps: total steps per run, those before a resumed checkpoint included.
         converged: the history's recent rows (each [B], data units) -> [B] bool.
         loss_offset: [B] added to ``.loss`` to get data units (gradient descent runs on
@@ -134,6 +143,8 @@ def run(
             new = pytree.tree_map(lambda t, p, i=live: t.index_copy(0, i, p), states, part)
         else:
             new = advance(states)
+            if new is None:  # the data source ended (a stream read once)
+                break
         if n_done:
             states = select_runs(done, states, new)
             rows.append(torch.where(done, torch.full_like(new.loss, float("nan")), new.loss + offset).detach())

@@ -15,6 +15,7 @@ affine-equivariant, and the result is mapped back exactly (:func:`affine`).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from puregmm import _validate, keys, loop
 from puregmm.density import log_prob
 from puregmm.density import loss as nll
 from puregmm.em import em_step, sufficient_stats
+from puregmm.online import OnlineState, online_state, online_update
 from puregmm.params import GMMParams
 from puregmm.train import TrainState, init_state, step
 
@@ -35,6 +37,7 @@ GD_TOL = 1e-7
 GD_WINDOW = 20
 EM_MAX_STEPS = 100  # scikit-learn's max_iter
 EM_TOL = 1e-3  # scikit-learn's tol, on the change of the mean log-likelihood
+ONLINE_MAX_STEPS = sys.maxsize  # online EM: one pass over its stream unless max_steps says more
 
 
 class ConvergenceWarning(UserWarning):
@@ -194,6 +197,7 @@ class Settings(NamedTuple):
     batch_size: int | None
     optimizer: Any
     reg_covar: float | Tensor  # a 0-d tensor once standardised (reg / s²)
+    kappa: float = 0.6  # online EM's step-size exponent, γ_t = (t + 2)^-κ
 
 
 class Method(NamedTuple):
@@ -212,6 +216,8 @@ class Method(NamedTuple):
             largest (EM: exactly equivariant, so one scale keeps ``reg_covar`` one number).
         batches: whether it takes mini-batches and an optimiser (else each step reads all data).
         deterministic: whether a run from given params draws nothing (restarts would repeat it).
+        stream: whether each step reads the next batch of a stream (a step's data come from
+            the driver's source: :mod:`puregmm.stream`), not the same in-memory data.
     """
 
     name: str
@@ -224,6 +230,7 @@ class Method(NamedTuple):
     per_run_scale: bool
     batches: bool
     deterministic: bool
+    stream: bool = False
 
 
 def _em_state(params: GMMParams, key: Tensor, cfg: Settings) -> EMState:
@@ -232,6 +239,10 @@ def _em_state(params: GMMParams, key: Tensor, cfg: Settings) -> EMState:
 
 def _gd_state(params: GMMParams, key: Tensor, cfg: Settings) -> TrainState:
     return init_state(params, cfg.optimizer, key=key)
+
+
+def _online_state(params: GMMParams, key: Tensor, cfg: Settings) -> OnlineState:
+    return online_state(params, key)
 
 
 METHODS: dict[str, Method] = {
@@ -246,16 +257,24 @@ METHODS: dict[str, Method] = {
         lambda tol: loop.window_converged(tol, GD_WINDOW), gd_nll, per_run_scale=True, batches=True,
         deterministic=False,
     ),
+    "online_em": Method(  # one step per batch of a stream: no tolerance, it stops when the stream ends
+        "online_em", ONLINE_MAX_STEPS, 0.0, _online_state,
+        lambda s, z, w, cfg, reduce=None: online_update(s, z, cfg.kappa, cfg.reg_covar),
+        loop.never_converged, em_nll, per_run_scale=False, batches=True, deterministic=True, stream=True,
+    ),
 }  # fmt: skip
-#: ``online_em`` is a row of :mod:`puregmm.stream` (it reads a stream once, chunk by chunk).
-METHOD_NAMES = (*METHODS, "online_em")
+METHOD_NAMES = tuple(METHODS)
 
 
-def get_method(name: object) -> Method:
-    """The :class:`Method` called ``name``; ``ValueError`` listing the choices otherwise."""
+def get_method(name: object, in_memory: bool = False) -> Method:
+    """The :class:`Method` called ``name``; ``ValueError`` listing the choices otherwise (with
+    ``in_memory``, the rows that step through in-memory data: not a stream's)."""
     if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {METHOD_NAMES}")
-    return METHODS[name]
+    row = METHODS[name]
+    if in_memory and row.stream:
+        raise ValueError(f"method={name!r} takes one step per batch of a stream; fit it with pg.fit (any data source)")
+    return row
 
 
 # --- standardisation ------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def masked_row(method: str, plan: _masked.Plan) -> Method:
     """The row of :data:`puregmm.methods.METHODS` called ``method`` with every kernel given the
     mask of the (standardised) data through its precomputed ``plan`` (mini-batches of gradient
     descent: their own rows' mask)."""
-    base = get_method(method)
+    base = get_method(method, in_memory=True)
 
     def em_advance(state: EMState, z: Tensor, w: Tensor | None, cfg: Settings, reduce: Any = None) -> EMState:
         _no_reduce(reduce)

@@ -13,33 +13,43 @@ S += δXᵀ + Xδᵀ + nδδᵀ with δ = c_old - c_new). Rows should come in ra
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 
 from puregmm.em import Stats, sufficient_stats
-from puregmm.methods import FitResult
 from puregmm.mstep import maximise
 from puregmm.params import GMMParams, covariances
-from puregmm.sources import Source, check_dim, mean_nll
 
 
 class OnlineState(NamedTuple):
-    """Online EM's carried state.
+    """Online EM's carried state (a row of :data:`puregmm.methods.METHODS`; leaves are tensors).
 
     Attributes:
         params: current params.
         stats: ŝ, the running per-row statistics (``weight_sum`` = 1), about ``centres``.
         centres: [K, D] the centres of ``stats``.
-        step: updates taken.
+        step: 0-d int64, updates taken.
+        loss: the mean NLL of the last batch, taken before its update (NaN before any).
+        n_resets: 0-d int64, components the M-steps re-seeded or repaired.
+        key: the run's key (online EM draws nothing; kept for the loop's state).
     """
 
     params: GMMParams
     stats: Stats
     centres: Tensor
-    step: int
+    step: Tensor
+    loss: Tensor
+    n_resets: Tensor
+    key: Tensor
+
+
+def online_state(params: GMMParams, key: Tensor) -> OnlineState:
+    """The state before the first batch: ŝ = the statistics ``params`` would give."""
+    zero = torch.zeros((), dtype=torch.int64, device=params.device)
+    nan = torch.full((), float("nan"), dtype=params.dtype, device=params.device)
+    return OnlineState(params, expected_stats(params), params.means.detach(), zero, nan, zero, key)
 
 
 def expected_stats(params: GMMParams) -> Stats:
@@ -77,14 +87,12 @@ def recentre(stats: Stats, old: Tensor, new: Tensor) -> Stats:
     return stats._replace(x_sum=x + n * delta, xx_sum=xx)
 
 
-def online_update(
-    state: OnlineState, batch: Tensor, kappa: float, reg_covar: float
-) -> tuple[OnlineState, Tensor, Tensor]:
-    """One stepwise-EM update on ``batch`` [n, D]: (new state, batch mean NLL before the update,
-    resets in the M-step). See the module docstring for the equations."""
+def online_update(state: OnlineState, batch: Tensor, kappa: float, reg_covar: float | Tensor) -> OnlineState:
+    """One stepwise-EM update on ``batch`` [n, D] (see the module docstring for the equations);
+    the new state's ``loss`` is the batch's mean NLL before the update."""
     p = state.params
     s = sufficient_stats(p, batch)  # about p.means
-    gamma = (state.step + 2) ** -kappa
+    gamma = (state.step + 2.0) ** -kappa
     prev = recentre(state.stats, state.centres, p.means.detach())
     inv = 1.0 / s.weight_sum
     blended = Stats(
@@ -97,46 +105,5 @@ def online_update(
         s.worst_x,
     )
     new, n_resets = maximise(blended, p, reg_covar, return_info=True)
-    return OnlineState(new, blended, p.means.detach(), state.step + 1), -s.log_lik_sum * inv, n_resets
-
-
-def fit_online(
-    src: Source, params: GMMParams, max_steps: int | None, kappa: float, reg_covar: float, progress: bool
-) -> FitResult:
-    state = OnlineState(params, expected_stats(params), params.means.detach(), 0)
-    history: list[Tensor] = []
-    n_resets = 0
-    bar = _progress(progress, max_steps)
-    total, rows = 0.0, 0
-    while max_steps is None or state.step < max_steps:
-        seen = 0
-        for xb in src.passes():
-            check_dim(params, xb)
-            state, batch_loss, resets = online_update(state, xb, kappa, reg_covar)
-            history.append(batch_loss)
-            n_resets += int(resets)
-            total, rows, seen = total + float(batch_loss) * xb.shape[0], rows + xb.shape[0], seen + 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(batch_loss):.6g}")
-            if max_steps is not None and state.step >= max_steps:
-                break
-        if max_steps is None or not src.reusable or seen == 0:
-            break
-    if bar is not None:
-        bar.close()
-    final = pytree.tree_map(torch.Tensor.detach, state.params)
-    if src.reusable:
-        loss = mean_nll(src, final)
-    else:
-        loss = torch.tensor(total / max(rows, 1), dtype=final.dtype, device=final.device)
-    hist = torch.stack(history) if history else torch.zeros(0, dtype=final.dtype, device=final.device)
-    return FitResult(final, loss, state.step, True, n_resets, hist.detach())
-
-
-def _progress(enabled: bool, total: int | None) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="fit", unit="step")
+    loss = -s.log_lik_sum * inv
+    return OnlineState(new, blended, p.means.detach(), state.step + 1, loss, state.n_resets + n_resets, state.key)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,17 +52,20 @@ from puregmm.methods import (
     EM_TOL,
     EMState,
     FitResult,
+    Settings,
     affine,
+    get_method,
     standardisation,
     standardised_reg,
     warn_if_not_converged,
 )
 from puregmm.mstep import maximise
-from puregmm.online import OnlineState, expected_stats, fit_online, online_update, recentre
+from puregmm.online import OnlineState, expected_stats, online_update, recentre
 from puregmm.params import GMMParams
 from puregmm.sources import (
     CHUNK_ELEMENTS,
     Source,
+    check_dim,
     default_chunk_rows,
     is_stream,
     mean_nll,
@@ -215,7 +219,49 @@ def fit_stream(
         result = _unscaled(result, src.scale)
         warn_if_not_converged(result)
         return result
-    return _unscaled(fit_online(src, params, steps, float(kappa), reg_covar, progress), src.scale)
+    return _unscaled(_fit_online(src, params, key_t, steps, float(kappa), reg_covar, progress), src.scale)
+
+
+def _batches(src: Source, max_steps: int | None) -> Iterator[Tensor]:
+    """The source's batches: one pass, or passes over a re-readable source until ``max_steps``."""
+    while True:
+        seen = 0
+        for xb in src.passes():
+            seen += 1
+            yield xb
+        if max_steps is None or not src.reusable or seen == 0:
+            return
+
+
+def _fit_online(
+    src: Source, params: GMMParams, key: Tensor, max_steps: int | None, kappa: float, reg_covar: float, progress: bool
+) -> FitResult:
+    """Online EM, the ``online_em`` row of :data:`puregmm.methods.METHODS`, through
+    :func:`puregmm.loop.run` (B = 1): each step reads the next batch; the loop stops at
+    ``max_steps`` or when the stream ends (one pass by default)."""
+    row = get_method("online_em")
+    cfg = Settings("online_em", max_steps or row.max_steps, row.tol, None, None, reg_covar, kappa)
+    batches = _batches(src, max_steps)
+    seen = [0.0, 0]  # Σ batch loss·rows, rows: the loss of a stream read once
+
+    def advance(states: Any) -> Any:
+        xb = next(batches, None)
+        if xb is None:
+            return None
+        check_dim(params, xb)
+        new = row.advance(pytree.tree_map(lambda t: t[0], states), xb, None, cfg)
+        seen[0], seen[1] = seen[0] + float(new.loss) * xb.shape[0], seen[1] + xb.shape[0]
+        return pytree.tree_map(lambda t: t.unsqueeze(0), new)
+
+    states = pytree.tree_map(lambda t: t.unsqueeze(0), row.make_state(params, key.to(params.device), cfg))
+    out = loop.run(states, advance, max_steps=cfg.max_steps, converged=row.converged(cfg.tol), progress=progress)
+    final = pytree.tree_map(lambda t: t[0].detach(), out.states.params)
+    if src.reusable:
+        loss = mean_nll(src, final)
+    else:
+        loss = torch.tensor(seen[0] / max(seen[1], 1), dtype=final.dtype, device=final.device)
+    n = int(out.n_steps[0])
+    return FitResult(final, loss, n, True, int(out.states.n_resets[0]), out.history[:n, 0])
 
 
 def _scaled(params: GMMParams, a: float) -> GMMParams:

@@ -42,16 +42,19 @@ def _x(n: int = 60, d: int = 2, dtype: torch.dtype = F64, seed: int = 0) -> torc
 
 @pytest.fixture
 def checked_m_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every caller's ``m_step`` runs ``_validate.m_step_args`` first (as ``mstep.m_step`` will)."""
+    """Every internal M-step (``mstep.maximise``, which em_step, streams and online EM call after
+    checking their own arguments) would pass ``_validate.m_step_args``, the public m_step's check."""
     calls: list[int] = []
+    maximise = mstep.maximise
 
-    def checked(stats: Any, params: Any, *, reg_covar: Any = 1e-6, return_info: bool = False) -> Any:
+    def checked(stats: Any, params: Any, reg_covar: Any, return_info: bool = False) -> Any:
         reg = _validate.m_step_args(stats, params, reg_covar)
         calls.append(1)
-        return mstep.m_step(stats, params, reg_covar=reg, return_info=return_info)
+        return maximise(stats, params, reg, return_info)
 
-    for module in ("em", "init", "online", "stream"):  # the modules that call m_step
-        monkeypatch.setattr(importlib.import_module(f"puregmm.{module}"), "m_step", checked)
+    for module in ("em", "online", "stream"):  # the modules that call the M-step
+        monkeypatch.setattr(importlib.import_module(f"puregmm.{module}"), "maximise", checked)
+    monkeypatch.setattr(mstep, "maximise", checked)  # the public m_step (init's) through it
     return calls
 
 
