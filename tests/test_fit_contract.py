@@ -105,3 +105,17 @@ def test_init_affine_equivariant_beyond_sqrt_max(family: str, a: float) -> None:
         got.logits, got.means / a, got.spec.scaled_raw(got.scale, torch.tensor(1.0 / a, dtype=torch.float64)), family
     )
     torch.testing.assert_close(got_back.scale, want.scale, rtol=tol, atol=tol * 10)
+
+
+def test_online_em_is_a_methods_row_run_by_the_stream_driver() -> None:
+    """online_em steps through a stream's batches (one pass: one step per batch); the in-memory
+    drivers, which feed every step the same data, refuse it by name."""
+    from puregmm.methods import METHODS
+
+    assert "online_em" in METHODS and METHODS["online_em"].stream
+    x = torch.randn(400, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    batches = [x[i : i + 100] for i in range(0, 400, 100)]
+    r = pg.fit(lambda: iter(batches), 2, "diagonal", method="online_em")
+    assert r.n_steps == 4 and r.history.shape == (4,) and r.converged
+    with pytest.raises(ValueError, match="online_em"):
+        pg.fit_batched(torch.stack([x, x]), 2, "diagonal", method="online_em")
