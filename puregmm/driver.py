@@ -194,7 +194,7 @@ def run(
     z = (x - shift[:, None, :]) / s[:, None, None] if data_batched else (x - shift[0]) / s[0]
     std_cfg = cfg._replace(reg_covar=standardised_reg(cfg.reg_covar, s[0]))  # EM: one scale for all runs
     std = per_run(affine, b)(starts, 1.0 / s, -shift / s.unsqueeze(-1))
-    states = stack([row.make_state(index(std, i), run_keys[i], std_cfg) for i in range(b)])
+    states = stack([row.make_state(run, k, std_cfg) for run, k in zip(unstack(std), run_keys.unbind(0), strict=True)])
     if reduce is None:
         kernel = batched_kernel(lambda st, zs, ws: row.advance(st, zs, ws, std_cfg), b, data_batched, w is not None)
     else:  # the runs one after another, each step's sums reduced over the ranks
@@ -239,6 +239,12 @@ def stack(trees: list[Any]) -> Any:
 
 def index(tree: Any, i: int) -> Any:
     return pytree.tree_map(lambda t: t[i], tree)
+
+
+def unstack(tree: Any) -> list[Any]:
+    """The runs of a tree stacked on dim 0 (``[index(tree, i) for i]``, each leaf split once)."""
+    leaves, spec = pytree.tree_flatten(tree)
+    return [pytree.tree_unflatten(list(run), spec) for run in zip(*(leaf.unbind(0) for leaf in leaves), strict=True)]
 
 
 def per_run(fn: Callable[..., Any], n_runs: int) -> Callable[..., Any]:
