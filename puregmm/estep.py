@@ -72,7 +72,7 @@ def chunk_pass(x: Tensor, w: Tensor | None, k: int, rows: int, add: Add, eager: 
     never among the lowest (padding).
     """
     n = x.shape[0]
-    if 0 < n <= min(rows, SORT_MAX_ROWS):  # one small chunk: its K lowest rows by one stable sort
+    if eager and 0 < n <= min(rows, SORT_MAX_ROWS):  # one small eager chunk: its K lowest rows by one sort
         score = add(x, w, 0, n)
         return (*total(score, w, x), *mo.lowest(mo.ranked(score, w), x, k))
     score_sum: Tensor | float = 0.0
