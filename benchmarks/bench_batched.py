@@ -18,7 +18,9 @@ on the change of the mean log-likelihood, at most 100 iterations, ``reg_covar`` 
 * ``sklearn loop, own init``: ``GaussianMixture`` with its default k-means initialisation
   (``random_state=b``).
 
-Timing on a shared machine: the loops run in ``--blocks`` blocks of B / blocks datasets,
+Protocol (issue 13): every call gets fresh input arrays (copies made outside the timer), the
+default allocator, no warm-up but a small first call of each code path. Timing on a shared
+machine: the loops run in ``--blocks`` blocks of B / blocks datasets,
 interleaved round-robin with one whole ``fit_batched`` call per round, so load changes hit all
 contenders alike; each loop's time is the median block time times the number of blocks, and
 ``fit_batched``'s the median of its calls. Mean log-likelihood is per point, averaged over
@@ -185,18 +187,20 @@ def main() -> None:
     batched = same = None
     for blk in blocks:
         for name in names:
+            fresh, fresh_np = xs.clone(), xs_np.copy()  # fresh inputs every call, made outside the timer
             t0 = time.perf_counter()
             if name == "fit_batched":
-                batched = run_batched(xs, k, keys, tol)
+                batched = run_batched(fresh, k, keys, tol)
             elif name == "fit_batched, same init":
-                same = run_batched(xs, k, keys, tol, start_params)
+                same = run_batched(fresh, k, keys, tol, start_params)
             elif name == "pg.fit loop":
-                results[name] += run_pg_loop(xs, k, keys, tol, blk)
+                results[name] += run_pg_loop(fresh, k, keys, tol, blk)
             elif name == "sklearn loop, same init":
-                results[name] += run_sklearn(xs_np, k, tol, blk, start)
+                results[name] += run_sklearn(fresh_np, k, tol, blk, start)
             else:
-                results[name] += run_sklearn(xs_np, k, tol, blk, None)
+                results[name] += run_sklearn(fresh_np, k, tol, blk, None)
             times[name].append(time.perf_counter() - t0)
+            del fresh, fresh_np
     assert batched is not None and same is not None
     results["fit_batched"] = list(zip((-batched.loss).tolist(), batched.n_steps.tolist(), strict=True))
     results["fit_batched, same init"] = list(zip((-same.loss).tolist(), same.n_steps.tolist(), strict=True))
