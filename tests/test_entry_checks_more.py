@@ -253,6 +253,18 @@ def test_tree_map2_names_both_trees() -> None:
     torch.testing.assert_close(got["a"], torch.full((2,), 2.0))
 
 
+def test_apply_updates_names_params_and_updates() -> None:
+    p = random_params("full", 2, 2, seed=0)
+    with pytest.raises(ValueError, match=r"(?s)updates must have the pytree structure of params:.*GMMParams.*got"):
+        pg.apply_updates(p, None)
+    with pytest.raises(ValueError, match=re.escape("updates must have the leaf shapes of params")):
+        pg.apply_updates(p, pytree.tree_map(lambda t: torch.stack([t, t]), p))  # would broadcast to a batch
+    with pytest.raises(ValueError, match=r"(?s)updates must have the pytree structure of params:.*full.*bogus"):
+        pg.apply_updates(p, dataclasses.replace(p, family="bogus"))
+    want = p.means + p.means.float().double()  # updates are cast to the params' dtype, then added
+    assert torch.equal(pg.apply_updates(p, p.to(torch.float32)).means, want)
+
+
 # --- plots --------------------------------------------------------------------------------------
 
 
