@@ -154,7 +154,7 @@ def _sq_dist(xt: Tensor, centres: Tensor, x2: Tensor | None = None) -> Tensor:
     if mode == "broadcast":
         return (xt - centres.unsqueeze(-1)).square().sum(1)  # [D, N] - [K, D, 1] -> [K, D, N] -> [K, N]
     if mode == "gemm":
-        x2 = torch.einsum("dn,dn->n", xt, xt) if x2 is None else x2
+        x2 = _norms(xt) if x2 is None else x2
         out = torch.addmm(x2, centres, xt, alpha=-2.0)  # [K, N]
         return out.add_((centres * centres).sum(1, keepdim=True)).clamp_min_(0.0)
     diff = xt[0] - centres[:, :1]  # [K, N]
@@ -165,14 +165,20 @@ def _sq_dist(xt: Tensor, centres: Tensor, x2: Tensor | None = None) -> Tensor:
     return out
 
 
+def _norms(xt: Tensor) -> Tensor:
+    """‖x_n‖² [..., N] of points xt [..., D, N]."""
+    return torch.einsum("...dn,...dn->...n", xt, xt)
+
+
 def _sq_norms(xt: Tensor, k: int) -> Tensor | None:
-    """‖x_n‖² [N] of points xt [D, N] where :func:`_sq_dist` of k centres uses them (its GEMM), else None."""
-    return torch.einsum("dn,dn->n", xt, xt) if _mode(k, xt) == "gemm" else None
+    """:func:`_norms` of xt [..., D, N] where :func:`_sq_dist` of k centres uses them (its GEMM),
+    else None: computed once by callers that measure several sets of centres against the same points."""
+    return _norms(xt) if _mode(k, xt) == "gemm" else None
 
 
-def _nearest(xt: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+def _nearest(xt: Tensor, centres: Tensor, x2: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Labels [N] of the nearest centre (the first on ties) and the squared distances [N]."""
-    d2, labels = _sq_dist(xt, centres).min(0)
+    d2, labels = _sq_dist(xt, centres, x2).min(0)
     return labels, d2
 
 
@@ -194,16 +200,19 @@ def _relocate(labels: Tensor, d2: Tensor, w: Tensor | None, empty: Tensor) -> Te
     return labels.scatter(0, far, torch.where(moved, targets, labels.index_select(0, far)))
 
 
-def _lloyd_step(xt: Tensor, w: Tensor | None, centres: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _lloyd_step(
+    xt: Tensor, w: Tensor | None, centres: Tensor, x2: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """One Lloyd iteration on xt [D, N], scikit-learn's: (labels [N] of the nearest of
-    ``centres``, the new centres [K, D], the squared shift Σ_k ‖c'_k - c_k‖² (0-d)).
+    ``centres``, the new centres [K, D], the squared shift Σ_k ‖c'_k - c_k‖² (0-d)). ``x2``:
+    :func:`_sq_norms` of xt, computed once per run.
 
     Empty clusters are relocated first (:func:`_relocate`); each cluster's new centre is then
     the weighted mean of its rows, and a cluster still empty keeps its centre. Branch-free
     (``vmap`` it over datasets); plain eager tensors skip the relocation's work when no
     cluster is empty (the usual case; the result is the same)."""
     k = centres.shape[0]
-    labels, d2 = _nearest(xt, centres)
+    labels, d2 = _nearest(xt, centres, x2)
     r = _one_hot(labels, k, xt.dtype)  # [K, N]
     if w is not None:
         r = r * w
@@ -250,19 +259,23 @@ def _lloyd_loop(xt: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor
     if b == 1:
         w0 = None if w is None else w[0]
         return lambda centres, limit: _lloyd_one(xt[0], w0, centres[0], limit[0], max_iter).unsqueeze(0)
-    step = torch.func.vmap(_lloyd_step, in_dims=(0, 0 if w is not None else None, 0))
 
     def run(centres: Tensor, limit: Tensor) -> Tensor:
-        labels, centres, shift = step(xt, w, centres)  # iteration 1: no labels to compare yet
+        x2 = _sq_norms(xt, centres.shape[1])  # [B, N] | None
+        step = torch.func.vmap(_lloyd_step, in_dims=(0, None if w is None else 0, 0, None if x2 is None else 0))
+        labels, centres, shift = step(xt, w, centres, x2)  # iteration 1: no labels to compare yet
         active = torch.nonzero(shift > limit).flatten()  # [A]
         for _ in range(max_iter - 1):
             if active.numel() == 0:
                 break
             if active.numel() == b:
-                new_labels, new_centres, shift = step(xt, w, centres)
+                new_labels, new_centres, shift = step(xt, w, centres, x2)
             else:
                 wa = None if w is None else w.index_select(0, active)
-                new_labels, new_centres, shift = step(xt.index_select(0, active), wa, centres.index_select(0, active))
+                x2a = None if x2 is None else x2.index_select(0, active)
+                new_labels, new_centres, shift = step(
+                    xt.index_select(0, active), wa, centres.index_select(0, active), x2a
+                )
             moving = (new_labels != labels.index_select(0, active)).any(-1) & (shift > limit.index_select(0, active))
             labels.index_copy_(0, active, new_labels)  # ours: fresh from the first step
             centres.index_copy_(0, active, new_centres)
@@ -275,11 +288,12 @@ def _lloyd_loop(xt: Tensor, w: Tensor | None, max_iter: int) -> Callable[[Tensor
 def _lloyd_one(xt: Tensor, w: Tensor | None, centres: Tensor, limit: Tensor, max_iter: int) -> Tensor:
     """:func:`_lloyd_loop`'s rule for one dataset xt [D, N]: the final centres [K, D]."""
     bound = float(limit)
-    labels, centres, shift = _lloyd_step(xt, w, centres)
+    x2 = _sq_norms(xt, centres.shape[0])
+    labels, centres, shift = _lloyd_step(xt, w, centres, x2)
     for _ in range(max_iter - 1):
         if float(shift) <= bound:
             break
-        new_labels, centres, shift = _lloyd_step(xt, w, centres)
+        new_labels, centres, shift = _lloyd_step(xt, w, centres, x2)
         if torch.equal(new_labels, labels):
             break
         labels = new_labels

@@ -227,3 +227,24 @@ def test_relocation_skips_zero_weight_rows_and_vmaps() -> None:
         torch.testing.assert_close(sb, (nb - seeds[b]).square().sum(), rtol=1e-12, atol=0)
     moved = new[0, 2:]  # the two far clusters now sit on data points of weight 1
     assert bool((torch.cdist(moved, xw[w > 0]).amin(-1) == 0).all())
+
+
+@pytest.mark.parametrize("block", ["broadcast", "gemm"])
+def test_batched_lloyd_is_each_datasets_lloyd(block: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched loop (vmapped step, in the GEMM mode with the squared norms computed once per
+    run; datasets dropping out as they converge) ends where each dataset's own loop ends:
+    dataset 0 relocates two empty clusters, the others start near their blobs; same labels on
+    well-separated blobs, so the centres agree to a mean's rounding."""
+    if block == "gemm":
+        monkeypatch.setattr(kmeans, "SMALL_BLOCK", 0)
+        monkeypatch.setattr(kmeans, "SMALL_DIM", 0)
+    xs = torch.stack([_blobs(seed=s)[0] * (1 + s) for s in range(3)])  # [B, N, 2], different spreads
+    near = [x[torch.tensor([0, 50, 100, 150])] + 1.0 for x in xs[1:]]  # one seed near each blob
+    seeds = torch.stack([_far_seeds(), *near])  # [B, K, 2]
+    assert kmeans._mode(4, xs[0].mT) == block
+    mean = xs.mean(1, keepdim=True)
+    limit = kmeans.KMEANS_TOL * torch.stack([kmeans._data_variance(x, None) for x in xs - mean])
+    run = kmeans._lloyd_loop((xs - mean).mT.contiguous(), None, kmeans.KMEANS_MAX_ITER)
+    batched = run(seeds - mean, limit) + mean
+    for b in range(3):
+        torch.testing.assert_close(batched[b], lloyd(xs[b], seeds[b]), rtol=0, atol=_centre_atol(xs[b]))
