@@ -3,12 +3,17 @@
 
 Rows that miss something go through :class:`NaturalRows`, the natural mode's two GEMMs on the
 rows filled at the centre plus the terms of the missing block (the exponential-family expansion
-of the same density). Where that form would round by more than
-:data:`puregmm._moments.MAX_ROUNDING` nats (plain eager E-steps only, the complete-data rule),
-each segment of the rows' plan (:func:`puregmm._masked.plan`) is whitened instead: a frequent
-pattern by the one density on its marginal and one conditional for its rows, other rows by the
-per-row precision-block form (:class:`SegmentTerms`, accumulated by
-:class:`puregmm._masked.Moments`).
+of the same density). The missing block's factors (P_mm⁻¹, ½ log det P_mm per component) depend
+only on the row's pattern of missing entries, so eager E-steps make them once per pattern
+(:class:`Patterns`: rows share few patterns, and with a few missing entries even MCAR rows do:
+1e5 rows at 10 % MCAR, D = 16, have ~4,000 patterns and most rows miss 1-3 entries); the rows
+gather them, grouped by their count J of missing entries. Under transforms and ``torch.compile``
+each row factorises its own block (width D, padded: :class:`Table` of the rows). Where the
+exponential-family form would round by more than :data:`puregmm._moments.MAX_ROUNDING` nats
+(plain eager E-steps only, the complete-data rule), each segment of the rows' plan
+(:func:`puregmm._masked.plan`) is whitened instead: a frequent pattern by the one density on its
+marginal and one conditional for its rows, other rows by the per-row precision-block form
+(:class:`SegmentTerms`, accumulated by :class:`puregmm._masked.Moments`).
 """
 
 from __future__ import annotations
@@ -23,9 +28,15 @@ from torch import Tensor
 from puregmm import _masked, density
 from puregmm import _moments as mo
 from puregmm._masked import RowTerms, Segment
+from puregmm._missing_blocks import Group, Pairs, Table, pattern_ids
 from puregmm.families import LOG_2PI
 from puregmm.params import GMMParams, precision_cholesky
 from puregmm.stats import total
+
+#: Bytes of one count J's table of pattern factors (P_mm⁻¹ and its sums, [patterns, J, J, K]
+#: twice) kept for the whole E-step; a count with more patterns than that makes each chunk's
+#: table of its own patterns instead, so memory stays bounded by the chunk.
+TABLE_BYTES = 8 << 20
 
 
 def incomplete_stats(
@@ -42,49 +53,77 @@ def incomplete_stats(
     miss something (``segments`` relative to ``x``'s first row) by the E-step's ``chunk_pass``
     (:func:`puregmm.estep.chunk_pass`; :func:`puregmm.estep.missing_stats` makes the Stats).
     ``owned``: ``x`` is a view of the caller's own copy, whose missing entries may be overwritten."""
-    spec, k, (n, d) = params.spec, params.n_components, x.shape
+    k, (n, d) = params.n_components, x.shape
     mdtype = mo.moment_dtype(x.dtype)
     p64 = params.to(mdtype)
-    lo = segments[0].start
-    segs = [Segment(s.start - lo, s.stop - lo, s.kind, s.width, s.seen, s.miss) for s in segments]
-    terms = SegmentTerms(p64)
-    acc = _masked.Moments(spec, k, d, p64.means)
     eager = not _masked.traced(x, observed, p64.logits, p64.means, p64.scale)
     centre = mo.centre_of(p64)
     safe = eager and bool((mo.rounding_bound(p64, centre) > mo.MAX_ROUNDING).any())  # whiten each row instead
-    natural = None if safe else NaturalRows(p64, centre)
     weight = observed.any(1).to(mdtype) * (1.0 if w is None else w.to(mdtype))  # an empty row adds nothing
+    if owned and x.dtype == mdtype and mo.plain(x):
+        marked = x.masked_fill_(~observed, torch.nan)  # the caller's own regrouped copy: no second one
+    else:
+        marked = torch.where(observed, x, torch.nan).to(mdtype)  # [n, D]: the worst rows keep their mask
+    if safe:
+        lo = segments[0].start
+        segs = [Segment(s.start - lo, s.stop - lo, s.kind, s.width, s.seen, s.miss) for s in segments]
+        acc = _masked.Moments(params.spec, k, d, p64.means)
+        add, rows = (
+            _whitened(p64, observed, segs, acc),
+            chunk_size or _masked.row_chunk(k, d, max(s.width for s in segs)),
+        )
+    else:
+        natural = NaturalRows(p64, centre)
+        rows = natural.chunk_rows(n, marked, chunk_size, eager)
+        patterns = Patterns(natural, observed) if eager else None
 
-    def add(chunk: Tensor, wc: Tensor | None, start: int, stop: int) -> Tensor:
-        xc, oc = chunk, observed[start:stop]
+        def add(chunk: Tensor, wc: Tensor | None, start: int, stop: int) -> Tensor:
+            assert wc is not None
+            if patterns is not None:
+                return patterns.add(chunk, observed[start:stop], wc, start, stop)
+            table = Table.of_rows(natural.prec_flat, observed[start:stop])  # traced: each row its own block, width D
+            lse = natural.add(chunk, observed[start:stop], wc, [Group(0, stop - start, 0, table, None)], by_dim=False)
+            natural.block = table.flush(natural.block)
+            return lse
+
+    score_sum, _, worst_ll, worst = chunk_pass(marked, weight, k, rows, add, eager=eager)
+    filled = impute_rows(p64, worst, ~torch.isnan(worst))  # the worst rows, their missing entries filled
+    _, w_sum = total(x.new_zeros(n), w, x)  # every row counts, an empty one too
+    if safe:
+        moments = acc.result()
+    else:
+        if patterns is not None:
+            patterns.flush()
+        moments = natural.result()
+    return moments, (score_sum, w_sum, worst_ll.to(params.dtype), filled.to(params.dtype))
+
+
+def _whitened(p: GMMParams, observed: Tensor, segs: list[Segment], acc: _masked.Moments) -> Callable[..., Tensor]:
+    """The chunk function of the whitened path: each segment's rows by :class:`SegmentTerms`."""
+    terms = SegmentTerms(p)
+
+    def add(xc: Tensor, wc: Tensor | None, start: int, stop: int) -> Tensor:
+        oc = observed[start:stop]
         scores = []
         for seg in segs:
             a, b = max(seg.start, start), min(seg.stop, stop)
             if a < b:
-                rows, piece = slice(a - start, b - start), (xc[a - start : b - start], oc[a - start : b - start])
+                rows = slice(a - start, b - start)
                 assert wc is not None
-                if natural is not None and seg.kind == "rows":
-                    scores.append(natural.add(*piece, seg.width, wc[rows]))
-                    continue
-                lj, resid, cond = terms(seg, *piece)
+                lj, resid, cond = terms(seg, xc[rows], oc[rows])
                 scores.append(acc.add(lj, resid, cond, wc[rows]))
                 if b == seg.stop:  # the segment's last rows: its pattern's factors are not needed again
                     terms.cache.pop(id(seg), None)
         return torch.cat(scores) if len(scores) != 1 else scores[0]
 
-    widest = max(s.width for s in segs)
-    if owned and x.dtype == mdtype and mo.plain(x):
-        marked = x.masked_fill_(~observed, torch.nan)  # the caller's own regrouped copy: no second one
-    else:
-        marked = torch.where(observed, x, torch.nan).to(mdtype)  # [n, D]: the worst rows keep their mask
-    rows = natural.chunk_rows(n, marked, chunk_size) if natural else chunk_size or _masked.row_chunk(k, d, widest)
-    score_sum, _, worst_ll, worst = chunk_pass(marked, weight, k, rows, add, eager=eager)
-    filled = terms.impute(worst, ~torch.isnan(worst))  # the worst rows, their missing entries filled
-    _, w_sum = total(x.new_zeros(n), w, x)  # every row counts, an empty one too
-    moments = acc.result()
-    if natural is not None:
-        moments = tuple(a + b for a, b in zip(moments, natural.result(), strict=True))  # type: ignore[assignment]
-    return moments, (score_sum, w_sum, worst_ll.to(params.dtype), filled.to(params.dtype))
+    return add
+
+
+def impute_rows(params: GMMParams, x: Tensor, observed: Tensor) -> Tensor:
+    """Rows [m, D] with their missing entries replaced by E[x_m | x_o] under the mixture."""
+    t = RowTerms(*density.row_parts(params), x, observed, x.shape[1])
+    r = torch.softmax(t.log_joint, -1)  # [m, K]
+    return torch.einsum("nk,knd->nd", r, t.resid + params.means.unsqueeze(1))
 
 
 class SegmentTerms:
@@ -117,11 +156,72 @@ class SegmentTerms:
         t = RowTerms(w, u, means, log_w, x, observed, seg.width)
         return t.log_joint, t.resid, t
 
-    def impute(self, x: Tensor, observed: Tensor) -> Tensor:
-        """Rows [m, D] with their missing entries replaced by E[x_m | x_o] under the mixture."""
-        t = RowTerms(*density.row_parts(self.params), x, observed, x.shape[1])
-        r = torch.softmax(t.log_joint, -1)  # [m, K]
-        return torch.einsum("nk,knd->nd", r, t.resid + self.params.means.unsqueeze(1))
+
+# --- the natural form -------------------------------------------------------------------------------
+
+
+class Patterns:
+    """The eager missing mode's rows by pattern (module docstring): the patterns of the rows'
+    missing entries (:func:`pattern_ids`, once per E-step), per count J one :class:`Table` of its
+    patterns (made when first needed; a count whose table would pass :data:`TABLE_BYTES` gets a
+    table of each chunk's own patterns), and each chunk's rows sorted by J into :class:`Group` s."""
+
+    def __init__(self, rows: NaturalRows, observed: Tensor) -> None:
+        self.rows = rows
+        self.ids, self.masks = pattern_ids(~observed)  # [n], [G, D]
+        self.count = self.masks.sum(1)  # [G]: J of each pattern
+        self.local = torch.zeros_like(self.count)  # [G]: a pattern's entry in its count's table
+        self.tables: dict[int, Table | None] = {}
+
+    def table(self, width: int, ids: Tensor) -> tuple[Table, Tensor, bool]:
+        """(table, each row's entry, whether the table is the chunk's own) for rows of patterns ``ids``."""
+        if width not in self.tables:
+            members = torch.nonzero(self.count == width).squeeze(1)
+            size = 16 * members.numel() * self.rows.k * width * width
+            if size <= TABLE_BYTES:
+                self.local[members] = torch.arange(members.numel(), device=members.device)
+            self.tables[width] = self._table(members, width) if size <= TABLE_BYTES else None
+        kept = self.tables[width]
+        if kept is not None:
+            return kept, self.local.index_select(0, ids), False
+        members, loc = torch.unique(ids, return_inverse=True)
+        return self._table(members, width), loc, True
+
+    def _table(self, members: Tensor, width: int) -> Table:
+        miss = torch.nonzero(self.masks.index_select(0, members))[:, 1].view(members.numel(), width)  # increasing
+        return Table(self.rows.prec_flat, miss)
+
+    def add(self, x: Tensor, observed: Tensor, w: Tensor, start: int, stop: int) -> Tensor:
+        """log p(x_o) [c] of a chunk of rows ``start:stop``: sorted by their count J of missing
+        entries (rows with nothing observed last, log p = 0), one :class:`Group` per J (or
+        several, each's [c, J, J, K] blocks below :data:`puregmm._moments.CHUNK_BYTES`)."""
+        c, d = x.shape
+        ids = self.ids[start:stop]
+        widths = self.count.index_select(0, ids)  # [c]
+        sizes = torch.bincount(widths, minlength=d + 1).tolist()
+        order = None if bool((widths[1:] >= widths[:-1]).all()) else torch.argsort(widths, stable=True)
+        if order is not None:
+            x, observed, w, ids = (t.index_select(0, order) for t in (x, observed, w, ids))
+        groups, own, first, pair = [], [], 0, 0
+        for width, size in enumerate(sizes[:d]):
+            step = max(1, mo.CHUNK_BYTES // (8 * self.rows.k * max(1, width * width)))
+            for a in range(first, first + size, step):
+                b = min(first + size, a + step)
+                table, loc, mine = self.table(width, ids[a:b])
+                groups.append(Group(a, b, pair + (a - first) * width, table, loc))
+                own += [table] if mine else []
+            first, pair = first + size, pair + size * width
+        used = c - sizes[d]
+        lse = F.pad(self.rows.add(x[:used], observed[:used], w[:used], groups), (0, c - used))
+        for table in own:
+            self.rows.block = table.flush(self.rows.block)
+        return lse if order is None else torch.empty_like(lse).index_copy_(0, order, lse)
+
+    def flush(self) -> None:
+        """Place the kept tables' sums into the rows' dense block."""
+        for table in self.tables.values():
+            if table is not None:
+                self.rows.block = table.flush(self.rows.block)
 
 
 class NaturalRows:
@@ -129,13 +229,18 @@ class NaturalRows:
     on the rows filled at the centre g): for rows x_f = x with the missing entries at g,
 
         ℓ_k(x_o) = ⟨η_k, T(x_f)⟩ - ½ gᵀδ + ½|m| log 2π - ½ log det P_mm,   δ = -P_mm⁻¹ g_m,
-        g = P_k (x_f - μ_k) (one [c, D] x [D, K·D] GEMM),  x̂_k = x_f + δ (at the missing entries),
+        g = P_k (x_f - μ_k),  x̂_k = x_f + δ (at the missing entries),
 
     and the moments of x̂_k are those of x_f (M += r T, the natural mode's GEMM) plus the terms
-    of δ: Σ r (x_f - μ_k) δᵀ (one [D, c] x [c, K·D] GEMM) and its transpose, and Σ r (δ δᵀ +
-    P_mm⁻¹) on the J×J blocks. About twice the complete-data E-step's GEMMs and no [K, c, D]
-    passes beyond one scatter. It rounds as the natural mode does (eps·(distance/width)²); plain
-    eager E-steps past :data:`puregmm._moments.MAX_ROUNDING` use :class:`puregmm._masked.RowTerms`.
+    of δ: Σ r δ and Σ r (x_f - g) δᵀ and its transpose, and Σ r (δ δᵀ + P_mm⁻¹) on the J×J
+    blocks (:class:`Table`). T, ℓ's GEMM, the responsibilities and M's GEMM are one pass per
+    chunk, as in the complete-data E-step; the J×J algebra is per :class:`Group` of rows with J
+    missing entries. g_m and the cross sums Σ [x_f - g, 1] (r δ)ᵀ are eagerly (``by_dim``) one
+    small GEMM per dimension i over the chunk's (row, slot) pairs missing i ([pairs, D+1] x
+    [D+1, K]: J·K columns per row, not the K·D of a full gradient); branch-free (under
+    transforms), one [c, D+1] x [D+1, K·D] GEMM of the full gradient and one over δ spread into
+    [c, K·D]. It rounds as the natural mode does (eps·(distance/width)²); plain eager E-steps
+    past :data:`puregmm._moments.MAX_ROUNDING` use :class:`puregmm._masked.RowTerms`.
     """
 
     def __init__(self, params: GMMParams, centre: Tensor) -> None:
@@ -148,83 +253,84 @@ class NaturalRows:
         self.prec_flat = prec.reshape(k, d * d)
         self.shift = params.means - centre  # [K, D]
         bias = torch.einsum("kd,kde->ke", self.shift, prec)  # [K, D]: (μ_k - g) P_k
-        pcat = prec.permute(1, 0, 2).reshape(d, k * d)  # [D, K·D]: y @ pcat = (y P_k)_k
-        self.pcat = torch.cat([pcat, -bias.reshape(1, k * d)])  # [D+1, K·D]: [y, 1] @ pcat = P_k (y - d_k)
-        self.work: mo.Work | None = None  # plain eager: T and the spread of δ in buffers reused by every chunk
-        self.spread: Tensor | None = None
+        grad = torch.cat([prec.permute(1, 0, 2), -bias.unsqueeze(0)])  # [D+1, K, D]: [y, 1] -> P_k (y - d_k)
+        self.pcat = grad.reshape(d + 1, k * d)  # [D+1, K·D]
+        self.by_dim = grad.permute(2, 0, 1).contiguous()  # [D, D+1, K]: dimension i's columns
+        self.work: mo.Work | None = None  # plain eager: T's and ℓ's buffers, reused by every chunk
         self.raw = params.means.new_zeros(k, self.lay.width)  # Σ r T
-        self.dx = params.means.new_zeros(k, d)  # Σ r δ
-        self.cross = params.means.new_zeros(d, k * d)  # Σ (x_f - g) (r δ)ᵀ
+        self.cross = params.means.new_zeros(d, d + 1, k)  # [i, :, k]: Σ [x_f - g, 1] r δ_i; row D: Σ r δ
         self.block = params.means.new_zeros(k, d * d)  # Σ r (δ δᵀ + P_mm⁻¹), dense
 
-    def chunk_rows(self, n: int, x: Tensor, chunk_size: int | None) -> int:
-        """Rows per chunk (``chunk_size``, or the [c, K·D] blocks near
-        :data:`puregmm._masked.ROW_CHUNK_BYTES`); with plain eager rows ``x``, the buffers of that
-        many rows are made here."""
-        rows = chunk_size or max(64, min(n, _masked.ROW_CHUNK_BYTES // (8 * self.k * self.d)))
-        if x is not None and mo.plain(x, self.eta, self.pcat):
+    def chunk_rows(self, n: int, x: Tensor, chunk_size: int | None, eager: bool) -> int:
+        """Rows per chunk: ``chunk_size``, or eagerly T's [c, P] block near the complete-data
+        E-step's :data:`puregmm._moments.CHUNK_BYTES`, branch-free the [c, K·D] blocks near
+        :data:`puregmm._masked.ROW_CHUNK_BYTES`. With plain eager rows ``x``, T's buffers of
+        that many rows are made here."""
+        if eager:
+            rows = mo.chunk_rows(n, self.lay, chunk_size)
+        else:
+            rows = chunk_size or max(64, min(n, _masked.ROW_CHUNK_BYTES // (8 * self.k * self.d)))
+        if mo.plain(x, self.eta, self.pcat):
             self.work = mo.Work(self.lay, rows, self.k, x, self.eta.dtype)
-            self.spread = x.new_zeros(rows, self.k * self.d, dtype=self.eta.dtype)
         return rows
 
-    def add(self, x: Tensor, observed: Tensor, width: int, w: Tensor) -> Tensor:
-        """Rows [c, D] missing at most ``width`` entries, weights [c]; returns log p(x_o) [c]."""
-        c, k, d = x.shape[0], self.k, self.d
+    def add(self, x: Tensor, observed: Tensor, w: Tensor, groups: list[Group], by_dim: bool = True) -> Tensor:
+        """Rows [c, D] (``groups`` cover them in order), weights [c]; returns log p(x_o) [c]."""
+        c, k = x.shape[0], self.k
         y = torch.where(observed, x - self.centre, 0.0)  # x_f - g
         t = mo.products(self.lay, y + self.centre, self.centre, y.dtype, self.work)  # [c, P]
-        n_miss = d - observed.sum(1)
-        miss = torch.argsort(observed.to(torch.int8), dim=1, stable=True)[:, :width]  # [c, J]
-        valid = torch.arange(width, device=x.device) < n_miss.unsqueeze(1)  # [c, J]
-        padded = _masked.traced(x, observed) or not bool(valid.all())  # eager segments miss exactly J
-        grad = F.pad(y, (0, 1), value=1.0) @ self.pcat  # [c, K·D]: P_k (x_f - μ_k), the shift folded in
-        idx = (torch.arange(k, device=x.device) * d).view(1, k, 1) + miss.unsqueeze(1)  # [c, K, J]
-        g = grad.gather(1, idx.view(c, -1)).view(c, k, width)
-        flat = (miss.unsqueeze(2) * d + miss.unsqueeze(1)).reshape(-1)  # [c·J·J]
-        pair = (valid.unsqueeze(2) & valid.unsqueeze(1)).unsqueeze(1)  # [c, 1, J, J]
-        pmm = self.prec_flat.index_select(1, flat).view(k, c, width, width).transpose(0, 1)
-        if padded:  # padding: zero gradient, identity block
-            g = torch.where(valid.unsqueeze(1), g, 0.0)
-            pmm = torch.where(pair, pmm, torch.eye(width, dtype=x.dtype, device=x.device))
-        entries = [[pmm[:, :, i, j] for j in range(width)] for i in range(width)]  # [c, K] each
-        if width <= _masked.SMALL_WIDTH:
-            gs = [g[:, :, i] for i in range(width)]
-            sol, half_log_det, inv = _masked.spd_entries(entries, gs)
-            step = -torch.stack(sol, -1)  # [c, K, J]: δ
-            cov = torch.stack([torch.stack(row, -1) for row in inv], -2)  # [c, K, J, J]: P_mm⁻¹
-            quad = gs[0] * sol[0]  # gᵀ P_mm⁻¹ g [c, K] (sums over J by entries: no reduction over a tiny axis)
-            for i in range(1, width):
-                quad = quad + gs[i] * sol[i]
+        yl = F.pad(y, (0, 1), value=1.0)  # [c, D+1]
+        pairs = Pairs(~observed, yl) if by_dim else None
+        grad = pairs.gradient(self.by_dim) if pairs is not None else yl @ self.pcat  # [pairs, K] | [c, K·D]
+        steps, fixes = [], []
+        for grp in groups:
+            table, rows = grp.table, grp.stop - grp.start
+            if pairs is not None:
+                g = grad[grp.pair : grp.pair + rows * table.width].view(rows, table.width, k)  # [c_j, J, K]
+            else:  # every component's full gradient, its missing entries gathered; padding zero
+                g = grad[grp.start : grp.stop].gather(1, table.idx.view(rows, -1)).view(rows, table.width, k)
+                g = g if table.valid is None else torch.where(table.valid.unsqueeze(2), g, 0.0)
+            inv, half_log_det = table.pick(grp.loc)  # [c_j, J, J, K], [c_j, K]
+            step = -(inv * g.unsqueeze(1)).sum(2)  # [c_j, J, K]: δ = -P_mm⁻¹ g
+            n_miss = table.width if table.valid is None else table.valid.sum(1, keepdim=True).to(x.dtype)
+            fixes.append(-0.5 * (g * step).sum(1) - half_log_det + 0.5 * LOG_2PI * n_miss)  # [c_j, K]
+            steps.append(step)
+        fix = fixes[0] if len(fixes) == 1 else torch.cat(fixes)
+        if self.work is not None:  # in place, in the workspace
+            lj = torch.mm(self.eta, t.mT, out=self.work.lj[:, :c]).add_(fix.mT)  # [K, c]
+            r, lse = mo.responsibilities(lj, inplace=True)
+            self.raw.addmm_(r.mul_(w), t)
         else:
-            chol = torch.linalg.cholesky(pmm)
-            step = -torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
-            half_log_det = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-            cov = torch.cholesky_inverse(chol)
-            quad = -(g * step).sum(-1)
-        lj = (self.eta @ t.mT).mT + 0.5 * quad - half_log_det  # [c, K] (Tᵀ is the contiguous one)
-        lj = lj + 0.5 * LOG_2PI * n_miss.unsqueeze(1).to(x.dtype)
-        lse = torch.logsumexp(lj, 1)
-        r = torch.exp(lj - lse.unsqueeze(1)) * w.unsqueeze(1)  # [c, K]
-        self.raw = self.raw + r.mT @ t
-        r_step = step * r.unsqueeze(-1)  # [c, K, J]
-        if self.spread is None:
-            spread = torch.zeros(c, k * d, dtype=x.dtype, device=x.device).scatter(
-                1, idx.view(c, -1), r_step.view(c, -1)
-            )
-        else:  # the buffer holds zeros: write the entries, use them, zero them again
-            spread = self.spread[:c].scatter_(1, idx.view(c, -1), r_step.view(c, -1))
-        self.dx = self.dx + spread.sum(0).view(k, d)
-        self.cross = self.cross + y.mT @ spread
-        if self.spread is not None:
-            spread.scatter_(1, idx.view(c, -1), 0.0)
-        inner = r_step.unsqueeze(-1) * step.unsqueeze(-2) + cov * r[..., None, None]  # [c, K, J, J]
-        vals = (torch.where(pair, inner, 0.0) if padded else inner).transpose(0, 1).reshape(k, -1)  # [K, c·J·J]
-        self.block = self.block.scatter_add(1, flat.unsqueeze(0).expand(k, -1), vals)
+            r, lse = mo.responsibilities(self.eta @ t.mT + fix.mT, inplace=False)
+            r = r * w
+            self.raw = self.raw + r @ t
+        r_steps = []
+        for grp, step in zip(groups, steps, strict=True):
+            rg = r[:, grp.start : grp.stop].mT  # [c_j, K]
+            r_steps.append(step * rg.unsqueeze(1))  # [c_j, J, K]
+            grp.table.accumulate(grp.loc, r_steps[-1].unsqueeze(2) * step.unsqueeze(1), rg)  # r δδᵀ
+        self._add_cross(yl, r_steps, pairs, groups)
         return lse
 
+    def _add_cross(self, yl: Tensor, r_steps: list[Tensor], pairs: Pairs | None, groups: list[Group]) -> None:
+        """Σ [x_f - g, 1] (r δ)ᵀ of the chunk into ``cross`` [D, D+1, K]."""
+        k, d = self.k, self.d
+        if pairs is not None:
+            flat = torch.cat([s.reshape(-1, k) for s in r_steps]) if len(r_steps) != 1 else r_steps[0].reshape(-1, k)
+            self.cross = self.cross.index_add(0, pairs.dims, pairs.cross(flat))
+            return
+        (grp,) = groups  # branch-free: one group of width D, δ spread over [c, K·D], one GEMM
+        idx = grp.table.idx.view(yl.shape[0], -1)
+        spread = torch.zeros(yl.shape[0], k * d, dtype=yl.dtype, device=yl.device).scatter(
+            1, idx, r_steps[0].view(yl.shape[0], -1)
+        )
+        self.cross = self.cross + (yl.mT @ spread).view(d + 1, k, d).permute(2, 0, 1)
+
     def result(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(n_k, X_k, S_k) about the means, S_k in the family's shape."""
+        """(n_k, X_k, S_k) about the means, S_k in the family's shape (blocks flushed)."""
         k, d = self.k, self.d
         n, x_k, s_k = mo.about_centres(self.lay, self.raw, self.shift)
-        cross = self.cross.view(d, k, d).transpose(0, 1) - self.shift.unsqueeze(2) * self.dx.unsqueeze(1)
+        dx = self.cross[:, d].mT  # [K, D]: Σ r δ
+        cross = self.cross[:, :d].permute(2, 1, 0) - self.shift.unsqueeze(2) * dx.unsqueeze(1)  # [K, D, D]
         dense = cross + cross.mT + self.block.view(k, d, d)  # [K, D, D]
-        return n, x_k + self.dx, s_k + self.spec.weighted_second_moments(torch.ones_like(n), dense)
+        return n, x_k + dx, s_k + self.spec.weighted_second_moments(torch.ones_like(n), dense)
