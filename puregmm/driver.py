@@ -261,11 +261,15 @@ def batched_kernel(fn: Callable[..., Any], n_runs: int, data_batched: bool, has_
     if n_runs > 1:
         return torch.func.vmap(fn, in_dims=(0, 0 if data_batched else None, 0 if data_batched and has_w else None))
 
+    last: dict[str, Any] = {}  # the previous call's output, stacked and not: the loop hands it back
+
     def single(states: Any, x: Tensor, w: Tensor | None) -> Any:
         xs = x[0] if data_batched else x
         ws = w[0] if data_batched and w is not None else w
-        out = fn(index(states, 0), xs, ws)
-        return pytree.tree_map(lambda t: t.unsqueeze(0), out)
+        run = last["run"] if last.get("stacked") is states else index(states, 0)
+        out = fn(run, xs, ws)
+        last["stacked"], last["run"] = pytree.tree_map(lambda t: t.unsqueeze(0), out), out
+        return last["stacked"]
 
     return single
 

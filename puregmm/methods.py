@@ -293,17 +293,20 @@ def standardisation(x: Tensor, w: Tensor | None, reduce: Any = None) -> tuple[Te
     if reduce is not None:
         big, ref = reduce.gather(big).amax(), reduce.broadcast(ref, 0)
     big = torch.where(big > tiny, big, torch.ones_like(big))
-    wn = torch.ones_like(x[:, 0]) if w is None else w
 
-    def total(t: Tensor) -> Tensor:
+    def total(t: Tensor) -> Tensor:  # Σ ω t over the rows (of every rank)
+        t = t.sum(0) if w is None else (w.unsqueeze(-1) * t).sum(0)
         return t if reduce is None else reduce.sum(t)
 
-    count = total(wn.sum())
+    if reduce is None:
+        count: Tensor | int = x.shape[0] if w is None else w.sum()
+    else:
+        count = reduce.sum(x.new_tensor(float(x.shape[0])) if w is None else w.sum())
     y = x / big
-    centre = total((wn.unsqueeze(-1) * y).sum(0)) / count
-    spread = (total((wn.unsqueeze(-1) * (y - centre).square()).sum(0)) / count).mean().sqrt()
+    centre = total(y) / count
+    spread = (total((y - centre).square()) / count).mean().sqrt()
     s = torch.where(spread * big > tiny, spread * big, big)
-    direct = ref + total((wn.unsqueeze(-1) * (x - ref)).sum(0)) / count  # exact for equal rows
+    direct = ref + total(x - ref) / count  # exact for equal rows
     return torch.where(torch.isfinite(direct), direct, centre * big), s
 
 
