@@ -237,6 +237,27 @@ def non_negative(v: Any, name: str) -> float:
     return float(v)
 
 
+def non_negative_int(v: Any, name: str) -> int:
+    """A non-negative ``int`` (bool refused): ``TypeError`` for another type, ``ValueError`` below 0."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be a non-negative int; got {type(v).__name__} {v!r}")
+    if not 0 <= v < 2**63:
+        raise ValueError(f"{name} must be a non-negative int (below 2**63); got {v!r}")
+    return int(v)
+
+
+def cosine_decay_args(init_value: Any, decay_steps: Any, alpha: Any, warmup: Any) -> tuple[float, int, float, int]:
+    """:func:`puregmm.cosine_decay`'s settings, checked when the schedule is made (not per step):
+    a finite non-negative peak and final fraction, a positive number of decay steps and a
+    non-negative number of warm-up steps."""
+    return (
+        non_negative(init_value, "init_value"),
+        positive_int(decay_steps, "decay_steps"),
+        non_negative(alpha, "alpha"),
+        non_negative_int(warmup, "warmup_steps"),
+    )
+
+
 # --- keys, masks, dtypes and devices of settings, paths ---------------------------------------------
 
 

@@ -232,6 +232,29 @@ def test_positive_and_one_of() -> None:
         _validate.one_of(None, ("bic", "aic"), "criterion")
 
 
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((None, 10, 0.0, 0), ValueError, "init_value must be a finite non-negative number; got None"),
+        ((math.inf, 10, 0.0, 0), ValueError, "init_value must be a finite non-negative number; got inf"),
+        ((0.1, 0, 0.0, 0), ValueError, "decay_steps must be a positive int (below 2**63); got 0"),
+        ((0.1, 10.0, 0.0, 0), TypeError, "decay_steps must be a positive int; got float 10.0"),
+        ((0.1, 10, None, 0), ValueError, "alpha must be a finite non-negative number; got None"),
+        ((0.1, 10, -0.5, 0), ValueError, "alpha must be a finite non-negative number; got -0.5"),
+        ((0.1, 10, 0.0, -1), ValueError, "warmup_steps must be a non-negative int (below 2**63); got -1"),
+        ((0.1, 10, 0.0, 2.5), TypeError, "warmup_steps must be a non-negative int; got float 2.5"),
+    ],
+)
+def test_cosine_decay_args_name_the_argument(args: tuple[Any, ...], error: type, message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        _validate.cosine_decay_args(*args)
+
+
+def test_cosine_decay_args_accepts_the_documented_settings() -> None:
+    assert _validate.cosine_decay_args(0.1, 100, 0.01, 0) == (0.1, 100, 0.01, 0)
+    assert _validate.cosine_decay_args(1, np.int64(100), 0, 10) == (1.0, 100, 0.0, 10)
+
+
 # --- pytrees of the same structure and leaf shapes (apply_updates, the optimisers) ---------------
 
 
