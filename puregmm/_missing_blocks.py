@@ -58,11 +58,10 @@ def spd_factors(a: Tensor) -> tuple[Tensor, Tensor]:
 
 class Table:
     """The missing blocks of a set of patterns (or of rows, under transforms), J entries each:
-    where they sit (``idx`` [B, J, K] in the [K·D] gradient, ``flat`` [B, J·J] in a [D·D] block),
-    P_k,mm⁻¹ [B, J, J, K] and ½ log det P_k,mm [B, K], and the sums the M-step needs,
-    Σ r δδᵀ [B, J, J, K] and Σ r [B, K], placed into the dense [K, D·D] block by :meth:`flush`
-    (block axes before the components: :func:`spd_factors`).
-    ``valid`` [B, J]: padding (rows of fewer than J missing entries) where False."""
+    where they sit (``idx`` [B, J, K] in the [K·D] gradient, ``flat`` [B, J·J] in a [D·D]
+    block), P_k,mm⁻¹ [B, J, J, K] and ½ log det P_k,mm [B, K], and Σ r [B, K] of the rows
+    seen (:meth:`add_rows`; r P_mm⁻¹ is placed per entry by :meth:`flush`). ``valid`` [B, J]:
+    padding (rows of fewer than J missing entries) where False."""
 
     def __init__(self, prec_flat: Tensor, miss: Tensor, valid: Tensor | None = None) -> None:
         b, width = miss.shape
@@ -76,8 +75,7 @@ class Table:
             eye = torch.eye(width, dtype=pmm.dtype, device=pmm.device).unsqueeze(2)
             pmm = torch.where(self.pair, pmm, eye)
         self.inv, self.half_log_det = spd_factors(pmm)
-        self.outer: Tensor | float = 0.0  # Σ r δδᵀ
-        self.resp: Tensor | float = 0.0  # Σ r
+        self.resp: Tensor | None = None  # Σ r per entry
 
     def pick(self, loc: Tensor | None) -> tuple[Tensor, Tensor]:
         """(P_mm⁻¹ [c, J, J, K], ½ log det P_mm [c, K]) of entries ``loc`` [c] (None: all, in order)."""
@@ -93,27 +91,26 @@ class Table:
         valid = torch.arange(d, device=observed.device) < (d - observed.sum(1)).unsqueeze(1)
         return cls(prec_flat, miss, valid)
 
-    def accumulate(self, loc: Tensor | None, outer: Tensor, r: Tensor) -> None:
-        """Add rows' r δδᵀ [c, J, J, K] and r [c, K]; ``loc`` [c]: each row's entry (None: row i is entry i)."""
+    def add_rows(self, block: Tensor, loc: Tensor | None, outer: Tensor, r: Tensor) -> Tensor:
+        """``block`` [D·D, K] plus rows' r δδᵀ [c, J, J, K] at their J×J positions (eagerly in
+        place), their r [c, K] kept per entry ``loc`` [c]; None: row i is entry i, and r P_mm⁻¹
+        is added now (out of place, padding masked)."""
+        k = outer.shape[-1]
         if loc is None:
-            self.outer, self.resp = self.outer + outer, self.resp + r
-            return
-        if isinstance(self.outer, float):
-            self.outer, self.resp = outer.new_zeros(self.inv.shape), r.new_zeros(self.half_log_det.shape)
-        assert isinstance(self.outer, Tensor) and isinstance(self.resp, Tensor)
-        self.outer.index_add_(0, loc, outer)
+            vals = outer + r.unsqueeze(1).unsqueeze(1) * self.inv  # [c, J, J, K]
+            vals = vals if self.valid is None else torch.where(self.pair, vals, 0.0)
+            return block.index_add(0, self.flat.reshape(-1), vals.reshape(-1, k))
+        if self.resp is None:
+            self.resp = r.new_zeros(self.half_log_det.shape)
         self.resp.index_add_(0, loc, r)
+        return block.index_add_(0, self.flat.index_select(0, loc).reshape(-1), outer.reshape(-1, k))
 
     def flush(self, block: Tensor) -> Tensor:
-        """``block`` [K, D·D] plus Σ r (δδᵀ + P_mm⁻¹) at each entry's J×J positions."""
-        if isinstance(self.resp, float):
+        """``block`` [D·D, K] plus Σ r P_mm⁻¹ of each entry at its J×J positions."""
+        if self.resp is None:
             return block
-        k = block.shape[0]
-        vals = self.outer + self.resp.unsqueeze(1).unsqueeze(1) * self.inv  # [B, J, J, K]
-        if self.valid is not None:
-            vals = torch.where(self.pair, vals, 0.0)
-        index = self.flat.reshape(1, -1).expand(k, -1)
-        return block.scatter_add(1, index, vals.permute(3, 0, 1, 2).reshape(k, -1))
+        vals = self.resp.unsqueeze(1).unsqueeze(1) * self.inv  # [B, J, J, K]
+        return block.index_add(0, self.flat.reshape(-1), vals.reshape(-1, vals.shape[-1]))
 
 
 class Group(NamedTuple):

@@ -33,9 +33,9 @@ from puregmm.families import LOG_2PI
 from puregmm.params import GMMParams, precision_cholesky
 from puregmm.stats import total
 
-#: Bytes of one count J's table of pattern factors (P_mm⁻¹ and its sums, [patterns, J, J, K]
-#: twice) kept for the whole E-step; a count with more patterns than that makes each chunk's
-#: table of its own patterns instead, so memory stays bounded by the chunk.
+#: Bytes of the tables of pattern factors (P_mm⁻¹ [patterns, J, J, K], ½ log det and Σ r) kept
+#: for the whole E-step, all counts J together; a count whose table would pass it gets a table
+#: of each chunk's own patterns instead, so memory stays bounded by the chunk.
 TABLE_BYTES = 8 << 20
 
 
@@ -82,9 +82,7 @@ def incomplete_stats(
             if patterns is not None:
                 return patterns.add(chunk, observed[start:stop], wc, start, stop)
             table = Table.of_rows(natural.prec_flat, observed[start:stop])  # traced: each row its own block, width D
-            lse = natural.add(chunk, observed[start:stop], wc, [Group(0, stop - start, 0, table, None)], by_dim=False)
-            natural.block = table.flush(natural.block)
-            return lse
+            return natural.add(chunk, observed[start:stop], wc, [Group(0, stop - start, 0, table, None)], by_dim=False)
 
     score_sum, _, worst_ll, worst = chunk_pass(marked, weight, k, rows, add, eager=eager)
     filled = impute_rows(p64, worst, ~torch.isnan(worst))  # the worst rows, their missing entries filled
@@ -163,8 +161,8 @@ class SegmentTerms:
 class Patterns:
     """The eager missing mode's rows by pattern (module docstring): the patterns of the rows'
     missing entries (:func:`pattern_ids`, once per E-step), per count J one :class:`Table` of its
-    patterns (made when first needed; a count whose table would pass :data:`TABLE_BYTES` gets a
-    table of each chunk's own patterns), and each chunk's rows sorted by J into :class:`Group` s."""
+    patterns (made when first needed; a count whose table would bring the kept ones past
+    :data:`TABLE_BYTES` gets a table of each chunk's own patterns), and each chunk's rows sorted by J into :class:`Group` s."""
 
     def __init__(self, rows: NaturalRows, observed: Tensor) -> None:
         self.rows = rows
@@ -172,15 +170,18 @@ class Patterns:
         self.count = self.masks.sum(1)  # [G]: J of each pattern
         self.local = torch.zeros_like(self.count)  # [G]: a pattern's entry in its count's table
         self.tables: dict[int, Table | None] = {}
+        self.kept = 0  # bytes of the kept tables
 
     def table(self, width: int, ids: Tensor) -> tuple[Table, Tensor, bool]:
         """(table, each row's entry, whether the table is the chunk's own) for rows of patterns ``ids``."""
         if width not in self.tables:
             members = torch.nonzero(self.count == width).squeeze(1)
-            size = 16 * members.numel() * self.rows.k * width * width
-            if size <= TABLE_BYTES:
+            size = 8 * members.numel() * self.rows.k * (width * width + 2)
+            kept = self.kept + size <= TABLE_BYTES
+            if kept:
                 self.local[members] = torch.arange(members.numel(), device=members.device)
-            self.tables[width] = self._table(members, width) if size <= TABLE_BYTES else None
+                self.kept += size
+            self.tables[width] = self._table(members, width) if kept else None
         kept = self.tables[width]
         if kept is not None:
             return kept, self.local.index_select(0, ids), False
@@ -194,7 +195,7 @@ class Patterns:
     def add(self, x: Tensor, observed: Tensor, w: Tensor, start: int, stop: int) -> Tensor:
         """log p(x_o) [c] of a chunk of rows ``start:stop``: sorted by their count J of missing
         entries (rows with nothing observed last, log p = 0), one :class:`Group` per J (or
-        several, each's [c, J, J, K] blocks below :data:`puregmm._moments.CHUNK_BYTES`)."""
+        several, each's [c, J, J, K] blocks near :data:`puregmm._masked.ROW_CHUNK_BYTES`)."""
         c, d = x.shape
         ids = self.ids[start:stop]
         widths = self.count.index_select(0, ids)  # [c]
@@ -204,7 +205,7 @@ class Patterns:
             x, observed, w, ids = (t.index_select(0, order) for t in (x, observed, w, ids))
         groups, own, first, pair = [], [], 0, 0
         for width, size in enumerate(sizes[:d]):
-            step = max(1, mo.CHUNK_BYTES // (8 * self.rows.k * max(1, width * width)))
+            step = max(1, _masked.ROW_CHUNK_BYTES // (8 * self.rows.k * max(1, width * width)))
             for a in range(first, first + size, step):
                 b = min(first + size, a + step)
                 table, loc, mine = self.table(width, ids[a:b])
@@ -259,7 +260,7 @@ class NaturalRows:
         self.work: mo.Work | None = None  # plain eager: T's and ℓ's buffers, reused by every chunk
         self.raw = params.means.new_zeros(k, self.lay.width)  # Σ r T
         self.cross = params.means.new_zeros(d, d + 1, k)  # [i, :, k]: Σ [x_f - g, 1] r δ_i; row D: Σ r δ
-        self.block = params.means.new_zeros(k, d * d)  # Σ r (δ δᵀ + P_mm⁻¹), dense
+        self.block = params.means.new_zeros(d * d, k)  # Σ r (δ δᵀ + P_mm⁻¹), dense
 
     def chunk_rows(self, n: int, x: Tensor, chunk_size: int | None, eager: bool) -> int:
         """Rows per chunk: ``chunk_size``, or eagerly T's [c, P] block near the complete-data
@@ -308,7 +309,8 @@ class NaturalRows:
         for grp, step in zip(groups, steps, strict=True):
             rg = r[:, grp.start : grp.stop].mT  # [c_j, K]
             r_steps.append(step * rg.unsqueeze(1))  # [c_j, J, K]
-            grp.table.accumulate(grp.loc, r_steps[-1].unsqueeze(2) * step.unsqueeze(1), rg)  # r δδᵀ
+            outer = r_steps[-1].unsqueeze(2) * step.unsqueeze(1)  # [c_j, J, J, K]: r δδᵀ
+            self.block = grp.table.add_rows(self.block, grp.loc, outer, rg)
         self._add_cross(yl, r_steps, pairs, groups)
         return lse
 
@@ -332,5 +334,5 @@ class NaturalRows:
         n, x_k, s_k = mo.about_centres(self.lay, self.raw, self.shift)
         dx = self.cross[:, d].mT  # [K, D]: Σ r δ
         cross = self.cross[:, :d].permute(2, 1, 0) - self.shift.unsqueeze(2) * dx.unsqueeze(1)  # [K, D, D]
-        dense = cross + cross.mT + self.block.view(k, d, d)  # [K, D, D]
+        dense = cross + cross.mT + self.block.view(d, d, k).permute(2, 0, 1)  # [K, D, D]
         return n, x_k + dx, s_k + self.spec.weighted_second_moments(torch.ones_like(n), dense)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import puregmm as pg
-from puregmm import _missing_mode, _moments
+from puregmm import _masked, _missing_mode
 from puregmm._missing_blocks import pattern_ids, spd_factors
 from tests import bounds
 from tests.oracles import random_params
@@ -55,7 +55,7 @@ def test_em_step_with_up_to_all_entries_missing_matches_numpy(dtype, route, monk
     if route == "tables per chunk":
         monkeypatch.setattr(_missing_mode, "TABLE_BYTES", 0)
     if route == "split groups":  # a chunk's rows of J missing entries in pieces of a few rows
-        monkeypatch.setattr(_moments, "CHUNK_BYTES", 8 * 3 * 40)
+        monkeypatch.setattr(_masked, "ROW_CHUNK_BYTES", 8 * 3 * 40)
     d = 11
     p = random_params("full", 3, d, seed=21, spread=1.5).to(dtype)
     x, observed = many_missing(p, 240, seed=22)
