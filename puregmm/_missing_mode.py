@@ -162,7 +162,8 @@ class Patterns:
     """The eager missing mode's rows by pattern (module docstring): the patterns of the rows'
     missing entries (:func:`pattern_ids`, once per E-step), per count J one :class:`Table` of its
     patterns (made when first needed; a count whose table would bring the kept ones past
-    :data:`TABLE_BYTES` gets a table of each chunk's own patterns), and each chunk's rows sorted by J into :class:`Group` s."""
+    :data:`TABLE_BYTES` gets a table of each chunk's own patterns), and each chunk's rows sorted
+    by J into :class:`Group` s."""
 
     def __init__(self, rows: NaturalRows, observed: Tensor) -> None:
         self.rows = rows
