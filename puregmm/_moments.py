@@ -40,11 +40,19 @@ Design decisions:
   density's form) costs a [c, D+1] x [D+1, D·K] GEMM plus three element-wise passes over the
   [c, D, K] block; here the log-densities cost a [K, P] x [P, c] GEMM (half the flops for the
   full family, 1/16 for the diagonal one) and share T with the moments.
-* **float64 for T and both GEMMs.** Products of float32 values are exact in float64, and the
-  quadratic form and the shift from g to each mean then lose only ~1e-16·(‖x - g‖/σ)² (σ the
-  smallest standard deviation): float32 data keeps float64 accuracy in the E-step, also for
-  clusters far apart relative to their width, where a float32 sum about any common centre
-  would lose every digit. The centre g removes any common offset first.
+* **float64 for T and both GEMMs, float32 where that loses nothing.** Products of float32
+  values are exact in float64, and the quadratic form and the shift from g to each mean then
+  lose only ~1e-16·(‖x - g‖/σ)² (σ the smallest standard deviation): clusters far apart
+  relative to their width, where a float32 sum about any common centre would lose every
+  digit, keep float64 accuracy. The centre g removes any common offset first. In float32 the
+  same form rounds by eps32 times the same quantity; plain eager E-steps of float32 data run
+  T and both GEMMs in float32 when, for every live component, that is at most
+  ``LOW_PRECISION_RATIO`` times what the float32 rows themselves leave open
+  (:func:`puregmm._precision.precision_plan`), with the GEMM's sums over rows in float32 blocks
+  added in float64 (:func:`puregmm._precision.accumulate`); when only a few components fail the
+  test, those are whitened in float64 and the rest stay float32 (``estep._mixed_stats``);
+  otherwise float64 throughout. Under ``vmap``, autograd and ``torch.compile`` the test would
+  be a value-dependent branch: float64 throughout.
 * **Precision.** That bound is the form's limit: ⟨η_k, T(x)⟩ rounds by about
   :func:`rounding_bound` = eps·(|d_k|ᵀ|P_k||d_k| + σ_kᵀ|P_k|σ_k) nats (d_k = μ_k - g, σ_k the
   standard deviations), ~eps·(distance / width)², which passes 1e-8 for a component narrower
@@ -75,6 +83,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from puregmm import density
+from puregmm._chunks import Worst  # noqa: F401  (moved to _chunks; tests/test_em_exact.py still reads it here)
 from puregmm._fused import Whitening
 from puregmm.families import SQUARE_MAX_D, Layout, layout
 from puregmm.params import GMMParams
@@ -85,7 +94,6 @@ from puregmm.params import GMMParams
 CHUNK_BYTES = 6 << 20
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 16384
 MAX_COMPILED_CHUNKS = 8  # under torch.compile the chunk loop is unrolled: at most this many
-ARGMIN_MAX_K = 8  # up to this many components, the K lowest rows by K argmin passes, not a sort
 
 
 def _cached(build: Any) -> Any:
@@ -146,9 +154,30 @@ def position_resolution(dtype: torch.dtype) -> float:
     return max(POSITION_RESOLUTION, 10 * torch.finfo(dtype).eps)
 
 
-def rounding_bound(params: GMMParams, centre: Tensor, white: Whitening | None = None) -> Tensor:
+def bound_terms(params: GMMParams, centre: Tensor, white: Whitening) -> tuple[Tensor, Tensor]:
+    """(Q [K], R [K]) float64, in units of eps: Q_k = |d_k|ᵀ|P_k||d_k| + σ_kᵀ|P_k|σ_k, the
+    rounding of the form (:func:`rounding_bound`), and R_k = σ_kᵀ|P_k|(|μ_k| + σ_k), that of
+    the rows' own representation (:mod:`puregmm._precision`)."""
+    d = params.dim
+    a = white.a.detach()  # [m, D, K]: rows [U_k; -t_k] (U_k diagonal: [2, D, K])
+    mu = params.means.detach().to(torch.float64)  # [K, D]
+    if white.dense:
+        u = a[:d].permute(2, 0, 1)  # [K, D, D], P = U Uᵀ
+        delta = mu - centre.detach().to(torch.float64)  # [K, D]
+        eye = torch.eye(d, dtype=u.dtype, device=u.device).expand_as(u)
+        sigma = torch.linalg.solve_triangular(u, eye, upper=True).square().sum(-2).sqrt()  # Σ = U⁻ᵀ U⁻¹
+        v = torch.stack([delta.abs(), sigma], 1) @ (u @ u.mT).abs()  # [K, 2, D]: |d|ᵀ|P|, σᵀ|P|
+        quad = (v[:, 0] * delta.abs()).sum(-1) + (v[:, 1] * sigma).sum(-1)
+        return quad, (v[:, 1] * (mu.abs() + sigma)).sum(-1)
+    # diagonal and scalar: ‖t_k‖² + D (t_k = (μ_k - g) U_k) and Σ_i |μ_ki| / σ_ki + D
+    return a[1].square().sum(0) + d, (mu.abs() * a[0].mT).sum(-1) + d
+
+
+def rounding_bound(
+    params: GMMParams, centre: Tensor, white: Whitening | None = None, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """[K] bound, in nats up to a small factor, on the rounding of ⟨η_k, T(x)⟩ for rows x that
-    component k can claim (x - μ_k within a few σ per coordinate).
+    component k can claim (x - μ_k within a few σ per coordinate), T and the GEMMs in ``dtype``.
 
     The GEMM of η_k with T(x) rounds by ~eps·Σ |η_k| |T(x)|, and with y = x - g = d_k + z
     (d_k = μ_k - g, z = x - μ_k) that is ~eps·(|d_k|ᵀ|P_k||d_k| + |z|ᵀ|P_k||z|); for the rows
@@ -156,23 +185,14 @@ def rounding_bound(params: GMMParams, centre: Tensor, white: Whitening | None = 
     (σ_k the standard deviations; for the diagonal families Σ_i d_ki²/σ_ki² + D). It is at most
     eps·tr P_k·(‖d_k‖² + tr Σ_k) (Cauchy-Schwarz, |P_ij| <= √(P_ii P_jj)), often far less: a
     feature with a tiny variance that is independent of the others costs its own term only.
-    float64 eps: T and the GEMMs are float64. Masked components get 0. ``white``: the float64
-    whitening about ``centre`` when the caller has it (:func:`natural` uses the same one).
+    The same quantity bounds the moments: T's entries round by eps relative, and the shift of
+    M from g to μ_k (S_k = S_g - X_g dᵀ - d X_gᵀ + n d dᵀ) cancels terms of that size.
+    Masked components get 0. ``white``: the float64 whitening about ``centre`` when the caller
+    has it (:func:`natural` uses the same one).
     """
-    d = params.dim
     if white is None:
         white = density.whitening(params.to(torch.float64), centre)
-    a = white.a.detach()  # [m, D, K]: rows [U_k; -t_k] (U_k diagonal: [2, D, K])
-    if white.dense:
-        u = a[:d].permute(2, 0, 1)  # [K, D, D], P = U Uᵀ
-        delta = params.means.detach().to(torch.float64) - centre.detach().to(torch.float64)  # [K, D]
-        eye = torch.eye(d, dtype=u.dtype, device=u.device).expand_as(u)
-        sigma = torch.linalg.solve_triangular(u, eye, upper=True).square().sum(-2).sqrt()  # Σ = U⁻ᵀ U⁻¹
-        v = torch.stack([delta.abs(), sigma], 1)  # [K, 2, D]
-        bound = ((v @ (u @ u.mT).abs()) * v).sum((-2, -1))
-    else:
-        bound = a[1].square().sum(0) + d  # ‖t_k‖² + D, t_k = (μ_k - g) U_k
-    bound = bound * torch.finfo(torch.float64).eps
+    bound = bound_terms(params, centre, white)[0] * torch.finfo(dtype).eps
     return torch.where(params.logits.detach() == -math.inf, torch.zeros_like(bound), bound)
 
 
@@ -333,7 +353,7 @@ def _pair_of_column(d: int, device: torch.device) -> Tensor:
     return cols.scatter(0, index[upper], flat[upper])
 
 
-# --- responsibilities and the worst rows ---------------------------------------------------------
+# --- responsibilities ----------------------------------------------------------------------------
 
 
 def responsibilities(log_joint: Tensor, inplace: bool, lse_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -360,63 +380,6 @@ def responsibilities(log_joint: Tensor, inplace: bool, lse_out: Tensor | None = 
     return r.clamp_min(math.exp(floor)), lse
 
 
-class Worst:
-    """The K lowest scores of the rows seen so far (stable: ties keep the earlier row), from each
-    chunk's K lowest, merged once at the end (row indices only until then)."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.vals: list[Tensor] = []
-        self.rows: list[Tensor] = []
-
-    def add(self, ranked: Tensor, start: int, eager: bool = False) -> None:
-        """Keep the K lowest of ``ranked`` [c] (rows ``start`` + i). ``eager`` (plain tensors
-        only): sort just the rows at or below the K-th lowest value instead of all c."""
-        m = min(self.k, ranked.shape[0])
-        order = None
-        if eager:
-            kth = torch.topk(ranked, m, largest=False, sorted=False).values.max()
-            cand = (ranked <= kth).nonzero().squeeze(1)  # the m lowest and their ties, in row order
-            if cand.numel() >= m:  # else NaN among the m lowest: the full sort below
-                order = cand.index_select(0, torch.sort(ranked.index_select(0, cand), stable=True).indices[:m])
-        if order is None and m <= ARGMIN_MAX_K:  # m passes of argmin (first occurrence: stable)
-            # +inf marks a taken row, so +inf and NaN scores rank as the largest finite value
-            big = torch.finfo(ranked.dtype).max
-            left = torch.nan_to_num(ranked, nan=big, posinf=big)
-            picks = []
-            for j in range(m):
-                pick = torch.argmin(left, 0, keepdim=True)
-                picks.append(pick)
-                if j + 1 < m:
-                    left = left.scatter(0, pick, math.inf)
-            order = torch.cat(picks)
-        if order is None:
-            order = torch.sort(ranked, stable=True).indices[:m]  # [m], lowest first
-        self.vals.append(torch.gather(ranked, 0, order))
-        self.rows.append(order + start)
-
-    def result(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return lowest(torch.cat(self.vals), x, self.k, torch.cat(self.rows))
-
-
-def lowest(scores: Tensor, x: Tensor, k: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The K lowest ``scores`` [c] (stable: ties keep the earlier entry) and their rows of ``x``
-    (entry i is row ``rows[i]``, default i), padded with (+inf, a zero row) to K entries."""
-    order = torch.sort(scores, stable=True).indices[:k]
-    picked = order if rows is None else rows.index_select(0, order)
-    worst_ll, worst_x = torch.gather(scores, 0, order).to(x.dtype), x.index_select(0, picked)
-    m = worst_ll.shape[0]
-    if m < k:  # fewer rows than components: pad with "no point"
-        worst_ll = torch.cat([worst_ll, worst_ll.new_full((k - m,), float("inf"))])
-        worst_x = torch.cat([worst_x, worst_x.new_zeros((k - m, x.shape[1]))])
-    return worst_ll, worst_x
-
-
-def ranked(score: Tensor, w: Tensor | None) -> Tensor:
-    """Scores with zero-weight rows (padding) at +inf, so that they are never "worst"."""
-    return score if w is None else torch.where(w > 0, score, torch.full_like(score, float("inf")))
-
-
 # --- moments about the means ---------------------------------------------------------------------
 
 
@@ -440,7 +403,8 @@ def about_centres(lay: Layout, raw: Tensor, shift: Tensor) -> tuple[Tensor, Tens
 
 
 def moment_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for T and the GEMMs of float32 and float64 data; other dtypes keep their own."""
+    """float64 for M (and for T and the GEMMs, unless :mod:`puregmm._precision` picks float32)
+    of float32 and float64 data; other dtypes keep their own."""
     return torch.float64 if dtype in (torch.float32, torch.float64) else dtype
 
 

@@ -1,6 +1,6 @@
 """The E-step: a mixture's sufficient statistics on data, by one chunk loop.
 
-:func:`chunk_pass` is the only loop over rows: it slices chunks (and their weights), hands each
+:func:`puregmm._chunks.chunk_pass` is the only loop over rows: it slices chunks (and their weights), hands each
 to a *mode*'s ``add`` (which accumulates that mode's moments and returns the chunk's ranking
 score, log p(x) or a given score), keeps the K lowest-scoring rows for re-seeding, and
 totals the scores. The modes differ only in how a chunk becomes moments:
@@ -9,12 +9,14 @@ totals the scores. The modes differ only in how a chunk becomes moments:
 mode               per chunk
 =================  ========================================================================
 natural (default)  T(x) [c, P] once; ℓ = η Tᵀ (GEMM 1), r = softmax, M += r T (GEMM 2);
-                   exponential-family form, :mod:`puregmm._moments`
+                   exponential-family form, :mod:`puregmm._moments`; float32 data in
+                   float32 where that loses nothing the data had (:mod:`puregmm._precision`)
 pooled (tied)      ℓ from the linear part only (the quadratic part is common to all
                    components), r [y, 1] and the pooled scatter Σ ω y yᵀ
 whitened (safe)    ℓ by whitening each row per component (:mod:`puregmm.density`), moments
                    about each mean directly; plain eager tensors whose natural form would
-                   round by more than 1e-8 nats (a numerically safer mode of the same pass)
+                   round by more than 1e-8 nats (a numerically safer mode of the same pass),
+                   all components or only those (the rest natural, ``_mixed_stats``)
 given r            responsibilities given (init): M += r T, or r [y, 1] and the pooled scatter
 missing            ``observed=`` given: per pattern (or per row) the marginal density of the
                    observed entries, the conditional mean x̂_k of the missing ones and their
@@ -27,25 +29,18 @@ missing            ``observed=`` given: per pattern (or per row) the marginal de
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from puregmm import _masked, _validate, density
+from puregmm import _masked, _precision, _validate, density
 from puregmm import _moments as mo
+from puregmm._chunks import chunk_pass, to_stats
 from puregmm._fused import Whitening
 from puregmm._masked import Plan, Segment
 from puregmm._missing_mode import incomplete_stats
 from puregmm.families import Family, get_family, layout
 from puregmm.params import GMMParams
-from puregmm.stats import Stats, combine, total
-
-#: Data of at most this many rows, in one chunk, rank their rows by one stable sort (fewer small
-#: ops than :class:`puregmm._moments.Worst`'s top-K passes, and a sort of a few thousand is cheap).
-SORT_MAX_ROWS = 4096
-#: add(x_chunk [c, D], weights [c] | None, start, stop) -> the chunk's ranking score [c]
-Add = Callable[[Tensor, "Tensor | None", int, int], Tensor]
+from puregmm.stats import Stats, combine
 
 
 def default_chunk_size(n: int, k: int, d: int, family: str = "full") -> int:
@@ -63,36 +58,6 @@ def default_chunk_size(n: int, k: int, d: int, family: str = "full") -> int:
     10
     """
     return mo.chunk_rows(n, get_family(family).moment_layout(d), None)
-
-
-def chunk_pass(x: Tensor, w: Tensor | None, k: int, rows: int, add: Add, eager: bool) -> tuple[Tensor, ...]:
-    """The one loop over the rows of ``x`` [N, D]: ``add`` per chunk of ``rows``.
-
-    Returns (Σ ω score, Σ ω, the K lowest scores [K], their rows [K, D]); zero-weight rows are
-    never among the lowest (padding).
-    """
-    n = x.shape[0]
-    if eager and 0 < n <= min(rows, SORT_MAX_ROWS):  # one small eager chunk: its K lowest rows by one sort
-        score = add(x, w, 0, n)
-        return (*total(score, w, x), *mo.lowest(mo.ranked(score, w), x, k))
-    score_sum: Tensor | float = 0.0
-    weight_sum: Tensor | float = 0.0
-    worst = mo.Worst(k)
-    for start in range(0, n, rows):  # a chunk's score is used here and then dropped: nothing of size N
-        stop = min(n, start + rows)
-        ws = None if w is None else w[start:stop]
-        score = add(x[start:stop], ws, start, stop)
-        part, count = total(score, ws, x[start:stop])
-        score_sum, weight_sum = score_sum + part, weight_sum + count
-        worst.add(mo.ranked(score, ws), start, eager=eager)
-    assert isinstance(score_sum, Tensor) and isinstance(weight_sum, Tensor)
-    return (score_sum, weight_sum, *worst.result(x))
-
-
-def _stats(moments: tuple[Tensor, Tensor, Tensor], passed: tuple[Tensor, ...], dtype: torch.dtype) -> Stats:
-    n_k, x_k, s_k = (t.to(dtype) for t in moments)
-    score_sum, weight_sum, worst_ll, worst_x = passed
-    return Stats(n_k, x_k, s_k, score_sum.to(dtype), weight_sum, worst_ll, worst_x)
 
 
 def sufficient_stats(
@@ -145,39 +110,50 @@ def sufficient_stats(
         return missing_stats(params, x, observed, sample_weight, chunk_size)
     plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
     centre = mo.centre_of(params)  # [D], g
-    white = density.whitening(params.to(mo.moment_dtype(x.dtype)), centre)  # η's maps (and the bound's)
-    if plain:  # the safer mode only for the components whose natural form would round too much
-        too_coarse = mo.rounding_bound(params, centre, white) > mo.MAX_ROUNDING
-        flagged = torch.nonzero(too_coarse).flatten().tolist() if bool(too_coarse.any()) else []
+    white = density.whitening(params.to(mo.moment_dtype(x.dtype)), centre)  # η's maps (and the bounds')
+    flagged: list[int] = []
+    ndtype = mo.moment_dtype(x.dtype)
+    if plain:  # float32 where it loses nothing, the safer mode only for the components that need it
+        ndtype, flagged = _precision.precision_plan(params, centre, white, x.dtype)
         if len(flagged) == params.n_components or (flagged and params.spec.pooled_moments):
             return whitened_stats(params, x, sample_weight, chunk_size)
         if flagged:
-            return _mixed_stats(params, x, sample_weight, chunk_size, centre, flagged)
+            return _mixed_stats(params, x, sample_weight, chunk_size, centre, flagged, ndtype)
     if params.spec.pooled_moments:
         return pooled_stats(params, x, sample_weight, chunk_size, centre, plain, white)
-    return _natural_stats(params, x, sample_weight, chunk_size, centre, plain, white)
+    return _natural_stats(params, x, sample_weight, chunk_size, centre, plain, white, ndtype)
 
 
 def _natural_stats(
     params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor, plain: bool,
-    white: Whitening,
+    white: Whitening, ndtype: torch.dtype,
 ) -> Stats:  # fmt: skip
-    """The natural mode: T once per chunk serves ℓ = η Tᵀ and the moments r T."""
+    """The natural mode: T once per chunk serves ℓ = η Tᵀ and the moments r T; T, ℓ and the
+    GEMMs in ``ndtype`` (the data's float32 when :func:`puregmm._precision.precision_plan` allows
+    it), M = Σ r T in float64 (:func:`puregmm._precision.accumulate`)."""
     k, (n, d) = params.n_components, x.shape
     lay = params.spec.moment_layout(d, square=mo.square_layout(n, d, k, plain, chunk_size))
     mdtype = mo.moment_dtype(x.dtype)
-    eta = mo.natural(params, centre, mdtype, lay, white)  # [K, P]
+    low = ndtype != mdtype  # float32 T: sums over rows in blocks, added in float64
+    eta = mo.natural(params, centre, mdtype, lay, white).to(ndtype)  # [K, P]
     rows = mo.chunk_rows(n, lay, chunk_size)
-    work = mo.Work(lay, rows, k, x, mdtype) if plain and rows < n else None  # reused by several chunks
-    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device) if work is not None else None  # Σ r T
-    lse_buf = x.new_empty(rows, dtype=mdtype) if work is not None else None  # one chunk's log p, reused
+    if low and chunk_size is None and rows > _precision.SUM_ROWS:
+        rows -= rows % _precision.SUM_ROWS  # whole blocks
+    work = mo.Work(lay, rows, k, x, ndtype) if plain and rows < n else None  # reused by several chunks
+    raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device) if work is not None or low else None  # Σ r T
+    lse_buf = x.new_empty(rows, dtype=ndtype) if work is not None else None  # one chunk's log p, reused
 
     def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
         nonlocal raw
-        t = mo.products(lay, xc, centre, mdtype, work)  # [c, P]
+        t = mo.products(lay, xc, centre, ndtype, work)  # [c, P]
         if work is None:  # out of place (one chunk, autograd, torch.func, compile)
             resp, lse = mo.responsibilities(eta @ t.mT, inplace=False)  # [K, c], [c]
-            part = (resp if ws is None else resp * ws) @ t
+            resp = resp if ws is None else resp * ws
+            if low:  # plain, one chunk of float32: in place, in float64
+                assert raw is not None
+                _precision.accumulate(raw, resp, t)
+                return lse
+            part = resp @ t
             raw = part if raw is None else raw + part
             return lse
         assert lse_buf is not None and raw is not None  # in place, in the workspace
@@ -185,14 +161,14 @@ def _natural_stats(
         resp, lse = mo.responsibilities(lj, inplace=True, lse_out=lse_buf[: stop - start])
         if ws is not None:
             resp.mul_(ws)
-        raw.addmm_(resp, t)
+        _precision.accumulate(raw, resp, t)
         return lse
 
     passed = chunk_pass(x, sample_weight, k, rows, add, eager=plain)
     shift = (params.means.detach() - centre).to(mdtype)
     if raw is None:  # no rows
         raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)
-    return _stats(mo.about_centres(lay, raw, shift), passed, params.dtype)
+    return to_stats(mo.about_centres(lay, raw, shift), passed, params.dtype)
 
 
 def whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None) -> Stats:
@@ -226,22 +202,23 @@ def whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, c
 
     rows = chunk_size if chunk_size is not None else default_chunk_size(n, k, d, params.family)
     passed = chunk_pass(x, sample_weight, k, int(rows), add, eager=True)
-    return _stats((n_k, x_k, s_k), passed, params.dtype)
+    return to_stats((n_k, x_k, s_k), passed, params.dtype)
 
 
 def _mixed_stats(
     params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor,
-    flagged: list[int],
+    flagged: list[int], ndtype: torch.dtype,
 ) -> Stats:  # fmt: skip
-    """The natural mode for every component but ``flagged`` (plain eager tensors), whose
-    log-densities come from whitening (:func:`puregmm.density.joint_log_prob_chunk`) and whose
-    moments are summed about their means directly, as :func:`whitened_stats` does for all: the
-    fallback costs only the components that need it."""
+    """The natural mode (T and its GEMMs in ``ndtype``) for every component but ``flagged``
+    (plain eager tensors), whose log-densities come from whitening in float64
+    (:func:`puregmm.density.joint_log_prob_chunk`) and whose moments are summed about their
+    means directly, as :func:`whitened_stats` does for all: the fallback costs only the
+    components that need it."""
     spec, k, (n, d) = params.spec, params.n_components, x.shape
     lay = spec.moment_layout(d)
     mdtype = mo.moment_dtype(x.dtype)
-    eta = mo.natural(params, centre, mdtype, lay)  # [K, P]
     white = density.whitening(params.to(mdtype))
+    eta = mo.natural(params, centre, mdtype, lay).to(ndtype)  # [K, P]
     idx = torch.tensor(flagged, device=x.device)
     sub = white._replace(a=white.a.index_select(-1, idx).contiguous(), const=white.const.index_select(0, idx))
     means = params.means.to(mdtype).index_select(0, idx)
@@ -250,14 +227,14 @@ def _mixed_stats(
     direct.append(torch.zeros(spec.stats_shape(len(flagged), d), dtype=mdtype, device=x.device))
 
     def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
-        nonlocal raw
-        t = mo.products(lay, xc, centre, mdtype, None)  # [c, P]
-        lj = (eta @ t.mT).index_copy(0, idx, density.joint_log_prob_chunk(sub, xc.to(mdtype)).mT)  # [K, c]
+        t = mo.products(lay, xc, centre, ndtype, None)  # [c, P]
+        x64 = xc.to(mdtype)
+        lj = (eta @ t.mT).to(mdtype).index_copy(0, idx, density.joint_log_prob_chunk(sub, x64).mT)  # [K, c]
         resp, lse = mo.responsibilities(lj, inplace=False)
         resp = resp if ws is None else resp * ws.to(mdtype)
-        raw = raw + resp @ t
+        _precision.accumulate(raw, resp.to(ndtype), t)
         for i, j in enumerate(flagged):
-            y = xc.to(mdtype) - means[i]
+            y = x64 - means[i]
             ry = resp[j].unsqueeze(1) * y
             direct[0][i] += resp[j].sum()
             direct[1][i] += ry.sum(0)
@@ -267,7 +244,7 @@ def _mixed_stats(
     passed = chunk_pass(x, sample_weight, k, mo.chunk_rows(n, lay, chunk_size), add, eager=True)
     moments = mo.about_centres(lay, raw, (params.means.detach() - centre).to(mdtype))
     n_k, x_k, s_k = (m.index_copy(0, idx, dm) for m, dm in zip(moments, direct))
-    return _stats((n_k, x_k, s_k), passed, params.dtype)
+    return to_stats((n_k, x_k, s_k), passed, params.dtype)
 
 
 def pooled_stats(
@@ -298,7 +275,7 @@ def pooled_stats(
 
     rows = mo.chunk_rows(n, layout(1, d), chunk_size)  # sized as a [c, 2D+1] block
     passed = chunk_pass(x, sample_weight, k, rows, add, eager=plain)
-    return _stats(acc.about(params.means.detach() - centre), passed, params.dtype)
+    return to_stats(acc.about(params.means.detach() - centre), passed, params.dtype)
 
 
 class _Pooled:
@@ -366,7 +343,7 @@ def responsibility_stats(
 
         rows = mo.chunk_rows(n, layout(1, d), chunk_size)  # sized as a [c, 2D+1] block
         passed = chunk_pass(x, sample_weight, k, rows, add_pooled, eager=plain)
-        return _stats(acc.about(shift), passed, x.dtype)
+        return to_stats(acc.about(shift), passed, x.dtype)
     return _given_stats(spec, x, resp, centre, shift, sample_weight, score, chunk_size, plain)
 
 
@@ -391,7 +368,7 @@ def _given_stats(
         return score[start:stop]
 
     passed = chunk_pass(x, sample_weight, k, rows, add, eager=plain)
-    return _stats(mo.about_centres(lay, raw, shift.to(mdtype)), passed, x.dtype)
+    return to_stats(mo.about_centres(lay, raw, shift.to(mdtype)), passed, x.dtype)
 
 
 def label_stats(
@@ -419,7 +396,7 @@ def label_stats(
         x_k.append(wy.sum(0))
         s_k.append(spec.scatter(wy, y))
     passed = chunk_pass(x, sample_weight, k, max(1, x.shape[0]), lambda xc, ws, a, b: score, eager=True)
-    return _stats((torch.stack(n_k), torch.stack(x_k), torch.stack(s_k)), passed, x.dtype)
+    return to_stats((torch.stack(n_k), torch.stack(x_k), torch.stack(s_k)), passed, x.dtype)
 
 
 # --- the missing mode ----------------------------------------------------------------------------
@@ -449,7 +426,7 @@ def missing_stats(
         seg = Segment(rest[0].start, rest[-1].stop, "")
         args = (xs[seg.start : seg.stop], obs[seg.start : seg.stop], _rows(ws, seg), rest, chunk_size, chunk_pass)
         moments, passed = incomplete_stats(params, *args, owned=order is not None)
-        parts.append(_stats(moments, passed, params.dtype))
+        parts.append(to_stats(moments, passed, params.dtype))
     out = parts[0]
     for more in parts[1:]:
         out = combine(out, more)
