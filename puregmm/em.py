@@ -90,13 +90,7 @@ def em_step(
     >>> p = pg.em_step(p, torch.where(seen, x, torch.nan), observed=seen)
     """
     _validate.data_shape(params, x)
-    if not isinstance(reg_covar, Tensor):
-        reg_covar = _validate.reg_covar(reg_covar)
-    elif reg_covar.dim() != 0 or not reg_covar.is_floating_point():  # a 0-d one: the fit's standardised reg
-        raise TypeError(
-            f"reg_covar must be a non-negative float (or a 0-d float tensor); got a {reg_covar.dtype} tensor of "
-            f"shape {tuple(reg_covar.shape)}"
-        )
+    reg_covar = _validate.kernel_reg_covar(reg_covar)  # a float, or a fit's standardised 0-d tensor
     plan = None if observed is None else _observed_plan(observed, x)
 
     def stats_of(p: GMMParams, xs: Tensor, ws: Tensor | None, ob: Any = plan) -> Stats:
