@@ -53,7 +53,7 @@ from puregmm.params import GMMParams, precision_cholesky
 Observed = Tensor | Plan
 
 __all__ = [
-    "Observed", "Whitening", "component_log_prob", "joint_log_prob_chunk", "log_prob", "loss", "masked_rows",
+    "Observed", "Whitening", "component_log_prob", "joint_log_prob_chunk", "log_prob", "loss", "masked_rows", "nll",
     "whitening",
 ]  # fmt: skip
 
@@ -137,21 +137,27 @@ def at_infinity(x: Tensor, values: Tensor) -> Tensor:
     return torch.where(inf_row, torch.full_like(values, -torch.inf), values)
 
 
-def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None) -> Tensor:
-    """-Σ_n g_n log p(x_n) with g = 1/N or the normalised sample weights (unbatched params)."""
+def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None, fused: bool) -> Tensor:
+    """-Σ_n g_n log p(x_n) with g = 1/N or the normalised sample weights (unbatched params).
+
+    A gradient goes through :class:`~puregmm._fused_autograd.NLL` (its forward produces the
+    gradient statistics) when the rows need several chunks, or ``fused`` (:func:`loss`: eagerly,
+    outside ``torch.func`` transforms, where the Function costs less than recording the chunk's
+    ops); otherwise one chunk is the chunk functions under plain autograd.
+    """
     w = whitening(params)
     n = x.shape[0]
     rows = chunk_rows(n, params.n_components, params.dim, x.element_size())
-    if n <= rows and sample_weight is None:  # one chunk: the chunk functions under plain autograd
-        return -_fused.logsumexp_rows(joint_log_prob_chunk(w, x)).mean()  # (no Function machinery)
+    fuse = (fused or n > rows) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if n <= rows and sample_weight is None and not (fuse and any(t.requires_grad for t in (w.a, w.const, x))):
+        return -_fused.logsumexp_rows(joint_log_prob_chunk(w, x)).mean()
     g = x.new_full((1,), 1.0 / n).expand(n) if sample_weight is None else sample_weight / sample_weight.sum()
-    if n <= rows:
-        return -(g * _fused.logsumexp_rows(joint_log_prob_chunk(w, x))).sum()
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w.a, w.const, x, g))
-    if needs_grad and not torch.compiler.is_compiling():  # gradient statistics in the same pass
+    if fuse and any(t.requires_grad for t in (w.a, w.const, x, g)):
         out = _fused_autograd.apply(_fused_autograd.NLL, x, w.center, w.a, w.const, g, w.dense, rows, x.requires_grad)
         return out[0]  # type: ignore[no-any-return]
-    return -(g * _fused_autograd.logsumexp(x, w, rows)).sum()
+    if n > rows:
+        return -(g * _fused_autograd.logsumexp(x, w, rows)).sum()
+    return -(g * _fused.logsumexp_rows(joint_log_prob_chunk(w, x))).sum()
 
 
 def log_prob(params: GMMParams, x: Tensor, observed: Observed | None = None) -> Tensor:
@@ -207,6 +213,18 @@ def loss(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None, obse
     >>> pg.loss(p, x), torch.func.grad(pg.loss)(p, x).means.shape  # params are pytrees
     (tensor(1.6121), torch.Size([2, 1]))
     """
+    return nll(params, x, sample_weight, observed, fused=not torch._C._are_functorch_transforms_active())
+
+
+def nll(
+    params: GMMParams, x: Tensor, sample_weight: Tensor | None = None, observed: Observed | None = None, *, fused: bool
+) -> Tensor:
+    """:func:`loss`, with the route of a one-chunk gradient chosen by the caller: ``fused``, the
+    autograd Function whose forward produces the gradient statistics (what :func:`loss` takes
+    eagerly), else the chunk functions under plain autograd (what it takes under ``torch.func``
+    transforms, where a Function's per-call machinery costs more). The two agree to rounding;
+    :func:`puregmm.train.step` takes the transforms' route at the top level too, so that its
+    gradient is ``torch.func.grad(loss)``'s, bit for bit."""
     _validate.data_shape(params, x)
     _validate.kernel_weight(sample_weight, x, params.batch_shape)
     if observed is not None:
@@ -217,7 +235,7 @@ def loss(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None, obse
     if sample_weight is not None and sample_weight.dim() > 1:  # per-batch weights [B..., N]
         lp = log_prob(params, x)
         return -(lp * sample_weight).sum(-1) / sample_weight.sum(-1)
-    return _batched(params, x, lambda p, xs: _loss_one(p, xs, sample_weight))
+    return _batched(params, x, lambda p, xs: _loss_one(p, xs, sample_weight, fused))
 
 
 def _batched(params: GMMParams, x: Tensor, fn: Callable[[GMMParams, Tensor], Tensor]) -> Tensor:

@@ -184,10 +184,9 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, warmup
     [0.1, 0.0505, 0.001, 0.001]
     """
 
-    floor, half = init_value * alpha, init_value * (1 - alpha) * 0.5  # lr = floor + half (1 + cos πt)
-
     def schedule(count: Tensor) -> Tensor:
         c = count.to(torch.float64)
+        floor, half = init_value * alpha, init_value * (1 - alpha) * 0.5  # lr = floor + half (1 + cos πt)
         lr = floor + half * (1 + torch.cos(torch.clamp(c, max=decay_steps) * (math.pi / decay_steps)))
         if warmup_steps <= 1:  # a warm-up over at most one step is none: min(1, (t+1)/1) = 1 for t >= 0
             return lr

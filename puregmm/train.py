@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from puregmm import _validate, keys
-from puregmm.density import loss as nll
+from puregmm.density import nll as density_nll
 from puregmm.optim import Optimizer, apply_updates
 from puregmm.params import GMMParams
 
@@ -234,6 +234,10 @@ def step(
     )
 
 
+#: The mean NLL by the route ``torch.func.grad(puregmm.loss)`` takes (:func:`puregmm.density.nll`).
+_nll = functools.partial(density_nll, fused=False)
+
+
 def _top_level(*tensors: Tensor | None) -> bool:
     """Whether this call runs outside every transform: eager, no ``torch.func`` transform active,
     and no input in an outer autograd graph (nothing to differentiate through)."""
@@ -243,17 +247,15 @@ def _top_level(*tensors: Tensor | None) -> bool:
 
 
 def _grad_and_value(params: GMMParams, batch: Tensor, sample_weight: Tensor | None, observed: Any) -> tuple:
-    """(∇ mean NLL, mean NLL) at ``params``: ``torch.func.grad_and_value`` of :func:`puregmm.loss`.
-
-    At the top level (:func:`_top_level`) the same autodiff of the same loss runs as
-    ``torch.autograd.grad`` on leaf copies of the params: the same backward formulas, so the same
-    numbers, without functorch's wrapping of every op (which doubles the cost at MDN sizes)."""
+    """(∇ mean NLL, mean NLL) at ``params`` by ``torch.func.grad_and_value``, or at the top level
+    by ``torch.autograd.grad`` on leaf copies of the params: the same backward formulas, so the
+    same numbers, without functorch's wrapping of every op (twice the cost at MDN sizes)."""
     leaves = (params.logits, params.means, params.scale)
     if not _top_level(*leaves, batch, sample_weight):
-        return torch.func.grad_and_value(nll)(params, batch, sample_weight, observed)
+        return torch.func.grad_and_value(_nll)(params, batch, sample_weight, observed)
     logits, means, scale = (t.detach().requires_grad_() for t in leaves)
     with torch.enable_grad():
-        value = nll(GMMParams(logits, means, scale, params.family), batch, sample_weight, observed)
+        value = _nll(GMMParams(logits, means, scale, params.family), batch, sample_weight, observed)
     g = torch.autograd.grad(value, (logits, means, scale), allow_unused=True, materialize_grads=True)
     return GMMParams(g[0], g[1], g[2], params.family), value.detach()
 
@@ -319,11 +321,6 @@ def floor_scale(params: GMMParams, min_variance: float) -> GMMParams:
     return dataclasses.replace(params, scale=params.spec.floor_scale(params.scale, math.log(min_variance)))
 
 
-def _uniforms(key: Tensor, step_count: Tensor, k: int, device: torch.device) -> Tensor:
-    """The reset's K uniforms [K] of this step: component k's from ``(key, step, k)``."""
-    return keys.uniform(key, step_count, torch.arange(k, device=device))
-
-
 def _spread(x: Tensor, valid: Tensor, min_variance: float) -> Tensor:
     """The reset's covariance: the per-dimension variance [D] of the valid rows (floored)."""
     w = valid.to(x.dtype).unsqueeze(-1)
@@ -369,8 +366,9 @@ def reset_collapsed(
     finite_rows = torch.isfinite(batch).all(-1, keepdim=True)
     x = torch.where(finite_rows, batch, torch.zeros_like(batch))  # NaN rows cannot poison the reset
     valid = finite_rows.squeeze(-1) if sample_weight is None else finite_rows.squeeze(-1) & (sample_weight > 0)
+    ks = torch.arange(k, device=x.device)  # component k's uniform comes from (key, step, k)
     if reduce is not None:  # the same draw over the union of all ranks' rows
-        var, new_means = _shared_draw(reduce, x, valid, _uniforms(key, step_count, k, x.device), min_variance)
+        var, new_means = _shared_draw(reduce, x, valid, keys.uniform(key, step_count, ks), min_variance)
     else:
         var = _spread(x, valid, min_variance)
     bad, own = bad_components(params, min_variance, floor_is_the_fit=(var <= min_variance).all())
@@ -379,7 +377,7 @@ def reset_collapsed(
     if reduce is None:
         if _top_level() and not bool(bad.any() | own.any()):  # eagerly, nothing to reset: every
             return params, opt_state, bad.sum()  # where below would return its input, so skip them
-        new_means = _fresh_draw(x, valid, _uniforms(key, step_count, k, x.device))
+        new_means = _fresh_draw(x, valid, keys.uniform(key, step_count, ks))
 
     good = ~bad
     log_w = torch.log_softmax(torch.where(good, params.logits, torch.zeros_like(params.logits)), -1)
