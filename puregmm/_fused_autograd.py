@@ -159,6 +159,7 @@ class NLL(torch.autograd.Function):
         ctx.mark_non_differentiable(da, dc, dx, lse)
         ctx.save_for_backward(x, center, a, const, g, da, dc, dx, lse)
         ctx.save_for_forward(x, center, a, const, g, lse)
+        ctx.set_materialize_grads(False)  # no zero gradients for the outputs nothing differentiates
         ctx.dense, ctx.rows, ctx.need_x = dense, rows, need_x
 
     @staticmethod
@@ -171,6 +172,8 @@ class NLL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        if grad_loss is None:  # only the non-differentiable outputs were used
+            return (None,) * 8
         x, center, a, const, g, *pre = ctx.saved_tensors
         if torch.is_grad_enabled():  # a graph of the gradient is wanted: the differentiable Function
             da, dc, dx, lse = Grads.apply(x, center, a, const, g, ctx.dense, ctx.rows, ctx.need_x, *pre)
