@@ -355,13 +355,17 @@ def reset_collapsed(
     New means are rows of ``batch`` that are finite and have positive ``sample_weight``; the
     new covariance is the batch's per-dimension spread. With ``reduce`` (see :func:`step`) they
     come from the union of every rank's ``batch``, identically on all ranks. Eagerly (outside
-    transforms, no ``reduce``) a step with nothing to reset returns after the flags: the
-    branch-free form would return the same tensors' values.
+    transforms, no ``reduce``) a step with no component flagged returns after the flags: the
+    branch-free form would return the same values.
 
     Returns the new params, the new optimiser state and the number of components reset.
     """
     spec, k = params.spec, params.n_components
     params = floor_scale(params, min_variance)
+    if reduce is None and _top_level():  # eagerly, skip the rest when nothing can be reset:
+        bad, own = bad_components(params, min_variance)  # the flags before the data's spread clears any
+        if not bool(bad.any() | own.any()):  # (every where below would return its input)
+            return params, opt_state, bad.sum()
     active = params.logits != -math.inf  # masked components (logit -inf) are left alone
     finite_rows = torch.isfinite(batch).all(-1, keepdim=True)
     x = torch.where(finite_rows, batch, torch.zeros_like(batch))  # NaN rows cannot poison the reset
@@ -375,8 +379,6 @@ def reset_collapsed(
     if mode == "all":
         bad = bad.any().expand(k) & active
     if reduce is None:
-        if _top_level() and not bool(bad.any() | own.any()):  # eagerly, nothing to reset: every
-            return params, opt_state, bad.sum()  # where below would return its input, so skip them
         new_means = _fresh_draw(x, valid, keys.uniform(key, step_count, ks))
 
     good = ~bad
