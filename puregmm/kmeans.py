@@ -209,21 +209,22 @@ def _lloyd_step(
 
     Empty clusters are relocated first (:func:`_relocate`); each cluster's new centre is then
     the weighted mean of its rows, and a cluster still empty keeps its centre. Branch-free
-    (``vmap`` it over datasets); plain eager tensors skip the relocation's work when no
-    cluster is empty (the usual case; the result is the same)."""
+    (``vmap`` it over datasets); plain eager tensors skip the relocation's and the empty
+    clusters' work when no cluster is empty (the usual case; the result is the same)."""
     k = centres.shape[0]
     labels, d2 = _nearest(xt, centres, x2)
     r = _one_hot(labels, k, xt.dtype)  # [K, N]
     if w is not None:
         r = r * w
     counts = r.sum(-1, keepdim=True)  # [K, 1]
-    if not mo.plain(xt, w, centres) or bool((counts == 0).any()):
+    if mo.plain(xt, w, centres) and bool(counts.all()):  # eager, no cluster empty: the means
+        new = (r @ xt.mT) / counts  # [K, D]
+    else:
         r = _one_hot(_relocate(labels, d2, w, counts[:, 0] == 0), k, xt.dtype)
         if w is not None:
             r = r * w
         counts = r.sum(-1, keepdim=True)
-    sums = r @ xt.mT  # [K, D]
-    new = torch.where(counts > 0, sums / counts.clamp_min(torch.finfo(xt.dtype).tiny), centres)
+        new = torch.where(counts > 0, (r @ xt.mT) / counts.clamp_min(torch.finfo(xt.dtype).tiny), centres)
     return labels, new, (new - centres).square().sum()
 
 
@@ -302,5 +303,6 @@ def _lloyd_one(xt: Tensor, w: Tensor | None, centres: Tensor, limit: Tensor, max
 
 def _data_variance(xc: Tensor, w: Tensor | None) -> Tensor:
     """Kernel: the (weighted) mean per-dimension variance of centred data (0-d)."""
-    wn = torch.ones_like(xc[:, 0]) if w is None else w
-    return (wn.unsqueeze(-1) * xc.square()).sum(0).mean() / wn.sum()
+    if w is None:
+        return xc.square().sum(0).mean() / xc.shape[0]
+    return (w.unsqueeze(-1) * xc.square()).sum(0).mean() / w.sum()
