@@ -11,10 +11,13 @@ no warm-up beyond the first call of the process), contenders interleaved, median
   parametrisation; the two mixtures differ, the work does not);
 * ``pg.step`` against ``torch.func.grad(pg.loss)`` on the same state (the functional path).
 
-float32, full and diagonal. Usage::
+float32, full and diagonal. ``--ops`` prints, instead of times, the ATen operations one call
+dispatches (forward and backward, counted below autograd by a ``TorchDispatchMode``): at these
+sizes the cost is per operation, not per row. Usage::
 
     python benchmarks/bench_mdn.py
     python benchmarks/bench_mdn.py --rounds 50 --configs 256,2,5
+    python benchmarks/bench_mdn.py --ops
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
+import functools
 import platform
 import statistics
 import sys
@@ -33,6 +37,7 @@ from collections.abc import Callable
 
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import puregmm as pg
 
@@ -73,6 +78,25 @@ def step_pair(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, scale:
     return (lambda: pg.step(state, x)), (lambda: grad(params, x))
 
 
+class _OpCount(TorchDispatchMode):
+    """Counts the ATen operations dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_count(call: Callable[[], object]) -> int:
+    call()  # first-call initialisation is not counted
+    with _OpCount() as mode:
+        call()
+    return mode.n
+
+
 def median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
 
@@ -82,9 +106,12 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["256,2,5", "1024,8,8", "4096,16,10"])
     ap.add_argument("--families", nargs="+", default=["full", "diagonal"])
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--ops", action="store_true", help="print ATen operations per call instead of times")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"$ python benchmarks/bench_mdn.py {' '.join(sys.argv[1:])}")
+    if args.ops:
+        return print_ops(args.configs, args.families)
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread, float32")
     print(f"{'N, D, K':>12} {'family':>9} {'puregmm ms':>11} {'MSF ms':>8} {'speed-up':>9} {'step ms':>8} "
           f"{'grad ms':>8} {'step/grad':>9}")  # fmt: skip
@@ -110,6 +137,18 @@ def main() -> None:
             m = {name: median_ms(v) for name, v in times.items()}
             print(f"{config:>12} {family:>9} {m['pg']:11.3f} {m['msf']:8.3f} {m['msf'] / m['pg']:8.2f}x "
                   f"{m['step']:8.3f} {m['grad']:8.3f} {m['step'] / m['grad']:9.2f}", flush=True)  # fmt: skip
+
+
+def print_ops(configs: list[str], families: list[str]) -> None:
+    print(f"{'N, D, K':>12} {'family':>9} {'puregmm ops':>11} {'MSF ops':>8} {'step ops':>9} {'grad ops':>9}")
+    for config in configs:
+        n, d, k = (int(v) for v in config.split(","))
+        for family in families:
+            x, *rest = leaves(n, d, k, family, seed=0)
+            step_fn, grad_fn = step_pair(x, *rest, family)
+            counts = [op_count(functools.partial(f, x, *rest)) for f in (ours(family), peer(family))]
+            counts += [op_count(step_fn), op_count(grad_fn)]
+            print(f"{config:>12} {family:>9} {counts[0]:11d} {counts[1]:8d} {counts[2]:9d} {counts[3]:9d}")
 
 
 if __name__ == "__main__":
