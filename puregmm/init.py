@@ -47,6 +47,7 @@ from puregmm.kmeans import (
     KMEANS_MAX_ITER,
     KMEANS_TOL,
     _data_variance,
+    _extent,
     _kmeans_plusplus,
     _lloyd_loop,
     _lloyd_one,
@@ -299,9 +300,7 @@ def init(
     key = _validate.key(key)
     if not spec.learned and variance is not None:
         _check_variance(variance)
-    finfo = torch.finfo(x.dtype)
-    big = float(x.abs().amax())
-    if big > finfo.max**0.5 / 16 or 0 < big < finfo.tiny**0.5 * 16:  # squares would overflow or underflow
+    if _extent(x)[1]:  # squared distances would overflow or underflow
         return _init_standardised(x, k, spec.name, key, method, variance, given, reg_covar, w)
     rows = torch.arange(n, device=x.device)
     params, var = _run(

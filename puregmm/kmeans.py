@@ -122,15 +122,22 @@ def kmeans_plusplus(
     elif eager:
         w = _validate.sample_weight(sample_weight, n, torch.float64, x.device)
     else:
-        w = sample_weight.to(torch.float64)
+        w = _validate.as_float_tensor(sample_weight, "sample_weight", torch.float64)
     xs = x
     if eager:
-        finfo = torch.finfo(x.dtype)
-        big = float(x.abs().amax())
-        if big > finfo.max**0.5 / 16 or 0 < big < finfo.tiny**0.5 * 16:  # squares would overflow or underflow
+        big, beyond = _extent(x)
+        if beyond:
             xs = x * 2.0 ** -math.frexp(big)[1]  # exact: a power of two
     idx = _kmeans_plusplus(xs, xs.mT.contiguous(), w, _validate.key(key), k, trials)
     return x.index_select(0, idx)
+
+
+def _extent(x: Tensor) -> tuple[float, bool]:
+    """max|x| and whether it lies beyond the range where squared distances of x are safe
+    (above √(max float)/16 they overflow, below √tiny·16 they underflow); reads x (eager)."""
+    finfo = torch.finfo(x.dtype)
+    big = float(x.abs().amax())
+    return big, big > finfo.max**0.5 / 16 or 0 < big < finfo.tiny**0.5 * 16
 
 
 def _mode(k: int, xt: Tensor) -> str:
