@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from puregmm import _masked
+from puregmm.families import LOG_2PI
 
 
 def pattern_ids(missing: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,7 +60,8 @@ def spd_factors(a: Tensor) -> tuple[Tensor, Tensor]:
 class Table:
     """The missing blocks of a set of patterns (or of rows, under transforms), J entries each:
     where they sit (``idx`` [B, J, K] in the [K·D] gradient, ``flat`` [B, J·J] in a [D·D]
-    block), P_k,mm⁻¹ [B, J, J, K] and ½ log det P_k,mm [B, K], and Σ r [B, K] of the rows
+    block), P_k,mm⁻¹ [B, J, J, K] and the log-density's term ½ |m| log 2π - ½ log det P_k,mm
+    [B, K] (one [B, J·J·K + K] block, so that a row takes both by one gather), and Σ r [B, K] of the rows
     seen (:meth:`add_rows`; r P_mm⁻¹ is placed per entry by :meth:`flush`). ``valid`` [B, J]:
     padding (rows of fewer than J missing entries) where False."""
 
@@ -74,14 +76,22 @@ class Table:
             self.pair = (valid.unsqueeze(2) & valid.unsqueeze(1)).unsqueeze(3)  # [B, J, J, 1]
             eye = torch.eye(width, dtype=pmm.dtype, device=pmm.device).unsqueeze(2)
             pmm = torch.where(self.pair, pmm, eye)
-        self.inv, self.half_log_det = spd_factors(pmm)
+        inv, half_log_det = spd_factors(pmm)
+        n_miss = width if valid is None else valid.sum(1, keepdim=True).to(inv.dtype)  # [B, 1]
+        term = 0.5 * LOG_2PI * n_miss - half_log_det  # [B, K]
+        self.packed = torch.cat([inv.reshape(b, width * width * k), term], 1)  # [B, J·J·K + K]
+        self.inv = self.packed[:, : width * width * k].view(b, width, width, k)
         self.resp: Tensor | None = None  # Σ r per entry
 
-    def pick(self, loc: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(P_mm⁻¹ [c, J, J, K], ½ log det P_mm [c, K]) of entries ``loc`` [c] (None: all, in order)."""
-        if loc is None:
-            return self.inv, self.half_log_det
-        return self.inv.index_select(0, loc), self.half_log_det.index_select(0, loc)
+    def pick(self, loc: Tensor | int | None) -> tuple[Tensor, Tensor]:
+        """(P_mm⁻¹ [c, J, J, K], ½ |m| log 2π - ½ log det P_mm [c, K]) of entries ``loc`` [c]
+        (None: all, in order; an int: that entry, [1, ...])."""
+        if isinstance(loc, int):
+            rows = self.packed[loc : loc + 1]
+        else:
+            rows = self.packed if loc is None else self.packed.index_select(0, loc)
+        k, split = self.inv.shape[-1], self.width * self.width * self.inv.shape[-1]
+        return rows[:, :split].view(-1, self.width, self.width, k), rows[:, split:]
 
     @classmethod
     def of_rows(cls, prec_flat: Tensor, observed: Tensor) -> Table:
@@ -101,9 +111,21 @@ class Table:
             vals = vals if self.valid is None else torch.where(self.pair, vals, 0.0)
             return block.index_add(0, self.flat.reshape(-1), vals.reshape(-1, k))
         if self.resp is None:
-            self.resp = r.new_zeros(self.half_log_det.shape)
+            self.resp = r.new_zeros(self.inv.shape[0], self.inv.shape[-1])
         self.resp.index_add_(0, loc, r)
         return block.index_add_(0, self.flat.index_select(0, loc).reshape(-1), outer.reshape(-1, k))
+
+    def columns(self, entry: int, pcat: Tensor) -> Tensor:
+        """[D+1, J·K]: the columns of ``pcat`` [D+1, K·D] of entry ``entry``'s missing dimensions."""
+        return pcat.index_select(1, self.idx[entry].reshape(-1))
+
+    def add_run(self, block: Tensor, entry: int, outer: Tensor, r: Tensor) -> Tensor:
+        """``block`` [D·D, K] plus a run's Σ r δδᵀ [J, J, K] at entry ``entry``'s positions (in
+        place), its Σ r [K] kept for :meth:`flush`."""
+        if self.resp is None:
+            self.resp = r.new_zeros(self.inv.shape[0], self.inv.shape[-1])
+        self.resp[entry] += r
+        return block.index_add_(0, self.flat[entry], outer.reshape(-1, outer.shape[-1]))
 
     def flush(self, block: Tensor) -> Tensor:
         """``block`` [D·D, K] plus Σ r P_mm⁻¹ of each entry at its J×J positions."""
@@ -114,15 +136,17 @@ class Table:
 
 
 class Group(NamedTuple):
-    """Rows ``start:stop`` of a chunk, each missing ``table.width`` entries, whose blocks are
-    ``table``'s entries ``loc`` (None: entry i is row i); their (row, slot) pairs, in row-major
-    order over the chunk, start at ``pair``."""
+    """Rows ``start:stop`` of a chunk, each missing ``table.width`` entries: a run of one pattern,
+    ``table``'s entry ``run``, or rows whose blocks are ``table``'s entries ``loc`` (None: entry i
+    is row i) and whose (row, slot) pairs, row-major over the chunk's rows past its runs, start at
+    ``pair``."""
 
     start: int
     stop: int
     pair: int
     table: Table
     loc: Tensor | None
+    run: int | None = None
 
 
 class Pairs:

@@ -29,7 +29,6 @@ from puregmm import _masked, density
 from puregmm import _moments as mo
 from puregmm._masked import RowTerms, Segment
 from puregmm._missing_blocks import Group, Pairs, Table, pattern_ids
-from puregmm.families import LOG_2PI
 from puregmm.params import GMMParams, precision_cholesky
 from puregmm.stats import total
 
@@ -82,7 +81,8 @@ def incomplete_stats(
             if patterns is not None:
                 return patterns.add(chunk, observed[start:stop], wc, start, stop)
             table = Table.of_rows(natural.prec_flat, observed[start:stop])  # traced: each row its own block, width D
-            return natural.add(chunk, observed[start:stop], wc, [Group(0, stop - start, 0, table, None)], by_dim=False)
+            groups = [Group(0, stop - start, 0, table, None)]
+            return natural.add(chunk, observed[start:stop], wc, groups, by_dim=False)
 
     score_sum, _, worst_ll, worst = chunk_pass(marked, weight, k, rows, add, eager=eager)
     filled = impute_rows(p64, worst, ~torch.isnan(worst))  # the worst rows, their missing entries filled
@@ -178,11 +178,11 @@ class Patterns:
         if width not in self.tables:
             members = torch.nonzero(self.count == width).squeeze(1)
             size = 8 * members.numel() * self.rows.k * (width * width + 2)
-            kept = self.kept + size <= TABLE_BYTES
-            if kept:
+            keep = self.kept + size <= TABLE_BYTES
+            if keep:
                 self.local[members] = torch.arange(members.numel(), device=members.device)
                 self.kept += size
-            self.tables[width] = self._table(members, width) if kept else None
+            self.tables[width] = self._table(members, width) if keep else None
         kept = self.tables[width]
         if kept is not None:
             return kept, self.local.index_select(0, ids), False
@@ -194,17 +194,29 @@ class Patterns:
         return Table(self.rows.prec_flat, miss)
 
     def add(self, x: Tensor, observed: Tensor, w: Tensor, start: int, stop: int) -> Tensor:
-        """log p(x_o) [c] of a chunk of rows ``start:stop``: sorted by their count J of missing
+        """log p(x_o) [c] of a chunk of rows ``start:stop``: its runs of one pattern (at least
+        :data:`puregmm._masked.ROWS_PER_PATTERN` consecutive rows: the plan's frequent patterns)
+        first, one :class:`Group` each, then the other rows sorted by their count J of missing
         entries (rows with nothing observed last, log p = 0), one :class:`Group` per J (or
         several, each's [c, J, J, K] blocks near :data:`puregmm._masked.ROW_CHUNK_BYTES`)."""
         c, d = x.shape
         ids = self.ids[start:stop]
         widths = self.count.index_select(0, ids)  # [c]
-        sizes = torch.bincount(widths, minlength=d + 1).tolist()
-        order = None if bool((widths[1:] >= widths[:-1]).all()) else torch.argsort(widths, stable=True)
+        runs = self._runs(ids, d)
+        key = widths + len(runs)  # the other rows after the runs, by J
+        for i, (a, b, _, _) in enumerate(runs):
+            key[a:b] = i
+        order = None if bool((key[1:] >= key[:-1]).all()) else torch.argsort(key, stable=True)
         if order is not None:
             x, observed, w, ids = (t.index_select(0, order) for t in (x, observed, w, ids))
-        groups, own, first, pair = [], [], 0, 0
+        sizes = torch.bincount(widths, minlength=d + 1).tolist()
+        groups, own, first = [], [], 0
+        for a, b, pattern, width in runs:
+            table, loc, mine = self.table(width, ids.new_full((1,), pattern))
+            groups.append(Group(first, first + b - a, 0, table, None, int(loc)))
+            own += [table] if mine else []
+            first, sizes[width] = first + b - a, sizes[width] - (b - a)
+        runs_end, pair = first, 0
         for width, size in enumerate(sizes[:d]):
             step = max(1, _masked.ROW_CHUNK_BYTES // (8 * self.rows.k * max(1, width * width)))
             for a in range(first, first + size, step):
@@ -214,10 +226,23 @@ class Patterns:
                 own += [table] if mine else []
             first, pair = first + size, pair + size * width
         used = c - sizes[d]
-        lse = F.pad(self.rows.add(x[:used], observed[:used], w[:used], groups), (0, c - used))
+        lse = F.pad(self.rows.add(x[:used], observed[:used], w[:used], groups, runs_end), (0, c - used))
         for table in own:
             self.rows.block = table.flush(self.rows.block)
         return lse if order is None else torch.empty_like(lse).index_copy_(0, order, lse)
+
+    def _runs(self, ids: Tensor, d: int) -> list[tuple[int, int, int, int]]:
+        """(start, stop, pattern, J) of the runs of at least :data:`puregmm._masked.ROWS_PER_PATTERN`
+        consecutive rows of one pattern with something observed in ``ids`` [c]."""
+        starts = F.pad(torch.nonzero(ids[1:] != ids[:-1]).squeeze(1) + 1, (1, 0))  # [runs]
+        lengths = torch.diff(F.pad(starts, (0, 1), value=ids.numel()))
+        long = torch.nonzero(lengths >= _masked.ROWS_PER_PATTERN).squeeze(1)
+        if long.numel() == 0:
+            return []
+        a, n = starts.index_select(0, long), lengths.index_select(0, long)
+        pattern = ids.index_select(0, a)
+        found = zip(a.tolist(), n.tolist(), pattern.tolist(), self.count.index_select(0, pattern).tolist(), strict=True)
+        return [(s, s + m, p, j) for s, m, p, j in found if j < d]
 
     def flush(self) -> None:
         """Place the kept tables' sums into the rows' dense block."""
@@ -276,26 +301,38 @@ class NaturalRows:
             self.work = mo.Work(self.lay, rows, self.k, x, self.eta.dtype)
         return rows
 
-    def add(self, x: Tensor, observed: Tensor, w: Tensor, groups: list[Group], by_dim: bool = True) -> Tensor:
-        """Rows [c, D] (``groups`` cover them in order), weights [c]; returns log p(x_o) [c]."""
+    def add(
+        self, x: Tensor, observed: Tensor, w: Tensor, groups: list[Group], runs_end: int = 0, by_dim: bool = True
+    ) -> Tensor:
+        """Rows [c, D] (``groups`` cover them in order, the runs of one pattern before ``runs_end``),
+        weights [c]; returns log p(x_o) [c]."""
         c, k = x.shape[0], self.k
         y = torch.where(observed, x - self.centre, 0.0)  # x_f - g
         t = mo.products(self.lay, y + self.centre, self.centre, y.dtype, self.work)  # [c, P]
         yl = F.pad(y, (0, 1), value=1.0)  # [c, D+1]
-        pairs = Pairs(~observed, yl) if by_dim else None
-        grad = pairs.gradient(self.by_dim) if pairs is not None else yl @ self.pcat  # [pairs, K] | [c, K·D]
-        steps, fixes = [], []
+        pairs = Pairs(~observed[runs_end:], yl[runs_end:]) if by_dim and runs_end < c else None
+        grad = yl @ self.pcat if not by_dim else pairs.gradient(self.by_dim) if pairs is not None else None
+        steps: list[Tensor] = []
+        fixes: list[Tensor] = []
+        maps: list[Tensor] = []  # the runs' V
         for grp in groups:
             table, rows = grp.table, grp.stop - grp.start
+            if grp.run is not None:  # one pattern: g and δ by one GEMM (δ = [x_f - g, 1] V, V = -W P_mm⁻¹)
+                cols, maps = self._run_maps(table, grp.run, maps)
+                both = yl[grp.start : grp.stop] @ cols  # [c_j, 2·J·K]
+                g, step = both.view(rows, 2, table.width, k).unbind(1)
+                fixes.append((g * step).sum(1).mul_(-0.5).add_(table.pick(grp.run)[1]))
+                steps.append(step)
+                continue
+            assert grad is not None
             if pairs is not None:
                 g = grad[grp.pair : grp.pair + rows * table.width].view(rows, table.width, k)  # [c_j, J, K]
             else:  # every component's full gradient, its missing entries gathered; padding zero
                 g = grad[grp.start : grp.stop].gather(1, table.idx.view(rows, -1)).view(rows, table.width, k)
                 g = g if table.valid is None else torch.where(table.valid.unsqueeze(2), g, 0.0)
-            inv, half_log_det = table.pick(grp.loc)  # [c_j, J, J, K], [c_j, K]
-            step = -(inv * g.unsqueeze(1)).sum(2)  # [c_j, J, K]: δ = -P_mm⁻¹ g
-            n_miss = table.width if table.valid is None else table.valid.sum(1, keepdim=True).to(x.dtype)
-            fixes.append(-0.5 * (g * step).sum(1) - half_log_det + 0.5 * LOG_2PI * n_miss)  # [c_j, K]
+            inv, term = table.pick(grp.loc)  # [c_j, J, J, K], [c_j, K]
+            step = (inv * g.unsqueeze(1)).sum(2).neg_()  # [c_j, J, K]: δ = -P_mm⁻¹ g
+            fixes.append((g * step).sum(1).mul_(-0.5).add_(term))  # [c_j, K]: ½ gᵀP_mm⁻¹g + ½|m| log 2π - ½ log det
             steps.append(step)
         fix = fixes[0] if len(fixes) == 1 else torch.cat(fixes)
         if self.work is not None:  # in place, in the workspace
@@ -308,12 +345,26 @@ class NaturalRows:
             self.raw = self.raw + r @ t
         r_steps = []
         for grp, step in zip(groups, steps, strict=True):
-            rg = r[:, grp.start : grp.stop].mT  # [c_j, K]
-            r_steps.append(step * rg.unsqueeze(1))  # [c_j, J, K]
-            outer = r_steps[-1].unsqueeze(2) * step.unsqueeze(1)  # [c_j, J, J, K]: r δδᵀ
-            self.block = grp.table.add_rows(self.block, grp.loc, outer, rg)
-        self._add_cross(yl, r_steps, pairs, groups)
+            table, rg = grp.table, r[:, grp.start : grp.stop].mT  # [c_j, K]
+            r_step = step * rg.unsqueeze(1)  # [c_j, J, K]
+            if grp.run is None:
+                r_steps.append(r_step)
+                self.block = table.add_rows(self.block, grp.loc, r_step.unsqueeze(2) * step.unsqueeze(1), rg)
+                continue
+            part = (yl[grp.start : grp.stop].mT @ r_step.reshape(r_step.shape[0], -1)).view(-1, table.width, k)
+            self.cross = self.cross.index_add(0, table.miss[grp.run], part.transpose(0, 1))  # Σ [x_f - g, 1] (r δ)ᵀ
+            outer = torch.einsum("dik,djk->ijk", maps.pop(0), part)  # Σ r δδᵀ = Vᵀ Σ [x_f - g, 1] (r δ)ᵀ
+            self.block = table.add_run(self.block, grp.run, 0.5 * (outer + outer.transpose(0, 1)), rg.sum(0))
+        if r_steps:
+            self._add_cross(yl[runs_end:], r_steps, pairs, groups)
         return lse
+
+    def _run_maps(self, table: Table, entry: int, maps: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """([D+1, 2·J·K]: the columns W of ``entry``'s missing dimensions (g = [x_f - g, 1] W) and
+        V = -W P_mm⁻¹ (δ = [x_f - g, 1] V), and ``maps`` with V [D+1, J, K] appended."""
+        w = table.columns(entry, self.pcat).view(self.d + 1, table.width, self.k)  # [D+1, J, K]
+        v = -torch.einsum("djk,ijk->dik", w, table.pick(entry)[0][0])  # P_mm⁻¹ symmetric
+        return torch.stack([w, v], 1).view(self.d + 1, -1), [*maps, v]
 
     def _add_cross(self, yl: Tensor, r_steps: list[Tensor], pairs: Pairs | None, groups: list[Group]) -> None:
         """Σ [x_f - g, 1] (r δ)ᵀ of the chunk into ``cross`` [D, D+1, K]."""

@@ -50,8 +50,10 @@ def _step(p: pg.GMMParams, x: torch.Tensor, observed: torch.Tensor, vmapped: boo
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
-@pytest.mark.parametrize("route", ["tables kept", "tables per chunk", "split groups", "branch-free"])
+@pytest.mark.parametrize("route", ["tables kept", "tables per chunk", "split groups", "runs", "branch-free"])
 def test_em_step_with_up_to_all_entries_missing_matches_numpy(dtype, route, monkeypatch):
+    if route == "runs":  # the plan groups patterns of 8 rows or more; the chunks take them as runs
+        monkeypatch.setattr(_masked, "ROWS_PER_PATTERN", 8)
     if route == "tables per chunk":
         monkeypatch.setattr(_missing_mode, "TABLE_BYTES", 0)
     if route == "split groups":  # a chunk's rows of J missing entries in pieces of a few rows
@@ -111,3 +113,22 @@ def test_spd_factors_match_linalg(width, blocks):
     tol = bounds.SLACK * bounds.gamma(width) * kappa
     torch.testing.assert_close(inv.permute(0, 3, 1, 2), want, rtol=0, atol=tol * float(want.abs().max()))
     torch.testing.assert_close(half_log_det, 0.5 * torch.logdet(a), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("rows_per_pattern", [256, 1])
+def test_autograd_through_the_grouped_step_equals_the_branch_free_gradient(rows_per_pattern, monkeypatch):
+    """Eager autograd through the grouped E-step (per-pattern tables, in-place sums, runs when
+    every pattern is grouped) gives the gradient that torch.func.grad takes through the
+    branch-free one."""
+    monkeypatch.setattr(_masked, "ROWS_PER_PATTERN", rows_per_pattern)
+    p = random_params("full", 3, 6, seed=25)
+    x, observed = many_missing(p, 150, seed=26)
+
+    def loss(means: torch.Tensor) -> torch.Tensor:
+        q = pg.GMMParams(p.logits, means, p.scale, p.family)
+        return pg.em_step(q, x, observed=observed, reg_covar=1e-6).means.square().sum()
+
+    leaf = p.means.clone().requires_grad_(True)
+    (eager,) = torch.autograd.grad(loss(leaf), leaf)
+    traced = torch.func.grad(loss)(p.means)
+    bounds.assert_leaves_close(eager, traced, bounds.derivative_rtol(p, completed(p, x, observed)))
