@@ -259,7 +259,8 @@ def batched_kernel(fn: Callable[..., Any], n_runs: int, data_batched: bool, has_
     """``fn(state, x, w)`` over runs stacked on dim 0: ``vmap`` for several, a plain call for one
     (no vmap overhead on the common single fit)."""
     if n_runs > 1:
-        return torch.func.vmap(fn, in_dims=(0, 0 if data_batched else None, 0 if data_batched and has_w else None))
+        vmapped = torch.func.vmap(fn, in_dims=(0, 0 if data_batched else None, 0 if data_batched and has_w else None))
+        return in_groups(vmapped, data_batched)
 
     last: dict[str, Any] = {}  # the previous call's output, stacked and not: the loop hands it back
 
@@ -272,6 +273,36 @@ def batched_kernel(fn: Callable[..., Any], n_runs: int, data_batched: bool, has_
         return last["stacked"]
 
     return single
+
+
+#: Stacked runs go through a vmapped kernel in groups whose largest per-step block stays below
+#: this (sized as a run's [N, (D+1)²] float64 products, the most any family's E-step builds):
+#: blocks above glibc's largest mmap threshold (32 MB) are fresh pages on every step, and their
+#: page faults cost more than the memory passes (B = 1000, N = 500, D = 2: 36 MB, 9,000 faults).
+GROUP_BYTES = 16 << 20
+
+
+def in_groups(vmapped: Callable[..., Any], data_batched: bool) -> Callable[..., Any]:
+    """``vmapped(states, x, w)`` on groups of at most :data:`GROUP_BYTES` worth of runs, concatenated
+    (runs are independent under ``vmap``: the same result)."""
+
+    def grouped(states: Any, x: Tensor, w: Tensor | None) -> Any:
+        b = pytree.tree_leaves(states)[0].shape[0]
+        n, d = x.shape[-2:]
+        per_run = max(1, n * (d + 1) ** 2 * 8)
+        groups = -(-b * per_run // GROUP_BYTES)
+        if groups <= 1:
+            return vmapped(states, x, w)
+        size = -(-b // groups)
+        outs = []
+        for start in range(0, b, size):
+            part = pytree.tree_map(lambda t, s=start: t[s : s + size], states)
+            xs = x[start : start + size] if data_batched else x
+            ws = w[start : start + size] if data_batched and w is not None else w
+            outs.append(vmapped(part, xs, ws))
+        return pytree.tree_map(lambda *t: torch.cat(t), *outs)
+
+    return grouped
 
 
 def on_live(kernel: Callable[..., Any], x: Tensor, w: Tensor | None, data_batched: bool) -> Callable[..., Any]:

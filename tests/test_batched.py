@@ -188,3 +188,26 @@ def test_masked_components_survive_save_load_and_distribution_round_trips(tmp_pa
     assert gm.weights_.shape == (2,)
     sk_atol = bounds.component_log_prob_atol(p, x)  # scikit-learn's own factorisation and sums
     np.testing.assert_allclose(gm.score_samples(x.numpy()), pg.log_prob(p, x).numpy(), rtol=0, atol=sk_atol)
+
+
+@pytest.mark.parametrize("method", ["em", "gd"])
+def test_runs_in_groups_equal_one_vmap(method, monkeypatch):
+    """Runs go through the vmapped kernel in groups (blocks below glibc's mmap threshold); runs
+    are independent under vmap, so groups give the fits of one vmap over all, to rounding."""
+    from puregmm import driver
+    from puregmm.methods import FitResult
+
+    xs = datasets(b=7, n=60, seed=3)
+    kw = dict(method=method, max_steps=40 if method == "gd" else 100, key=2)
+    whole = quiet(pg.fit_batched, xs, 3, "full", **kw)
+    monkeypatch.setattr(driver, "GROUP_BYTES", 3 * 60 * 9 * 8)  # groups of 3 runs: 3 + 3 + 1
+    grouped = quiet(pg.fit_batched, xs, 3, "full", **kw)
+    for b in range(7):
+        leaves = (whole.params.logits[b], whole.params.means[b], whole.params.scale[b])
+        one = FitResult(pg.GMMParams(*leaves, "full"), whole.loss[b], int(whole.n_steps[b]), True, 0, whole.history[b])
+        assert int(grouped.n_steps[b]) == one.n_steps
+        rtol = run_rtol(one, xs[b], 3, "full", method, 2)  # every run's key is 2
+        params_b = pg.GMMParams(
+            *(t[b] for t in (grouped.params.logits, grouped.params.means, grouped.params.scale)), "full"
+        )
+        assert_fit_close(params_b, grouped.loss[b], one, xs[b], rtol)
