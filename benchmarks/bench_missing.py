@@ -5,18 +5,26 @@ Part 1, EM. One ``pg.em_step`` on (N, D, K) data (default (1e5, 16, 16), full, f
 the same params: complete data, and the same data with entries removed, ``observed=`` the plan
 of the mask made once (as a fit does: its time is printed apart). Two patterns of missingness:
 
-* ``mcar``: 10 % of the entries missing completely at random: about 2^D patterns are possible,
-  so nearly every row with 3 or more missing entries has a pattern of its own; the frequent
-  patterns (one or two missing entries, at least 256 rows each) are grouped and use their
-  marginal, the others the per-row precision-block form (puregmm/_masked.py);
+* ``mcar``: 10 % of the entries missing completely at random: about 2^D patterns are possible
+  (3,887 at the default size), but most rows miss 1-3 entries, so the patterns of J missing
+  entries number at most C(D, J) and rows share them; the frequent patterns (at least 256
+  rows) are consecutive runs, the other rows are grouped by J;
 * ``blocks``: 10 % of the entries missing as whole blocks of D/4 columns (a sensor or a
-  questionnaire page missing): 5 patterns, every row grouped.
+  questionnaire page missing): 5 patterns, every row in a run.
+
+The masked step (puregmm/_missing_mode.py, _missing_blocks.py) is the complete step's GEMMs on
+the rows filled at the centre plus the missing block's terms in precision-block form: each
+pattern's J×J blocks P_mm factorised once per E-step, not once per row; a run of one pattern by
+GEMMs of its columns; the other rows by one small GEMM per missing dimension and gathered J×J
+algebra.
 
 Times are medians of interleaved rounds (the complete and the masked step alternate, so load
 changes on the shared machine hit both). ``peak MB`` is the peak resident memory above the
 loaded data of one step, in a fresh subprocess; ``[N, K] MB`` is the size of one [N, K] float64
 array for comparison: neither step holds anything of size N × K; the masked one holds, besides
-its chunks, the rows regrouped by pattern and their mask (O(N·D), like the data).
+its chunks, the rows regrouped by pattern and their mask (O(N·D), like the data), each row's
+pattern id (O(N)) and the tables of the patterns' factors (at most ``TABLE_BYTES``, 8 MB).
+The issue-13 protocol is one thread per contender: ``--threads 1``.
 
 Part 2, imputation of digits (1797 8×8 images, pixels 0-16): 1500 training images, 297 test
 images with 30 % of their pixels removed at random. puregmm fits a 10-component full mixture
@@ -29,6 +37,7 @@ seconds of fit + imputation.
 Usage::
 
     python benchmarks/bench_missing.py                   # both parts (a few minutes here)
+    python benchmarks/bench_missing.py --part em --threads 1 --repeats 7
     python benchmarks/bench_missing.py --part em --n 20000 --repeats 3
     python benchmarks/bench_missing.py --part impute
 """
