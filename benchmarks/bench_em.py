@@ -17,17 +17,23 @@ idle), so load changes on a shared machine hit all contenders alike; CPU seconds
 process are printed next to them. ``bound`` is the time of 4·N·K·D² flops (the two
 [N, D] x [D, K·D]-sized GEMMs of a full-covariance iteration) at the GEMM peak of this
 machine with two threads (100 GFLOP/s float64, 196 GFLOP/s float32; FACTS.md), and ``of
-bound`` is bound / puregmm time (puregmm's E-step runs two float64 GEMMs on the distinct
-products of the lifted rows, about half those flops for the full family, so it can pass
-100%). ``agree`` is the largest difference of the new means against scikit-learn's, relative
-to the spread of the means. Peak memory is the peak resident memory
-above the loaded data of one call, measured in a fresh subprocess.
+bound`` is bound / puregmm time (puregmm's E-step runs two GEMMs on the distinct products of
+the lifted rows, about half those flops for the full family, so it can pass 100%; float32 data
+run them in float32 where the error bound allows it, else in float64: puregmm/_precision.py).
+``agree`` is the largest difference of the new means against scikit-learn's, relative to the
+spread of the means. Peak memory is the peak resident memory above the loaded data of one
+call, measured in a fresh subprocess.
+
+``--fresh`` follows issue 13's protocol: every contender gets fresh copies of the data and
+params before each timed call (made outside the timer), so no call reuses memory an earlier call
+of the same contender left in the allocator's or the cache's hands.
 
 Usage::
 
     python benchmarks/bench_em.py                        # the issue-4 table (about 10 min here)
     python benchmarks/bench_em.py --configs 1e5,16,16 --families full --dtype float32
     python benchmarks/bench_em.py --threads 1 --no-memory   # one thread for every contender
+    python benchmarks/bench_em.py --configs 1e5,16,16 --dtype float32 --threads 1 --no-memory --fresh
 """
 
 from __future__ import annotations
@@ -164,19 +170,23 @@ def gmmx_fn(params: pg.GMMParams, x: torch.Tensor) -> Callable[[], Any] | str:
 
 
 def timed_rounds(
-    fns: dict[str, Callable[[], Any]], repeats: int, pause: float = 0.0
+    makers: dict[str, Callable[[], Callable[[], Any]]], repeats: int, pause: float = 0.0, fresh: bool = False
 ) -> dict[str, dict[str, list[float]]]:
     """Wall and process-CPU seconds per call, contenders interleaved, after one warm-up round.
 
-    ``pause`` seconds of sleep before each call let the worker threads of the previous
-    contender's library (OpenMP for torch, OpenBLAS for numpy; both spin for a while after a
-    parallel region) go idle, so that they do not steal the cores of the next one.
+    ``makers`` build each contender's call; with ``fresh`` a new one (on fresh copies of the
+    inputs) before every timed call, outside the timer. ``pause`` seconds of sleep before each
+    call let the worker threads of the previous contender's library (OpenMP for torch, OpenBLAS
+    for numpy; both spin for a while after a parallel region) go idle, so that they do not steal
+    the cores of the next one.
     """
+    fns = {name: make() for name, make in makers.items()}
     for fn in fns.values():
         fn()
     out: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name, make in makers.items():
+            fn = make() if fresh else fns[name]
             time.sleep(pause)
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
@@ -223,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-config", default="1e6,32,32", help="N,D,K of the memory run (full, float64)")
     ap.add_argument("--omp-default", action="store_true", help="keep OpenMP's default wait policy (see above)")
     ap.add_argument("--pause", type=float, default=0.5, help="seconds of sleep before each timed call")
+    ap.add_argument("--fresh", action="store_true", help="fresh copies of the inputs before each timed call")
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -251,14 +262,20 @@ def main(argv: list[str] | None = None) -> None:
         for dname in args.dtype:
             dtype = DTYPES[dname]
             params, x = problem(n, d, k, family, dtype)
-            fns: dict[str, Callable[[], Any]] = {"puregmm": puregmm_fn(params, x)}
+
+            def copies(p: pg.GMMParams = params, x: torch.Tensor = x) -> tuple[pg.GMMParams, torch.Tensor]:
+                if not args.fresh:
+                    return p, x
+                return pg.GMMParams(p.logits.clone(), p.means.clone(), p.scale.clone(), p.family), x.clone()
+
+            makers: dict[str, Callable[[], Callable[[], Any]]] = {"puregmm": lambda: puregmm_fn(*copies())}
             if not args.no_peer:
-                fns["sklearn"] = sklearn_fn(params, x)
+                makers["sklearn"] = lambda: sklearn_fn(*copies())
                 g = gmmx_fn(params, x)
                 if not isinstance(g, str):
-                    fns["gmmx"] = g
+                    makers["gmmx"] = lambda: gmmx_fn(*copies())  # type: ignore[return-value]
                 gmmx_note = g if isinstance(g, str) else ""
-            t = timed_rounds(fns, args.repeats, args.pause)
+            t = timed_rounds(makers, args.repeats, args.pause, args.fresh)
             med = {name: _common.median(v["wall"]) for name, v in t.items()}
             cpu = {name: _common.median(v["cpu"]) for name, v in t.items()}
             bound = 4 * n * k * d * d / PEAK_FLOPS[dtype]
@@ -273,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
             row.append("-" if args.no_peer else f"{agreement(params, x):.0e}")
             rows.append(row)
             print(_common.markdown_table(header, [row]).splitlines()[-1], flush=True)
-            del params, x, fns
+            del params, x, makers
     print("\n" + _common.markdown_table(header, rows))
 
     if not args.no_memory:
