@@ -226,7 +226,8 @@ class Patterns:
                 own += [table] if mine else []
             first, pair = first + size, pair + size * width
         used = c - sizes[d]
-        lse = F.pad(self.rows.add(x[:used], observed[:used], w[:used], groups, runs_end), (0, c - used))
+        lse = x.new_zeros(0) if not used else self.rows.add(x[:used], observed[:used], w[:used], groups, runs_end)
+        lse = F.pad(lse, (0, c - used))
         for table in own:
             self.rows.block = table.flush(self.rows.block)
         return lse if order is None else torch.empty_like(lse).index_copy_(0, order, lse)

@@ -132,3 +132,23 @@ def test_autograd_through_the_grouped_step_equals_the_branch_free_gradient(rows_
     (eager,) = torch.autograd.grad(loss(leaf), leaf)
     traced = torch.func.grad(loss)(p.means)
     bounds.assert_leaves_close(eager, traced, bounds.derivative_rtol(p, completed(p, x, observed)))
+
+
+@pytest.mark.parametrize("d, chunk_size", [(1, 4), (4, 3), (4, None)])
+def test_chunks_of_rows_that_observe_nothing_match_numpy(d, chunk_size):
+    """Chunks where every row misses everything (log p = 0, no statistics), D = 1 (a row misses
+    all or nothing), small chunks: the NumPy incomplete-data EM step."""
+    p = random_params("full", 3, d, seed=27)
+    x, _ = pg.sample(p, 60, key=28)
+    observed = torch.rand(60, d, generator=torch.Generator().manual_seed(29)) > 0.4
+    observed[10:40] = False
+    observed[2] = True
+    holes = torch.where(observed, x, torch.nan)
+    w, mu, cov, ll = numpy_incomplete_em(p, holes.numpy(), observed.numpy(), 1e-6)
+    q, info = pg.em_step(p, holes, observed=observed, reg_covar=1e-6, chunk_size=chunk_size, return_info=True)
+    rtol = bounds.stats_rtol(p, completed(p, holes, observed))
+    np.testing.assert_allclose(pg.weights(q).numpy(), w, rtol=rtol, atol=0)
+    np.testing.assert_allclose(q.means.numpy(), mu, rtol=0, atol=rtol * np.abs(mu).max())
+    np.testing.assert_allclose(pg.covariances(q).numpy(), cov, rtol=0, atol=rtol * np.abs(cov).max())
+    atol = bounds.log_lik_atol(p, completed(p, holes, observed), n=60)
+    np.testing.assert_allclose(float(info.log_likelihood), ll, rtol=0, atol=atol)
