@@ -6,8 +6,10 @@ rows filled at the centre plus the terms of the missing block (the exponential-f
 of the same density). The missing block's factors (P_mm⁻¹, ½ log det P_mm per component) depend
 only on the row's pattern of missing entries, so eager E-steps make them once per pattern
 (:class:`Patterns`: rows share few patterns, and with a few missing entries even MCAR rows do:
-1e5 rows at 10 % MCAR, D = 16, have ~4,000 patterns and most rows miss 1-3 entries); the rows
-gather them, grouped by their count J of missing entries. Under transforms and ``torch.compile``
+1e5 rows at 10 % MCAR, D = 16, have ~4,000 patterns and most rows miss 1-3 entries); a run of
+consecutive rows of one pattern (the plan's frequent patterns) goes through GEMMs of its
+columns, the other rows gather their pattern's factors, grouped by their count J of missing
+entries. Under transforms and ``torch.compile``
 each row factorises its own block (width D, padded: :class:`Table` of the rows). Where the
 exponential-family form would round by more than :data:`puregmm._moments.MAX_ROUNDING` nats
 (plain eager E-steps only, the complete-data rule), each segment of the rows' plan
@@ -263,9 +265,12 @@ class NaturalRows:
     of δ: Σ r δ and Σ r (x_f - g) δᵀ and its transpose, and Σ r (δ δᵀ + P_mm⁻¹) on the J×J
     blocks (:class:`Table`). T, ℓ's GEMM, the responsibilities and M's GEMM are one pass per
     chunk, as in the complete-data E-step; the J×J algebra is per :class:`Group` of rows with J
-    missing entries. g_m and the cross sums Σ [x_f - g, 1] (r δ)ᵀ are eagerly (``by_dim``) one
-    small GEMM per dimension i over the chunk's (row, slot) pairs missing i ([pairs, D+1] x
-    [D+1, K]: J·K columns per row, not the K·D of a full gradient); branch-free (under
+    missing entries. A run of one pattern takes g_m and δ from one GEMM (δ = [x_f - g, 1] V with
+    V = -W P_mm⁻¹, W the pattern's columns) and Σ r δδᵀ = Vᵀ Σ [x_f - g, 1] (r δ)ᵀ from its
+    cross GEMM: no per-row J×J work. For the other rows, g_m and the cross sums
+    Σ [x_f - g, 1] (r δ)ᵀ are eagerly (``by_dim``) one small GEMM per dimension i over the
+    chunk's (row, slot) pairs missing i ([pairs, D+1] x [D+1, K]: J·K columns per row, not the
+    K·D of a full gradient); branch-free (under
     transforms), one [c, D+1] x [D+1, K·D] GEMM of the full gradient and one over δ spread into
     [c, K·D]. It rounds as the natural mode does (eps·(distance/width)²); plain eager E-steps
     past :data:`puregmm._moments.MAX_ROUNDING` use :class:`puregmm._masked.RowTerms`.
