@@ -20,12 +20,25 @@ def _positive_qr(a: Tensor) -> tuple[Tensor, Tensor]:
     return q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
 
 
+_STRICT_UPPER: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def strict_upper(d: int, device: torch.device) -> Tensor:
+    """The [D, D] bool mask of the strict upper triangle: built once per (D, device) on eager
+    calls (3 ops every time otherwise; U is rebuilt several times per step), under
+    ``torch.compile`` built in the graph."""
+    if torch.compiler.is_compiling():
+        return torch.ones(d, d, dtype=torch.bool, device=device).triu(1)
+    key = (d, torch.device(device))
+    if key not in _STRICT_UPPER:
+        _STRICT_UPPER[key] = torch.ones(d, d, dtype=torch.bool, device=device).triu(1)
+    return _STRICT_UPPER[key]
+
+
 def _raw_of_upper(v: Tensor) -> Tensor:
     """``raw`` of an upper-triangular factor ``v`` with a positive diagonal (the inverse of
     :func:`upper_factor`)."""
-    d = v.shape[-1]
-    strict = torch.ones(d, d, dtype=torch.bool, device=v.device).triu(1)
-    off = torch.where(strict, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    off = torch.where(strict_upper(v.shape[-1], v.device), v, torch.zeros((), dtype=v.dtype, device=v.device))
     return off + torch.diag_embed(torch.log(torch.diagonal(v, dim1=-2, dim2=-1)))
 
 
@@ -34,10 +47,8 @@ def upper_factor(raw: Tensor) -> Tensor:
 
     Written with a constant mask rather than ``torch.triu``, which is ~10x slower under ``vmap``.
     """
-    d = raw.shape[-1]
-    strict = torch.ones(d, d, dtype=torch.bool, device=raw.device).triu(1)
-    off = torch.where(strict, raw, torch.zeros((), dtype=raw.dtype, device=raw.device))
-    return off + torch.diag_embed(torch.exp(torch.diagonal(raw, dim1=-2, dim2=-1)))
+    diag = torch.diag_embed(torch.exp(torch.diagonal(raw, dim1=-2, dim2=-1)))
+    return torch.where(strict_upper(raw.shape[-1], raw.device), raw, diag)  # the diagonal's off-diagonal is 0
 
 
 # --- EM: the M-step's helpers ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from puregmm.families._helpers import (  # noqa: F401  (the rows' maths)
     floored_upper_factor,
     layout,
     raw_from_cov_repaired,
+    strict_upper,
     upper_factor,
 )
 
@@ -130,7 +131,7 @@ class Family:
         if self.scale_ndim != 2:
             return raw - log_a
         d = raw.shape[-1]
-        strict = torch.ones(d, d, dtype=torch.bool, device=raw.device).triu(1)
+        strict = strict_upper(d, raw.device)
         diag = torch.diagonal(raw, dim1=-2, dim2=-1) - log_a
         return torch.where(strict, raw / a, torch.zeros((), dtype=raw.dtype)) + torch.diag_embed(diag)
 
@@ -142,10 +143,10 @@ class Family:
         per-component ``raw_k`` [K, ...]."""
         k, d = delta.shape
         if self.scale_ndim == 2:
-            u = upper_factor(raw_k)  # [K, D, D]
-            shift = (delta.unsqueeze(1) @ u).squeeze(1)  # [K, D]
-            a = torch.cat([u, -shift.unsqueeze(1)], 1).permute(1, 2, 0)  # [D+1, D, K]
-            return a, torch.diagonal(raw_k, dim1=-2, dim2=-1).sum(-1)
+            diag = torch.diagonal(raw_k, dim1=-2, dim2=-1)  # [K, D], log diag U
+            ut = upper_factor(raw_k).permute(1, 2, 0)  # [D, D, K]
+            shift = (delta.mT.unsqueeze(1) * ut).sum(0)  # [D, K]: t_k = δ_k U_k
+            return torch.cat([ut, shift.neg().unsqueeze(0)]), diag.sum(-1)  # [D+1, D, K]
         log_s = raw_k if self.scale_ndim == 1 else raw_k.unsqueeze(-1).expand(k, d)  # [K, D]
         s = torch.exp(log_s)
         return torch.stack([s, -delta * s]).permute(0, 2, 1), log_s.sum(-1)  # [2, D, K]
