@@ -158,15 +158,9 @@ def init_state(
     >>> state.step, state.key
     (tensor(0), tensor(1))
     """
-    if not isinstance(params, GMMParams):
-        raise TypeError(f"params must be GMMParams; got {type(params).__name__}")
+    min_variance = _validate.init_state_args(params, min_variance)
     if reset not in RESETS:
         raise ValueError(f"reset must be one of {RESETS}; got {reset!r}")
-    if not min_variance > 0:
-        raise ValueError(f"min_variance must be positive; got {min_variance!r}")
-    _validate.logits(params.logits)
-    for name in ("means", "scale"):
-        _validate.finite(getattr(params, name).reshape(1, -1), f"params.{name}")
     optimizer = default_optimizer() if optimizer is None else optimizer
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a puregmm Optimizer (e.g. pg.adam()); got {type(optimizer).__name__}")

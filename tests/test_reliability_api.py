@@ -267,7 +267,6 @@ def _check(name: str, case: Case, arg: str, label: str, bad: Any) -> None:
 
 # Functions whose modules do not check yet (issue 14 follow-ups, one line each: what is missing)
 KNOWN_GAPS = {
-    "init_state": "train.init_state: min_variance and params structure unchecked",
 }
 
 
