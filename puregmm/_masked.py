@@ -85,6 +85,26 @@ def traced(*tensors: Tensor) -> bool:
     return torch.compiler.is_compiling() or any(wrapped(t) for t in tensors)
 
 
+def pattern_ids(missing: Tensor) -> tuple[Tensor, Tensor]:
+    """(id [N] int64, masks [G, D] bool): each row's pattern of ``missing`` [N, D] as an index
+    into the distinct patterns, from the rows' bit codes (52 columns per code, a float64 GEMV,
+    exact) by one-dimensional ``torch.unique`` (``torch.unique(dim=0)`` is ~100x slower)."""
+    n, d = missing.shape
+    bits = 52
+    powers = 2.0 ** torch.arange(bits, dtype=torch.float64, device=missing.device)
+    ids = torch.zeros(n, dtype=torch.int64, device=missing.device)
+    for i in range(0, d, bits):  # ids of the columns so far, combined with the next block's (< N² < 2⁶³)
+        code = missing[:, i : i + bits].to(torch.float64) @ powers[: min(bits, d - i)]
+        values, inverse = torch.unique(code.long(), return_inverse=True)  # int64 sorts ~5x faster
+        ids = ids * values.numel() + inverse
+    if d > bits:
+        _, ids = torch.unique(ids, return_inverse=True)
+    rows = torch.arange(n, device=missing.device)
+    first = torch.full((int(ids.max()) + 1 if n else 0,), n, dtype=torch.int64, device=missing.device)
+    first = first.scatter_reduce(0, ids, rows, "amin")  # [G]: each pattern's first row
+    return ids, missing.index_select(0, first)
+
+
 def plan(observed: Tensor) -> Plan:
     """The grouping of the rows of ``observed`` [N, D] (module docstring).
 
@@ -95,7 +115,9 @@ def plan(observed: Tensor) -> Plan:
     n, d = observed.shape
     if traced(observed):
         return Plan(observed, None, (Segment(0, n, "rows", d),))
-    patterns, which, counts = torch.unique(observed, dim=0, return_inverse=True, return_counts=True)
+    which, missing = pattern_ids(~observed)  # by bit codes: torch.unique(dim=0) took ~40x longer
+    patterns = ~missing
+    counts = torch.bincount(which, minlength=patterns.shape[0])
     n_pat = patterns.shape[0]
     n_miss = d - observed.sum(1)  # [N]
     frequent = (counts >= ROWS_PER_PATTERN) | (n_pat <= FEW_PATTERNS)  # [P]

@@ -20,26 +20,6 @@ from puregmm import _masked
 from puregmm.families import LOG_2PI
 
 
-def pattern_ids(missing: Tensor) -> tuple[Tensor, Tensor]:
-    """(id [N] int64, masks [G, D] bool): each row's pattern of ``missing`` [N, D] as an index
-    into the distinct patterns, from the rows' bit codes (52 columns per code, a float64 GEMV,
-    exact) by one-dimensional ``torch.unique`` (``torch.unique(dim=0)`` is ~100x slower)."""
-    n, d = missing.shape
-    bits = 52
-    powers = 2.0 ** torch.arange(bits, dtype=torch.float64, device=missing.device)
-    ids = torch.zeros(n, dtype=torch.int64, device=missing.device)
-    for i in range(0, d, bits):  # ids of the columns so far, combined with the next block's (< N² < 2⁶³)
-        code = missing[:, i : i + bits].to(torch.float64) @ powers[: min(bits, d - i)]
-        values, inverse = torch.unique(code.long(), return_inverse=True)  # int64 sorts ~5x faster
-        ids = ids * values.numel() + inverse
-    if d > bits:
-        _, ids = torch.unique(ids, return_inverse=True)
-    rows = torch.arange(n, device=missing.device)
-    first = torch.full((int(ids.max()) + 1 if n else 0,), n, dtype=torch.int64, device=missing.device)
-    first = first.scatter_reduce(0, ids, rows, "amin")  # [G]: each pattern's first row
-    return ids, missing.index_select(0, first)
-
-
 def spd_factors(a: Tensor) -> tuple[Tensor, Tensor]:
     """(A⁻¹ [B, J, J, K], ½ log det A [B, K]) of SPD blocks A [B, J, J, K] (the block axes
     before the components: every slice [B, ·, ·, K] is a contiguous run of K, and sums over J are

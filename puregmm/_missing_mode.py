@@ -29,8 +29,8 @@ from torch import Tensor
 
 from puregmm import _masked, density
 from puregmm import _moments as mo
-from puregmm._masked import RowTerms, Segment
-from puregmm._missing_blocks import Group, Pairs, Table, pattern_ids
+from puregmm._masked import RowTerms, Segment, pattern_ids
+from puregmm._missing_blocks import Group, Pairs, Table
 from puregmm.params import GMMParams, precision_cholesky
 from puregmm.stats import total
 

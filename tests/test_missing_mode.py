@@ -15,7 +15,8 @@ import torch
 
 import puregmm as pg
 from puregmm import _masked, _missing_mode
-from puregmm._missing_blocks import pattern_ids, spd_factors
+from puregmm._masked import pattern_ids
+from puregmm._missing_blocks import spd_factors
 from tests import bounds
 from tests.oracles import random_params
 from tests.test_missing import completed, numpy_incomplete_em
