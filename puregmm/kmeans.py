@@ -159,7 +159,8 @@ def _sq_dist(xt: Tensor, centres: Tensor, x2: Tensor | None = None) -> Tensor:
     D = 32). ``x2``: the points' squared norms [N] when the caller has them (:func:`_sq_norms`)."""
     mode = _mode(centres.shape[0], xt)
     if mode == "broadcast":
-        return (xt - centres.unsqueeze(-1)).square().sum(1)  # [D, N] - [K, D, 1] -> [K, D, N] -> [K, N]
+        # [D, N] - [K, D, 1] -> [K, D, N] -> [K, N]; squared in place: a second ~1 MB block costs page faults
+        return (xt - centres.unsqueeze(-1)).pow_(2).sum(1)
     if mode == "gemm":
         x2 = _norms(xt) if x2 is None else x2
         out = torch.addmm(x2, centres, xt, alpha=-2.0)  # [K, N]
