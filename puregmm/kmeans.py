@@ -48,14 +48,15 @@ def _kmeans_plusplus(x: Tensor, xt: Tensor, w: Tensor | None, key: Tensor, k: in
     cum_w = torch.arange(1, n + 1, dtype=f64, device=x.device) if w is None else torch.cumsum(w, 0)  # [N]
     # every draw at once (uniform(key, i, j) for centre i, candidate j): one hash, not one per centre
     rows = torch.arange(k, device=x.device).unsqueeze(-1)
-    u_all = _on(keys.uniform(key, rows, torch.arange(trials, device=x.device)), x.device)  # [K, L]
+    u_rows = _on(keys.uniform(key, rows, torch.arange(trials, device=x.device)), x.device).unbind(0)  # K x [L]
 
     def draw(mass: Tensor | None, i: int, m: int) -> Tensor:  # m indices [m] drawn ∝ mass (None: ω)
         cum = cum_w
         if mass is not None:
             cum = torch.cumsum(mass, 0)  # [N]
             cum = torch.where(cum[-1] > 0, cum, cum_w)  # all mass on centres: ∝ ω
-        return torch.searchsorted(cum, u_all[i, :m] * cum[-1], right=True).clamp_max(n - 1)  # [m]
+        u = u_rows[i] if m == trials else u_rows[i][:m]
+        return torch.searchsorted(cum, u * cum[-1], right=True).clamp_max(n - 1)  # [m]
 
     x2 = _sq_norms(xt, trials)
     chosen = [draw(None, 0, 1)]  # [1]
@@ -64,7 +65,7 @@ def _kmeans_plusplus(x: Tensor, xt: Tensor, w: Tensor | None, key: Tensor, k: in
         idx = draw(d2 if w is None else w * d2, i, trials)  # [L]
         sq = _as(_sq_dist(xt, x.index_select(0, idx), x2), f64)  # [L, N]
         new_d2 = sq.clamp_max_(d2)  # min(d2, sq) in place: no fresh [L, N] block per centre
-        best = (new_d2.sum(1) if w is None else new_d2 @ w).argmin().reshape(1)  # the candidate lowering Σ ω d² most
+        best = (new_d2.sum(1) if w is None else new_d2 @ w).argmin(0, keepdim=True)  # [1]: lowering Σ ω d² most
         chosen.append(idx.index_select(0, best))
         d2 = new_d2.index_select(0, best)[0]
     return torch.cat(chosen)  # [K]
