@@ -311,11 +311,11 @@ def natural(
         quad = torch.einsum("idk,jdk->kij", w.a, w.a)  # [K, m, m] = A_k A_kᵀ
         # const_k on the constant-constant entry (placed, not multiplied: a masked const is -inf)
         coef = -0.5 * quad + torch.diag_embed(F.pad(w.const.unsqueeze(-1), (m - 1, 0)))
+        if lay.square:  # T holds both products y_i y_j and y_j y_i: the symmetric coefficients as they are
+            return coef.reshape(k, m * m)  # [K, m²]
         eye = torch.eye(m, dtype=dtype, device=quad.device)
         upper = torch.ones(m, m, dtype=dtype, device=quad.device).triu()
         coef = coef * (upper * (2.0 - eye))  # upper triangle, off-diagonal coefficients count twice
-        if lay.square:
-            return coef.reshape(k, m * m)  # [K, m²]: the lower triangle's coefficients are 0
         return coef.reshape(k, m * m)[:, _pair_of_column(d, quad.device)]  # [K, P]
     s, neg_t = w.a[0].mT, w.a[1].mT  # [K, D]: the diagonal of U_k and -t_k
     const = (w.const - 0.5 * neg_t.square().sum(-1)).unsqueeze(-1)  # [K, 1]
