@@ -154,10 +154,12 @@ def position_resolution(dtype: torch.dtype) -> float:
     return max(POSITION_RESOLUTION, 10 * torch.finfo(dtype).eps)
 
 
-def bound_terms(params: GMMParams, centre: Tensor, white: Whitening) -> tuple[Tensor, Tensor]:
-    """(Q [K], R [K]) float64, in units of eps: Q_k = |d_k|ᵀ|P_k||d_k| + σ_kᵀ|P_k|σ_k, the
-    rounding of the form (:func:`rounding_bound`), and R_k = σ_kᵀ|P_k|(|μ_k| + σ_k), that of
-    the rows' own representation (:mod:`puregmm._precision`)."""
+def bound_terms(
+    params: GMMParams, centre: Tensor, white: Whitening, with_rep: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """(Q [K], R [K] or None) float64, in units of eps: Q_k = |d_k|ᵀ|P_k||d_k| + σ_kᵀ|P_k|σ_k, the
+    rounding of the form (:func:`rounding_bound`), and (``with_rep``) R_k = σ_kᵀ|P_k|(|μ_k| + σ_k),
+    that of the rows' own representation (:mod:`puregmm._precision`)."""
     d = params.dim
     a = white.a.detach()  # [m, D, K]: rows [U_k; -t_k] (U_k diagonal: [2, D, K])
     mu = params.means.detach().to(torch.float64)  # [K, D]
@@ -166,11 +168,13 @@ def bound_terms(params: GMMParams, centre: Tensor, white: Whitening) -> tuple[Te
         delta = mu - centre.detach().to(torch.float64)  # [K, D]
         eye = torch.eye(d, dtype=u.dtype, device=u.device).expand_as(u)
         sigma = torch.linalg.solve_triangular(u, eye, upper=True).square().sum(-2).sqrt()  # Σ = U⁻ᵀ U⁻¹
-        v = torch.stack([delta.abs(), sigma], 1) @ (u @ u.mT).abs()  # [K, 2, D]: |d|ᵀ|P|, σᵀ|P|
-        quad = (v[:, 0] * delta.abs()).sum(-1) + (v[:, 1] * sigma).sum(-1)
-        return quad, (v[:, 1] * (mu.abs() + sigma)).sum(-1)
+        abs_p = (u @ u.mT).abs()
+        left = torch.stack([delta.abs(), sigma], 1)  # [K, 2, D]
+        quad = ((left @ abs_p) * left).sum((-2, -1))  # |d|ᵀ|P||d| + σᵀ|P|σ
+        rep = ((sigma.unsqueeze(-2) @ abs_p).squeeze(-2) * (mu.abs() + sigma)).sum(-1) if with_rep else None
+        return quad, rep
     # diagonal and scalar: ‖t_k‖² + D (t_k = (μ_k - g) U_k) and Σ_i |μ_ki| / σ_ki + D
-    return a[1].square().sum(0) + d, (mu.abs() * a[0].mT).sum(-1) + d
+    return a[1].square().sum(0) + d, (mu.abs() * a[0].mT).sum(-1) + d if with_rep else None
 
 
 def rounding_bound(
@@ -192,7 +196,7 @@ def rounding_bound(
     """
     if white is None:
         white = density.whitening(params.to(torch.float64), centre)
-    bound = bound_terms(params, centre, white)[0] * torch.finfo(dtype).eps
+    bound = bound_terms(params, centre, white, with_rep=False)[0] * torch.finfo(dtype).eps
     return torch.where(params.logits.detach() == -math.inf, torch.zeros_like(bound), bound)
 
 

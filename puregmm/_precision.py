@@ -55,10 +55,12 @@ def precision_plan(
     rest stay float32; otherwise float64 throughout. One host synchronisation.
     """
     mdtype = mo.moment_dtype(dtype)
-    quad, rep = mo.bound_terms(params, centre, white)
+    lower = dtype != mdtype and not params.spec.pooled_moments  # float32 T and GEMMs possible
+    quad, rep = mo.bound_terms(params, centre, white, with_rep=lower)
     live = params.logits.detach() > -math.inf
     coarse = live & (quad * torch.finfo(torch.float64).eps > mo.MAX_ROUNDING)
-    if dtype != mdtype and not params.spec.pooled_moments:
+    if lower:
+        assert rep is not None
         fail = torch.nonzero(coarse | (live & (quad > LOW_PRECISION_RATIO * rep))).flatten().tolist()
         if len(fail) <= MIXED_MAX_SHARE * params.n_components:
             return dtype, fail
