@@ -103,6 +103,7 @@ def sufficient_stats(
     (torch.Size([3]), tensor(100., dtype=torch.float64))
     """
     _validate.data_shape(params, x)  # static: the params' structure, x [N, D] of their dtype
+    _validate.unbatched(params, "sufficient_stats")
     if x.dim() != 2:
         raise ValueError(f"x must be [N, D] with D={params.dim} (unbatched params); got shape {tuple(x.shape)}")
     _validate.kernel_weight(sample_weight, x)

@@ -404,3 +404,13 @@ def test_plot_criterion_skips_non_finite_values(no_figures: Any) -> None:
     assert "best: full, K=2" in [t.get_text() for t in ax.get_legend().get_texts()]
     ax = pg.plot_criterion({"K": torch.tensor([1, 2]), "bic": np.array([3.0, 1.0])})
     assert "best: full, K=2" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_sufficient_stats_names_batched_params() -> None:
+    """Batched params with shared data: a ValueError naming the batch dims (vmap is the way)."""
+    x = _x()
+    p = pg.init(x, 2, "full")
+    batched = pytree.tree_map(lambda t: torch.stack([t, t]), p)
+    with pytest.raises(ValueError, match=r"sufficient_stats needs unbatched params.*batch dims \(2,\)"):
+        pg.sufficient_stats(batched, x)
+    assert torch.func.vmap(pg.sufficient_stats, in_dims=(0, None))(batched, x).resp_sum.shape == (2, 2)
