@@ -194,7 +194,10 @@ def run(
     z = (x - shift[:, None, :]) / s[:, None, None] if data_batched else (x - shift[0]) / s[0]
     std_cfg = cfg._replace(reg_covar=standardised_reg(cfg.reg_covar, s[0]))  # EM: one scale for all runs
     std = per_run(affine, b)(starts, 1.0 / s, -shift / s.unsqueeze(-1))
-    states = stack([row.make_state(run, k, std_cfg) for run, k in zip(unstack(std), run_keys.unbind(0), strict=True)])
+    if row.vmap_state and b > 1:  # the runs' states in one call
+        states = torch.func.vmap(lambda p, k: row.make_state(p, k, std_cfg))(std, run_keys)
+    else:
+        states = stack([row.make_state(p, k, std_cfg) for p, k in zip(unstack(std), run_keys.unbind(0), strict=True)])
     if reduce is None:
         kernel = batched_kernel(lambda st, zs, ws: row.advance(st, zs, ws, std_cfg), b, data_batched, w is not None)
     else:  # the runs one after another, each step's sums reduced over the ranks
@@ -222,7 +225,8 @@ def run(
     if reduce is not None or (b == 1 and not data_batched):  # unbatched kernels (fast in-place path)
         final = torch.stack([row.final_loss(index(z_params, i), z, w, reduce).detach() for i in range(b)])
     else:
-        final = torch.func.vmap(row.final_loss, in_dims=(0, xdim, wdim))(z_params, z, w).detach()
+        score = in_groups(torch.func.vmap(row.final_loss, in_dims=(0, xdim, wdim)), data_batched)
+        final = score(z_params, z, w).detach()
     return FitResult(
         pytree.tree_map(torch.Tensor.detach, params),
         final + x.shape[-1] * torch.log(s),

@@ -218,6 +218,8 @@ class Method(NamedTuple):
         deterministic: whether a run from given params draws nothing (restarts would repeat it).
         stream: whether each step reads the next batch of a stream (a step's data come from
             the driver's source: :mod:`puregmm.stream`), not the same in-memory data.
+        vmap_state: whether ``make_state`` may run under ``vmap`` over stacked runs (no value
+            checks): B runs' states in one call instead of B calls and a stack.
     """
 
     name: str
@@ -231,6 +233,7 @@ class Method(NamedTuple):
     batches: bool
     deterministic: bool
     stream: bool = False
+    vmap_state: bool = False
 
 
 def _em_state(params: GMMParams, key: Tensor, cfg: Settings) -> EMState:
@@ -249,7 +252,7 @@ METHODS: dict[str, Method] = {
     "em": Method(
         "em", EM_MAX_STEPS, EM_TOL, _em_state,
         lambda s, z, w, cfg, reduce=None: em_advance(s, z, w, reg_covar=cfg.reg_covar, reduce=reduce),
-        loop.em_converged, em_nll, per_run_scale=False, batches=False, deterministic=True,
+        loop.em_converged, em_nll, per_run_scale=False, batches=False, deterministic=True, vmap_state=True,
     ),
     "gd": Method(
         "gd", GD_MAX_STEPS, GD_TOL, _gd_state,
