@@ -49,8 +49,8 @@ Design decisions:
   T and both GEMMs in float32 when, for every live component, that is at most
   ``LOW_PRECISION_RATIO`` times what the float32 rows themselves leave open
   (:func:`puregmm._precision.precision_plan`), with the GEMM's sums over rows in float32 blocks
-  added in float64 (:func:`puregmm._precision.accumulate`); when only a few components fail the
-  test, those are whitened in float64 and the rest stay float32 (``estep._mixed_stats``);
+  added in float64 (:func:`puregmm._precision.accumulate`); components whitened for the
+  reason below do not count (``estep._mixed_stats`` whitens them beside float32 for the rest);
   otherwise float64 throughout. Under ``vmap``, autograd and ``torch.compile`` the test would
   be a value-dependent branch: float64 throughout.
 * **Precision.** That bound is the form's limit: ⟨η_k, T(x)⟩ rounds by about

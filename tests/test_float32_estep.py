@@ -178,15 +178,16 @@ def test_one_em_step_matches_the_float64_path(family: str, monkeypatch: pytest.M
     assert _gap(_moments_of(got), _moments_of(want)) <= rtol
 
 
-def _narrow_far(k: int) -> tuple[pg.GMMParams, torch.Tensor]:
-    """K - 1 unit clusters near (10, 10, 10) and one of width 1e-2 ~37 from them (float32): its
-    float64 form rounds by ~3e-9 nats (no whitening needed), its float32 one by ~2 nats."""
+def _narrow_far(k: int, width: float = 1e-2) -> tuple[pg.GMMParams, torch.Tensor]:
+    """K - 1 unit clusters near (10, 10, 10) and one of ``width`` ~37 from them (float32). At
+    1e-2 its float64 form rounds by ~3e-9 nats (no whitening needed), its float32 one by ~2
+    nats; at 1e-4 the float64 one by ~3e-5 (whitened)."""
     g = torch.Generator().manual_seed(5)
     means = torch.full((k, 3), 10.0, dtype=F64)
     means[:-1] += torch.randn(k - 1, 3, generator=g, dtype=F64)
     means[-1] = torch.tensor([40.0, -10.0, 20.0], dtype=F64)
     scale = torch.ones(k, dtype=F64)
-    scale[-1] = 1e-2
+    scale[-1] = width
     cov = scale[:, None, None] ** 2 * torch.eye(3, dtype=F64)
     p = pg.from_moments(torch.full((k,), 1.0 / k, dtype=F64), means, cov)
     labels = torch.arange(400 * k) % k
@@ -196,10 +197,11 @@ def _narrow_far(k: int) -> tuple[pg.GMMParams, torch.Tensor]:
 
 def test_narrow_far_component_keeps_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     """The narrow component ~3e3 widths from the centre: Q/R ~ 2e3 > LOW_PRECISION_RATIO, so the
-    E-step stays float64 (the float64 path's result bit for bit), whereas the float32 form
-    would move its covariance by far more than the float32 data's own rounding."""
-    p, x = _narrow_far(3)
-    assert _plan(p) == (F64, [])  # one of three fails: more than MIXED_MAX_SHARE, float64 throughout
+    E-step stays float64 (the float64 path's result bit for bit; one component of eight is
+    enough: whitening it alone would cost more), whereas the float32 form would move its
+    covariance by far more than the float32 data's own rounding."""
+    p, x = _narrow_far(8)
+    assert _plan(p) == (F64, [])
     got = em.sufficient_stats(p, x)
     _float64_path(monkeypatch)
     want = em.sufficient_stats(p, x)
@@ -215,23 +217,24 @@ def test_narrow_far_component_keeps_float64(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_only_the_far_component_is_whitened(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Eight components, one narrow and far: it is whitened in float64, the other seven stay
-    float32; the statistics equal the float64 path's within the float32 bound of the seven (the
-    whitened one within float64's: its rows are claimed by it alone)."""
-    p, x = _narrow_far(8)
+    """Eight components, one so narrow and far that its float64 form rounds too much: it is
+    whitened in float64, the other seven stay float32; the statistics equal the float64 path's
+    (which whitens it too) within the float32 bound of the seven (the whitened one within
+    float64's: its rows are claimed by it alone)."""
+    p, x = _narrow_far(8, width=1e-4)
     assert _plan(p) == (F32, [7])
     got = em.sufficient_stats(p, x)
     _float64_path(monkeypatch)
     want = em.sufficient_stats(p, x)
     n_b, x_b, s_b, _ = _stats_bound(p, x, x.shape[0])
-    far = bounds.stats_rtol(p.to(F64), x.to(F64))  # float64 natural (about g) against whitened
+    far = bounds.stats_rtol(p.to(F64), x.to(F64))  # whitened on both routes, float64
     for b, w in zip((n_b, x_b, s_b), want[:3]):
         b[7] = far * w[7].double().abs().max()
     _assert_stats_close(got, want, (n_b, x_b, s_b))
 
 
 def test_transforms_keep_float64(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under vmap (and autograd, torch.compile) the plan is never asked: a value-dependent
+    """Under vmap and autograd (and torch.compile) the plan is never asked: a value-dependent
     branch; the stacked E-step is the float64 path's."""
     p, x = _data("full")
     _float64_path(monkeypatch)
@@ -244,6 +247,8 @@ def test_transforms_keep_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     stacked = torch.func.vmap(lambda xs: em.sufficient_stats(p, xs))(x.unsqueeze(0))
     for a, b in zip(stacked[:3], want[:3]):  # float64 sums in another order, each rounded to float32
         torch.testing.assert_close(a[0], b, rtol=2 * bounds.eps(F32), atol=0)
+    traced = pg.GMMParams(p.logits.clone().requires_grad_(), p.means, p.scale, p.family)
+    em.sufficient_stats(traced, x).resp_sum.sum().backward()  # autograd: not asked either
 
 
 def _sklearn_em(p: pg.GMMParams, x: torch.Tensor, steps: int) -> tuple[torch.Tensor, ...]:
