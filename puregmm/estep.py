@@ -44,8 +44,8 @@ from puregmm.stats import Stats, combine
 
 
 def default_chunk_size(n: int, k: int, d: int, family: str = "full") -> int:
-    """Rows per E-step chunk from static shapes: the chunk's float64 block of sufficient
-    statistics T [chunk, P] near :data:`puregmm._moments.CHUNK_BYTES` (a few MB).
+    """Rows per E-step chunk from static shapes: the chunk's block of sufficient statistics
+    T [chunk, P], at 8 bytes an entry, near :data:`puregmm._moments.CHUNK_BYTES` (a few MB).
 
     Args:
         n: rows; k: components; d: dimensions; family: the covariance family.
@@ -72,7 +72,7 @@ def sufficient_stats(
 
     Rows go through :func:`chunk_pass` in chunks of ``chunk_size`` (default from static shapes,
     :func:`default_chunk_size`), in exponential-family form (:mod:`puregmm._moments`): per
-    chunk, the float64 block T of the rows' products about the centre of the means, the joint
+    chunk, the block T of the rows' products about the centre of the means, the joint
     log-densities ℓ = η Tᵀ [K, c] (one GEMM with the natural parameters η of ``params``),
     responsibilities in log space, and the moments r T (one GEMM), shifted exactly to each
     component's mean at the end. Only the [c, P] and [K, c] blocks and an [N] vector of
@@ -80,7 +80,10 @@ def sufficient_stats(
     differentiated. ``sample_weight`` [N] (non-negative, not checked here) weights rows as
     counts. Use ``torch.func.vmap`` for stacked params/data. On plain eager tensors, when that
     form would round by more than 1e-8 nats (:func:`puregmm._moments.rounding_bound`), the
-    statistics come from whitening each row per component instead (exact; slower).
+    statistics come from whitening each row per component instead (exact; slower). T and the
+    GEMMs are float64, or float32 for float32 data on plain eager tensors where the error bound
+    says that loses nothing the float32 rows had (:mod:`puregmm._precision`); the sums over
+    rows are float64 either way.
 
     Args:
         params: unbatched mixture params.
