@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Union
 import torch
 from torch import Tensor
 
+from puregmm import _validate
 from puregmm.tree import tree_map, tree_map2, zeros_like
 
 Schedule = Callable[[Tensor], Any]
@@ -171,7 +172,7 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, warmup
 
     Args:
         init_value: the peak learning rate.
-        decay_steps: T > 0, steps from the peak to ``alpha · init_value`` (not checked).
+        decay_steps: T > 0, steps from the peak to ``alpha · init_value``.
         alpha: the final fraction of ``init_value``.
         warmup_steps: W, steps of the linear warm-up (0: none).
 
@@ -183,6 +184,9 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0, warmup
     >>> [round(float(lr(torch.tensor(t))), 4) for t in (0, 50, 100, 1000)]
     [0.1, 0.0505, 0.001, 0.001]
     """
+    init_value, decay_steps, alpha, warmup_steps = _validate.cosine_decay_args(
+        init_value, decay_steps, alpha, warmup_steps
+    )
 
     def schedule(count: Tensor) -> Tensor:
         c = count.to(torch.float64)
