@@ -83,7 +83,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from puregmm import density
-from puregmm._chunks import Worst  # noqa: F401  (moved to _chunks; tests/test_em_exact.py still reads it here)
 from puregmm._fused import Whitening
 from puregmm.families import SQUARE_MAX_D, Layout, layout
 from puregmm.params import GMMParams

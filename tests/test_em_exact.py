@@ -25,7 +25,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import puregmm as pg
-from puregmm import _moments, em
+from puregmm import _chunks, _moments, em
 from tests import bounds
 from tests.oracles import mixture_data, random_params, to_np
 
@@ -324,7 +324,7 @@ def test_worst_rows_are_distinct_with_few_finite_scores() -> None:
     (padding) or NaN, and agree with the stable sort."""
     ranked = torch.tensor([float("inf"), 3.0, float("nan"), float("inf"), 1.0, 3.0], dtype=torch.float64)
     for k in (2, 4, 6):
-        plain = _moments.Worst(k)
+        plain = _chunks.Worst(k)
         plain.add(ranked, 0)  # not eager: the argmin passes
         rows = plain.rows[0].tolist()
         assert len(set(rows)) == k and rows[:3] == [4, 1, 5][: min(k, 3)]
@@ -333,7 +333,7 @@ def test_worst_rows_are_distinct_with_few_finite_scores() -> None:
 
 
 def _worst_rows(r: torch.Tensor, k: int) -> torch.Tensor:
-    w = _moments.Worst(k)
+    w = _chunks.Worst(k)
     w.add(r, 0)
     return w.rows[0]
 
