@@ -70,7 +70,11 @@ class GMMParams:
         return self.means.device
 
     def to(self, *args: Any, **kwargs: Any) -> GMMParams:
-        """Move/cast every leaf, as ``Tensor.to`` does (device, dtype or both)."""
+        """Move/cast every leaf, as ``Tensor.to`` does (device, dtype or both); ``self`` when a
+        dtype is all that is asked and every leaf has it (kernels ask on every call)."""
+        if not kwargs and len(args) == 1 and isinstance(args[0], torch.dtype):
+            if all(t.dtype == args[0] for t in (self.logits, self.means, self.scale)):
+                return self
         return pytree.tree_map(lambda t: t.to(*args, **kwargs), self)
 
     def __repr__(self) -> str:
