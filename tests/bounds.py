@@ -303,3 +303,13 @@ def assert_leaves_close(got: Any, want: Any, rtol: float, what: str = "", floor:
         tol = rtol * leaf_scale(tv, floor)
         note = f"{what} leaf {i} (atol {tol:.2g})"
         torch.testing.assert_close(tu.to(tv.dtype), tv, rtol=0, atol=tol, msg=_prefixed(note))
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+    """Exact equality of two pytrees of tensors (same structure; NaN leaves equal when all NaN):
+    for code that must give the same bits (purity, fast paths that equal the general one)."""
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    assert sa == sb
+    for i, (x, y) in enumerate(zip(la, lb)):
+        assert torch.equal(x, y) or (torch.isnan(x).all() and torch.isnan(y).all()), f"leaf {i} differs"

@@ -14,20 +14,11 @@ import dataclasses
 
 import pytest
 import torch
-import torch.utils._pytree as pytree
 
 import puregmm as pg
 from puregmm import _fused, _fused_autograd, train
 from tests import bounds
 from tests.strategies import random_data, random_params
-
-
-def assert_trees_equal(a, b):
-    la, sa = pytree.tree_flatten(a)
-    lb, sb = pytree.tree_flatten(b)
-    assert sa == sb
-    for i, (x, y) in enumerate(zip(la, lb)):
-        assert torch.equal(x, y) or (torch.isnan(x).all() and torch.isnan(y).all()), f"leaf {i} differs"
 
 
 def leaves_of(p: pg.GMMParams) -> list[torch.Tensor]:
@@ -54,7 +45,7 @@ def test_loss_backward_equals_torch_func_grad(family, chunked):
     pg.loss(pg.GMMParams(*own, family=family), x).backward()
     got = pg.GMMParams(*[torch.zeros_like(t) if t.grad is None else t.grad for t in own], family=family)
     if chunked == "chunks":
-        assert_trees_equal(got, expected)
+        bounds.assert_trees_equal(got, expected)
     else:
         rtol = bounds.derivative_rtol(p, x)
         bounds.assert_leaves_close(leaves_of(got), leaves_of(expected), rtol, "eager against torch.func gradient")
@@ -73,7 +64,7 @@ def test_fast_apply_equals_function_apply_with_second_derivatives():
         (da,) = torch.autograd.grad(out, a, create_graph=True)
         (dda,) = torch.autograd.grad(da.square().sum(), a)
         results.append((out, da, dda))
-    assert_trees_equal(results[0], results[1])
+    bounds.assert_trees_equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("family", pg.FAMILIES)
@@ -82,7 +73,7 @@ def test_step_gradient_equals_grad_and_value(family, chunked):
     w = torch.rand(40, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     for weight in (None, w):
         got = train._grad_and_value(p, x, weight, None)
-        assert_trees_equal(got, torch.func.grad_and_value(pg.loss)(p, x, weight))
+        bounds.assert_trees_equal(got, torch.func.grad_and_value(pg.loss)(p, x, weight))
 
 
 def test_step_inside_an_outer_graph_takes_the_transform_path():
@@ -115,5 +106,5 @@ def test_reset_skip_equals_the_branch_free_reset(family, broken, monkeypatch):
     fast = pg.step(state, x)
     monkeypatch.setattr(train, "_top_level", lambda *t: False)
     slow = pg.step(state, x)
-    assert_trees_equal(fast, slow)
+    bounds.assert_trees_equal(fast, slow)
     assert (int(fast.n_resets) > 0) == broken

@@ -9,19 +9,12 @@ import torch.utils._pytree as pytree
 from hypothesis import given
 
 import puregmm as pg
+from tests.bounds import assert_trees_equal
 from tests.strategies import mixtures, random_data, random_params
 
 
 def clone_tree(tree):
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
-
-
-def assert_trees_equal(a, b):
-    la, sa = pytree.tree_flatten(a)
-    lb, sb = pytree.tree_flatten(b)
-    assert sa == sb
-    for i, (x, y) in enumerate(zip(la, lb)):
-        assert torch.equal(x, y) or (torch.isnan(x).all() and torch.isnan(y).all()), f"leaf {i} differs"
 
 
 @given(mixtures())
