@@ -22,14 +22,16 @@ SORT_MAX_ROWS = 4096
 Add = Callable[[Tensor, "Tensor | None", int, int], Tensor]
 
 
-def chunk_pass(x: Tensor, w: Tensor | None, k: int, rows: int, add: Add, eager: bool) -> tuple[Tensor, ...]:
+def chunk_pass(
+    x: Tensor, w: Tensor | None, k: int, rows: int, add: Add, eager: bool, lowest_rows: bool = True
+) -> tuple[Tensor, ...]:
     """The one loop over the rows of ``x`` [N, D]: ``add`` per chunk of ``rows``.
 
     Returns (Σ ω score, Σ ω, the K lowest scores [K], their rows [K, D]); zero-weight rows are
-    never among the lowest (padding).
+    never among the lowest (padding). ``lowest_rows=False``: only the two sums (a score pass).
     """
     n = x.shape[0]
-    if eager and 0 < n <= min(rows, SORT_MAX_ROWS):  # one small eager chunk: its K lowest rows by one sort
+    if lowest_rows and eager and 0 < n <= min(rows, SORT_MAX_ROWS):  # one small eager chunk: one sort
         score = add(x, w, 0, n)
         return (*total(score, w, x), *lowest(ranked(score, w), x, k))
     score_sum: Tensor | float = 0.0
@@ -41,9 +43,11 @@ def chunk_pass(x: Tensor, w: Tensor | None, k: int, rows: int, add: Add, eager: 
         score = add(x[start:stop], ws, start, stop)
         part, count = total(score, ws, x[start:stop])
         score_sum, weight_sum = score_sum + part, weight_sum + count
-        worst.add(ranked(score, ws), start, eager=eager)
-    assert isinstance(score_sum, Tensor) and isinstance(weight_sum, Tensor)
-    return (score_sum, weight_sum, *worst.result(x))
+        if lowest_rows:
+            worst.add(ranked(score, ws), start, eager=eager)
+    if not isinstance(score_sum, Tensor) or not isinstance(weight_sum, Tensor):  # no rows
+        score_sum, weight_sum = total(x.new_zeros(0), w, x)
+    return (score_sum, weight_sum, *worst.result(x)) if lowest_rows else (score_sum, weight_sum)
 
 
 def to_stats(moments: tuple[Tensor, Tensor, Tensor], passed: tuple[Tensor, ...], dtype: torch.dtype) -> Stats:

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from puregmm import _masked, _validate
+from puregmm._given_mode import label_stats, responsibility_stats
 from puregmm._masked import Plan
-from puregmm.estep import default_chunk_size, label_stats, responsibility_stats, sufficient_stats
+from puregmm.estep import default_chunk_size, sufficient_stats
 from puregmm.mstep import m_step, maximise
 from puregmm.params import GMMParams
 from puregmm.stats import EMInfo, Stats, combine

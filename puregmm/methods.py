@@ -28,6 +28,7 @@ from puregmm import _validate, keys, loop
 from puregmm.density import log_prob
 from puregmm.density import loss as nll
 from puregmm.em import em_step, sufficient_stats
+from puregmm.estep import log_lik
 from puregmm.online import OnlineState, online_state, online_update
 from puregmm.params import GMMParams
 from puregmm.train import TrainState, init_state, step
@@ -172,8 +173,10 @@ def em_nll(params: GMMParams, x: Tensor, w: Tensor | None, reduce: Any = None) -
     """Mean NLL by the E-step's pass (:mod:`puregmm._moments`): the computation of the EM
     history's values, equal to :func:`puregmm.loss` up to rounding. With ``reduce`` (a
     :class:`puregmm.distributed.Collective`), over every rank's rows."""
-    stats = sufficient_stats(params, x, w)
-    stats = stats if reduce is None else reduce(stats)
+    if reduce is None:
+        ll, count = log_lik(params, x, w)  # the statistics' scores without the statistics
+        return -ll / count
+    stats = reduce(sufficient_stats(params, x, w))
     return -stats.log_lik_sum / stats.weight_sum
 
 

@@ -452,3 +452,26 @@ def test_numerically_singular_covariance_is_repaired_and_counted() -> None:
         # the repair adds 10·D²·eps·max: at least 10·eps·max after eigvalsh's own D·eps
         assert float(eig[0]) >= 10 * bounds.eps(torch.float64) * float(eig[-1])
     assert counted >= 1
+
+
+@pytest.mark.parametrize("family", pg.FAMILIES)
+def test_score_pass_equals_the_statistics_scores_under_vmap(family: str) -> None:
+    """A batched fit's final loss takes the natural form's scores alone (estep.log_lik: no
+    moments, no worst rows); it equals the statistics' log-likelihood, eagerly and under vmap,
+    to the rounding of a mean log-density."""
+    from puregmm import estep
+    from puregmm.methods import em_nll
+
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(3, 200, 3, generator=g, dtype=torch.float64) + 5 * torch.randint(0, 2, (3, 200, 1), generator=g)
+    ws = torch.rand(3, 200, generator=g, dtype=torch.float64)
+    ps = [pg.init(xs[b], 3, family, key=1) for b in range(3)]
+    stacked = torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *ps)
+    got = torch.func.vmap(em_nll, in_dims=(0, 0, 0))(stacked, xs, ws)
+    for b in range(3):
+        s = pg.sufficient_stats(ps[b], xs[b], ws[b])
+        want = -s.log_lik_sum / s.weight_sum
+        atol = bounds.log_lik_atol(ps[b], xs[b], n=xs.shape[1])
+        assert abs(float(got[b] - want)) <= atol, (b, float(got[b] - want), atol)
+        ll, count = estep.log_lik(ps[b], xs[b], ws[b])  # eager: the statistics' own pass
+        assert torch.equal(ll, s.log_lik_sum) and torch.equal(count, s.weight_sum)
