@@ -115,6 +115,8 @@ def sufficient_stats(
     if observed is not None:
         return missing_stats(params, x, observed, sample_weight, chunk_size)
     plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
+    if plain and params.spec.whitening_cheaper(x.shape[0], params.n_components, params.dim):
+        return whitened_stats(params, x, sample_weight, chunk_size)  # the exact form, and the cheaper one here
     centre = mo.centre_of(params)  # [D], g
     white = density.whitening(params.to(mo.moment_dtype(x.dtype)), centre)  # η's maps (and the bounds')
     flagged: list[int] = []

@@ -10,6 +10,7 @@ import torch
 import puregmm as pg
 from puregmm import _moments as mo
 from puregmm import estep
+from puregmm.families import Family
 from tests.bounds import SLACK
 
 EPS = torch.finfo(torch.float64).eps
@@ -17,6 +18,7 @@ EPS = torch.finfo(torch.float64).eps
 
 @pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
 def test_one_flagged_component_equals_the_whitened_mode(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Family, "whitening_cheaper", lambda self, n, k, d: False)  # the natural form's fallback
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(300, 3, generator=g, dtype=torch.float64), 1e3 + 1e-7 * torch.randn(5, 3, generator=g)])
     cov = torch.stack([torch.eye(3), 2 * torch.eye(3), 1e-12 * torch.eye(3)]).double()
@@ -84,3 +86,29 @@ def test_rounding_bound_caps_the_natural_forms_error(family: str, case: str) -> 
         assert float(((natural - white).abs() - own).max()) <= SLACK * float(bound[j]), (case, j)
     if case == "tiny independent variances" and family == "full":
         assert bool((old > mo.MAX_ROUNDING).all()) and not bool((bound > mo.MAX_ROUNDING).any())
+
+
+@pytest.mark.parametrize(("family", "k", "whitens"), [("full", 2, True), ("full", 16, False), ("diagonal", 2, False)])
+def test_small_full_fits_whiten_where_it_is_cheaper(family: str, k: int, whitens: bool, monkeypatch) -> None:
+    """Plain E-steps of the full family with few components per dimension (4K <= 3(D+1), N <=
+    1e4) take the whitened form (BLAS-3 per component, cheaper there); its statistics equal the
+    natural form's to rounding."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64) + 4 * torch.randint(0, 2, (400, 1), generator=g)
+    p = pg.init(x, k, family, key=0)
+    calls: list[int] = []
+    whitened = estep.whitened_stats
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return whitened(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(estep, "whitened_stats", counted)
+    got = pg.sufficient_stats(p, x)
+    assert bool(calls) == whitens
+    monkeypatch.setattr(Family, "whitening_cheaper", lambda self, n, k, d: False)
+    want = pg.sufficient_stats(p, x)  # the natural form
+    for name in got._fields:
+        a, b = getattr(got, name), getattr(want, name)
+        tol = 10 * x.shape[0] * EPS * max(1.0, float(b.abs().max()))  # two summation orders
+        assert float((a - b).abs().max()) <= tol, name

@@ -23,6 +23,10 @@ from puregmm.families._helpers import (  # noqa: F401  (the rows' maths)
     upper_factor,
 )
 
+#: Above this many rows the E-step keeps the natural form whatever the shapes (its chunks stay in
+#: cache; whitening passes over all rows once per component): see Family.whitening_cheaper.
+WHITEN_MAX_ROWS = 10_000
+
 #: Names of the rows whose variance is fixed (filled in by :mod:`puregmm.families` from its table).
 FIXED_VARIANCE: tuple[str, ...] = ()
 
@@ -155,6 +159,15 @@ class Family:
     def dense_factor(self) -> bool:
         """Whether U is a full upper-triangular matrix (else diagonal: whitening is a product)."""
         return self.scale_ndim == 2
+
+    def whitening_cheaper(self, n: int, k: int, d: int) -> bool:
+        """Whether a plain E-step of ``n`` rows costs less by whitening each row per component
+        (K BLAS-3 products [n, D] x [D, D], scikit-learn's form) than by the natural form's
+        products T (~D²/2 columns per row, built element by element): dense per-component
+        factors, n <= :data:`WHITEN_MAX_ROWS` and 4K <= 3(D + 1). Measured (one thread): wine
+        K=2 0.47 vs 0.79 ms, breast cancer K=20 4.2 vs 6.7 ms, digits K=10 17 vs 31 ms; the
+        natural form wins from K ~ D (1000 x 16, K=16: 2.5 vs 5.9 ms) and at large N."""
+        return self.dense_factor and self.per_component and n <= WHITEN_MAX_ROWS and 4 * k <= 3 * (d + 1)
 
     @property
     def pooled_moments(self) -> bool:
