@@ -16,7 +16,9 @@ pooled (tied)      ℓ from the linear part only (the quadratic part is common t
 whitened (safe)    ℓ by whitening each row per component (:mod:`puregmm.density`), moments
                    about each mean directly; plain eager tensors whose natural form would
                    round by more than 1e-8 nats (a numerically safer mode of the same pass),
-                   all components or only those (the rest natural, ``_mixed_stats``)
+                   all components or only those (the rest natural, ``_mixed_stats``); and
+                   small full-family data with few components per dimension, where its
+                   BLAS-3 products cost less (``Family.whitening_cheaper``)
 given r            responsibilities given (init; :mod:`puregmm._given_mode`): M += r T, or r [y, 1]
                    and the pooled scatter
 missing            ``observed=`` given: per pattern (or per row) the marginal density of the
