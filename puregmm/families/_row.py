@@ -164,9 +164,9 @@ class Family:
         """Whether a plain E-step of ``n`` rows costs less by whitening each row per component
         (K BLAS-3 products [n, D] x [D, D], scikit-learn's form) than by the natural form's
         products T (~D²/2 columns per row, built element by element): dense per-component
-        factors, n <= :data:`WHITEN_MAX_ROWS` and 4K <= 3(D + 1). Measured (one thread): wine
-        K=2 0.47 vs 0.79 ms, breast cancer K=20 4.2 vs 6.7 ms, digits K=10 17 vs 31 ms; the
-        natural form wins from K ~ D (1000 x 16, K=16: 2.5 vs 5.9 ms) and at large N."""
+        factors, n <= :data:`WHITEN_MAX_ROWS` and 4K <= 3(D + 1). ``benchmarks/profile_small.py``
+        prints both forms' times (wine K=2 0.49 vs 0.88 ms natural, digits K=10 17.7 vs 25.9 ms);
+        the natural form wins as K approaches D and at large N (one GEMM for all components)."""
         return self.dense_factor and self.per_component and n <= WHITEN_MAX_ROWS and 4 * k <= 3 * (d + 1)
 
     @property
