@@ -41,13 +41,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     """Per-row log p(x) and most likely component, to --out (atomically) or stdout."""
     if args.out is not None:
         check_outputs({"--out": args.out}, {"MODEL": args.model, "DATA": args.data})
-    params = load_model(args.model)
-    arr = load_data(args.data)
-    if arr.shape[1] != params.dim:
-        raise UsageError(
-            f"DATA {args.data!r} has D={arr.shape[1]} columns but the model has D={params.dim}; "
-            "score data with the columns the model was fitted on"
-        )
+    params, arr = _model_and_data(args, "score")
     _check_finite(arr, params.dtype, args.data)  # before the output is opened: bad data writes nothing
     if args.out is None:
         _write_scores(arr, params, sys.stdout.write)
@@ -158,13 +152,7 @@ def cmd_impute(args: argparse.Namespace) -> int:
             f"--out must end in DATA's suffix {src.suffix!r} (impute writes DATA's format); got {args.out!r}"
         )
     check_outputs({"--out": args.out}, {"MODEL": args.model, "DATA": args.data})
-    params = load_model(args.model)
-    arr = load_data(args.data)
-    if arr.shape[1] != params.dim:
-        raise UsageError(
-            f"DATA {args.data!r} has D={arr.shape[1]} columns but the model has D={params.dim}; "
-            "impute data with the columns the model was fitted on"
-        )
+    params, arr = _model_and_data(args, "impute")
     x = tensor(arr, None).to(params.dtype)
     inf = torch.isinf(x)
     if bool(inf.any()):
@@ -223,3 +211,15 @@ def _column_names(src: Path, d: int) -> list[str]:
         return list(pq.read_schema(src).names)[:d]
     except Exception:  # any reader problem: generic names
         return [f"x{i + 1}" for i in range(d)]
+
+
+def _model_and_data(args: argparse.Namespace, verb: str) -> tuple[pg.GMMParams, np.ndarray]:
+    """MODEL and DATA of ``args``, DATA with the model's number of columns (else a UsageError)."""
+    params = load_model(args.model)
+    arr = load_data(args.data)
+    if arr.shape[1] != params.dim:
+        raise UsageError(
+            f"DATA {args.data!r} has D={arr.shape[1]} columns but the model has D={params.dim}; "
+            f"{verb} data with the columns the model was fitted on"
+        )
+    return params, arr

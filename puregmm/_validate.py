@@ -223,11 +223,7 @@ def means(m: Any, k: int, d: int, dtype: torch.dtype, device: torch.device, name
 
 def positive_int(v: Any, name: str) -> int:
     """A positive ``int`` (bool refused): ``TypeError`` for another type, ``ValueError`` below 1."""
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int; got {type(v).__name__} {v!r}")
-    if not 1 <= v < 2**63:
-        raise ValueError(f"{name} must be a positive int (below 2**63); got {v!r}")
-    return int(v)
+    return _int_from(v, name, 1, "positive")
 
 
 def non_negative(v: Any, name: str) -> float:
@@ -239,10 +235,15 @@ def non_negative(v: Any, name: str) -> float:
 
 def non_negative_int(v: Any, name: str) -> int:
     """A non-negative ``int`` (bool refused): ``TypeError`` for another type, ``ValueError`` below 0."""
+    return _int_from(v, name, 0, "non-negative")
+
+
+def _int_from(v: Any, name: str, least: int, kind: str) -> int:
+    """An ``int`` in [least, 2**63) (bool refused), named ``kind`` in the messages."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be a non-negative int; got {type(v).__name__} {v!r}")
-    if not 0 <= v < 2**63:
-        raise ValueError(f"{name} must be a non-negative int (below 2**63); got {v!r}")
+        raise TypeError(f"{name} must be a {kind} int; got {type(v).__name__} {v!r}")
+    if not least <= v < 2**63:
+        raise ValueError(f"{name} must be a {kind} int (below 2**63); got {v!r}")
     return int(v)
 
 
