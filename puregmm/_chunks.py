@@ -16,7 +16,7 @@ from puregmm.stats import Stats, total
 
 ARGMIN_MAX_K = 8  # up to this many components, the K lowest rows by K argmin passes, not a sort
 #: Data of at most this many rows, in one chunk, rank their rows by one stable sort (fewer small
-#: ops than :class:`puregmm._moments.Worst`'s top-K passes, and a sort of a few thousand is cheap).
+#: ops than :class:`Worst`'s top-K passes, and a sort of a few thousand is cheap).
 SORT_MAX_ROWS = 4096
 #: add(x_chunk [c, D], weights [c] | None, start, stop) -> the chunk's ranking score [c]
 Add = Callable[[Tensor, "Tensor | None", int, int], Tensor]

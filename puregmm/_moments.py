@@ -176,11 +176,9 @@ def bound_terms(
     return a[1].square().sum(0) + d, (mu.abs() * a[0].mT).sum(-1) + d if with_rep else None
 
 
-def rounding_bound(
-    params: GMMParams, centre: Tensor, white: Whitening | None = None, dtype: torch.dtype = torch.float64
-) -> Tensor:
+def rounding_bound(params: GMMParams, centre: Tensor, white: Whitening | None = None) -> Tensor:
     """[K] bound, in nats up to a small factor, on the rounding of ⟨η_k, T(x)⟩ for rows x that
-    component k can claim (x - μ_k within a few σ per coordinate), T and the GEMMs in ``dtype``.
+    component k can claim (x - μ_k within a few σ per coordinate), T and the GEMMs in float64.
 
     The GEMM of η_k with T(x) rounds by ~eps·Σ |η_k| |T(x)|, and with y = x - g = d_k + z
     (d_k = μ_k - g, z = x - μ_k) that is ~eps·(|d_k|ᵀ|P_k||d_k| + |z|ᵀ|P_k||z|); for the rows
@@ -195,7 +193,7 @@ def rounding_bound(
     """
     if white is None:
         white = density.whitening(params.to(torch.float64), centre)
-    bound = bound_terms(params, centre, white, with_rep=False)[0] * torch.finfo(dtype).eps
+    bound = bound_terms(params, centre, white, with_rep=False)[0] * torch.finfo(torch.float64).eps
     return torch.where(params.logits.detach() == -math.inf, torch.zeros_like(bound), bound)
 
 
