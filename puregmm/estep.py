@@ -128,7 +128,7 @@ def sufficient_stats(
         if len(flagged) == params.n_components or (flagged and params.spec.pooled_moments):
             return whitened_stats(params, x, sample_weight, chunk_size)
         if flagged:
-            return _mixed_stats(params, x, sample_weight, chunk_size, centre, flagged, ndtype)
+            return _mixed_stats(params, x, sample_weight, chunk_size, centre, flagged, ndtype, white)
     if params.spec.pooled_moments:
         return pooled_stats(params, x, sample_weight, chunk_size, centre, plain, white)
     return _natural_stats(params, x, sample_weight, chunk_size, centre, plain, white, ndtype)
@@ -170,7 +170,7 @@ def _natural_stats(
     rows = mo.chunk_rows(n, lay, chunk_size)
     if low and chunk_size is None and rows > _precision.SUM_ROWS:
         rows -= rows % _precision.SUM_ROWS  # whole blocks
-    work = mo.Work(lay, rows, k, x, ndtype) if plain and rows < n else None  # reused by several chunks
+    work = mo.Work(lay, rows, k, x, ndtype) if plain and mo.worth_a_workspace(n, rows, lay) else None
     raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device) if work is not None or low else None  # Σ r T
     lse_buf = x.new_empty(rows, dtype=ndtype) if work is not None else None  # one chunk's log p, reused
 
@@ -238,29 +238,34 @@ def whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, c
 
 def _mixed_stats(
     params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor,
-    flagged: list[int], ndtype: torch.dtype,
+    flagged: list[int], ndtype: torch.dtype, white: Whitening,
 ) -> Stats:  # fmt: skip
     """The natural mode (T and its GEMMs in ``ndtype``) for every component but ``flagged``
     (plain eager tensors), whose log-densities come from whitening in float64
-    (:func:`puregmm.density.joint_log_prob_chunk`) and whose moments are summed about their
+    (:func:`puregmm.density.joint_log_prob_chunk`, one component at a time: a [c, D] block each,
+    not a [c, D, F] one with a short last axis) and whose moments are summed about their
     means directly, as :func:`whitened_stats` does for all: the fallback costs only the
-    components that need it."""
+    components that need it. ``white``: the float64 whitening about ``centre``."""
     spec, k, (n, d) = params.spec, params.n_components, x.shape
     lay = spec.moment_layout(d)
     mdtype = mo.moment_dtype(x.dtype)
-    white = density.whitening(params.to(mdtype))
-    eta = mo.natural(params, centre, mdtype, lay).to(ndtype)  # [K, P]
+    eta = mo.natural(params, centre, mdtype, lay, white).to(ndtype)  # [K, P]
     idx = torch.tensor(flagged, device=x.device)
-    sub = white._replace(a=white.a.index_select(-1, idx).contiguous(), const=white.const.index_select(0, idx))
+    subs = [white._replace(a=white.a[..., j : j + 1].contiguous(), const=white.const[j : j + 1]) for j in flagged]
     means = params.means.to(mdtype).index_select(0, idx)
     raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
     direct = [torch.zeros(sh, dtype=mdtype, device=x.device) for sh in ((len(flagged),), (len(flagged), d))]
     direct.append(torch.zeros(spec.stats_shape(len(flagged), d), dtype=mdtype, device=x.device))
 
+    rows = mo.chunk_rows(n, lay, chunk_size)
+    work = mo.Work(lay, rows, k, x, ndtype) if mo.worth_a_workspace(n, rows, lay) else None
+
     def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
-        t = mo.products(lay, xc, centre, ndtype, None)  # [c, P]
+        t = mo.products(lay, xc, centre, ndtype, work)  # [c, P]
         x64 = xc.to(mdtype)
-        lj = (eta @ t.mT).to(mdtype).index_copy(0, idx, density.joint_log_prob_chunk(sub, x64).mT)  # [K, c]
+        lj = (eta @ t.mT).to(mdtype)  # [K, c], a new tensor
+        for i, j in enumerate(flagged):
+            lj[j] = density.joint_log_prob_chunk(subs[i], x64)[:, 0]
         resp, lse = mo.responsibilities(lj, inplace=False)
         resp = resp if ws is None else resp * ws.to(mdtype)
         _precision.accumulate(raw, resp.to(ndtype), t)
@@ -272,7 +277,7 @@ def _mixed_stats(
             direct[2][i] += spec.scatter(ry, y)
         return lse
 
-    passed = chunk_pass(x, sample_weight, k, mo.chunk_rows(n, lay, chunk_size), add, eager=True)
+    passed = chunk_pass(x, sample_weight, k, rows, add, eager=True)
     moments = mo.about_centres(lay, raw, (params.means.detach() - centre).to(mdtype))
     n_k, x_k, s_k = (m.index_copy(0, idx, dm) for m, dm in zip(moments, direct))
     return to_stats((n_k, x_k, s_k), passed, params.dtype)
