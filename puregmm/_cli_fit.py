@@ -45,7 +45,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         )
     fit_kwargs = _checkpoint_kwargs(out, args)
     x = tensor(load_data(args.data), args.dtype)
-    created = not out.exists()
+    created = _missing_folders(out)
     out.mkdir(parents=True, exist_ok=True)  # a checkpoint is written into it during the fit
     start = time.perf_counter()
     try:
@@ -53,8 +53,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
             warnings.simplefilter("default")  # each warning once
             params, fitted, table = _run_fit(x, args, fit_kwargs)
     except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()  # bad input leaves nothing behind
+        for folder in created:  # bad input leaves nothing behind: the folders made here, if still empty
+            if not any(folder.iterdir()):
+                folder.rmdir()
         raise
     seconds = time.perf_counter() - start
     messages = _print_warnings(caught)
@@ -84,6 +85,15 @@ def _check_folder(out: Path, args: argparse.Namespace) -> None:
         raise NotADirectoryError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {str(out)!r} cannot be created: no permission to write in {str(parent)!r}")
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """The folders ``out.mkdir(parents=True)`` would create, deepest first."""
+    missing = []
+    while not out.exists() and out != out.parent:
+        missing.append(out)
+        out = out.parent
+    return missing
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
