@@ -11,7 +11,7 @@ from torch import Tensor
 
 from puregmm import _moments as mo
 from puregmm._chunks import chunk_pass, to_stats
-from puregmm.estep import _Pooled
+from puregmm._pooled_mode import _Pooled
 from puregmm.families import Family, get_family, layout
 from puregmm.stats import Stats
 

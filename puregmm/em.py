@@ -26,7 +26,7 @@ from torch import Tensor
 from puregmm import _masked, _validate
 from puregmm._given_mode import label_stats, responsibility_stats
 from puregmm._masked import Plan
-from puregmm.estep import default_chunk_size, sufficient_stats
+from puregmm.estep import default_chunk_size, statistics, sufficient_stats
 from puregmm.mstep import m_step, maximise
 from puregmm.params import GMMParams
 from puregmm.stats import EMInfo, Stats, combine
@@ -95,7 +95,7 @@ def em_step(
     plan = None if observed is None else _observed_plan(observed, x)
 
     def stats_of(p: GMMParams, xs: Tensor, ws: Tensor | None, ob: Any = plan) -> Stats:
-        return sufficient_stats(p, xs, ws, chunk_size=chunk_size, observed=ob)
+        return statistics(p, xs, ws, chunk_size, ob)  # x checked above
 
     def update(p: GMMParams, stats: Stats) -> tuple[GMMParams, EMInfo]:
         new, n_resets = maximise(stats, p, reg_covar, return_info=True)

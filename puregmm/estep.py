@@ -33,6 +33,8 @@ looping over chunks. :func:`log_lik` is the natural mode's scores alone (a fit's
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -42,7 +44,8 @@ from puregmm._chunks import chunk_pass, to_stats
 from puregmm._fused import Whitening
 from puregmm._masked import Plan, Segment
 from puregmm._missing_mode import incomplete_stats
-from puregmm.families import get_family, layout
+from puregmm._pooled_mode import pooled_stats
+from puregmm.families import get_family
 from puregmm.params import GMMParams
 from puregmm.stats import Stats, combine
 
@@ -113,46 +116,97 @@ def sufficient_stats(
     _validate.unbatched(params, "sufficient_stats")
     if x.dim() != 2:
         raise ValueError(f"x must be [N, D] with D={params.dim} (unbatched params); got shape {tuple(x.shape)}")
+    return statistics(params, x, sample_weight, chunk_size, observed)
+
+
+def statistics(
+    params: GMMParams, x: Tensor, sample_weight: Tensor | None = None, chunk_size: int | None = None,
+    observed: Tensor | Plan | None = None,
+) -> Stats:  # fmt: skip
+    """:func:`sufficient_stats` once ``params`` and ``x`` [N, D] passed its static checks (em_step
+    checks them once for a whole batch); the weights' shape is checked here."""
     _validate.kernel_weight(sample_weight, x)
     if observed is not None:
         return missing_stats(params, x, observed, sample_weight, chunk_size)
+    form = _form(params, x, sample_weight)
+    if form.kind == "whitened":
+        return whitened_stats(params, x, sample_weight, chunk_size)
+    assert form.centre is not None and form.white is not None
+    if form.kind == "mixed":
+        return _mixed_stats(params, x, sample_weight, chunk_size, form.centre, form.flagged, form.ndtype, form.white)
+    if params.spec.pooled_moments:
+        return pooled_stats(params, x, sample_weight, chunk_size, form.centre, form.plain, form.white)
+    return _natural_stats(params, x, sample_weight, chunk_size, form.centre, form.plain, form.white, form.ndtype)
+
+
+class _Form(NamedTuple):
+    """How an E-step computes: ``kind`` natural, mixed (``flagged`` components whitened) or
+    whitened; the centre g, the whitening about it and the dtype of T and the GEMMs."""
+
+    kind: str
+    plain: bool
+    centre: Tensor | None = None
+    white: Whitening | None = None
+    ndtype: torch.dtype = torch.float64
+    flagged: tuple[int, ...] = ()
+
+
+def _form(params: GMMParams, x: Tensor, sample_weight: Tensor | None) -> _Form:
+    """The E-step's form for these params and rows (the statistics and the score pass share it):
+    plain eager tensors take the whitened form where it is cheaper or where the natural form
+    would round too much for every component (or any, tied), float32 where it loses nothing
+    (:mod:`puregmm._precision`); under transforms, the natural form in float64."""
     plain = mo.plain(params.logits, params.means, params.scale, x, sample_weight)
     if plain and params.spec.whitening_cheaper(x.shape[0], params.n_components, params.dim):
-        return whitened_stats(params, x, sample_weight, chunk_size)  # the exact form, and the cheaper one here
+        return _Form("whitened", plain)  # the exact form, and the cheaper one here
     centre = mo.centre_of(params)  # [D], g
     white = density.whitening(params.to(mo.moment_dtype(x.dtype)), centre)  # η's maps (and the bounds')
-    flagged: list[int] = []
-    ndtype = mo.moment_dtype(x.dtype)
-    if plain:  # float32 where it loses nothing, the safer mode only for the components that need it
-        ndtype, flagged = _precision.precision_plan(params, centre, white, x.dtype)
-        if len(flagged) == params.n_components or (flagged and params.spec.pooled_moments):
-            return whitened_stats(params, x, sample_weight, chunk_size)
-        if flagged:
-            return _mixed_stats(params, x, sample_weight, chunk_size, centre, flagged, ndtype, white)
-    if params.spec.pooled_moments:
-        return pooled_stats(params, x, sample_weight, chunk_size, centre, plain, white)
-    return _natural_stats(params, x, sample_weight, chunk_size, centre, plain, white, ndtype)
+    if not plain:
+        return _Form("natural", plain, centre, white, mo.moment_dtype(x.dtype))
+    ndtype, flagged = _precision.precision_plan(params, centre, white, x.dtype)
+    if len(flagged) == params.n_components or (flagged and params.spec.pooled_moments):
+        return _Form("whitened", plain)
+    return _Form("mixed" if flagged else "natural", plain, centre, white, ndtype, tuple(flagged))
 
 
 def log_lik(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(Σ ω log p(x), Σ ω) by the E-step's own form, without its moments or worst rows: a fit's
-    final loss. Plain eager calls and the tied family go through :func:`sufficient_stats` (its
-    precision plan and fallbacks); under transforms, each chunk's first GEMM ℓ = η Tᵀ and a
-    logsumexp (a batched fit's last pass, ~40 % cheaper than the statistics)."""
-    if params.spec.pooled_moments or mo.plain(params.logits, params.means, params.scale, x, sample_weight):
+    """(Σ ω log p(x), Σ ω) by the E-step's own form (:func:`_form`), without its moments or worst
+    rows: a fit's final loss. Per chunk, ℓ = η Tᵀ (the first GEMM; flagged components' rows
+    whitened) or the whitened ℓ, and a logsumexp; the tied family goes through
+    :func:`sufficient_stats` (its pooled form has no per-component ℓ)."""
+    if params.spec.pooled_moments:
         stats = sufficient_stats(params, x, sample_weight)
         return stats.log_lik_sum, stats.weight_sum
+    form = _form(params, x, sample_weight)
     k, (n, d) = params.n_components, x.shape
-    lay = params.spec.moment_layout(d, square=mo.square_layout(n, d, k, False, None))
-    mdtype = mo.moment_dtype(x.dtype)
-    centre = mo.centre_of(params)
-    eta = mo.natural(params, centre, mdtype, lay)  # [K, P]
+    if form.kind == "whitened":
+        white = density.whitening(params.to(mo.moment_dtype(x.dtype)))
+
+        def whitened(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
+            return torch.logsumexp(density.joint_log_prob_chunk(white, xc.to(white.a.dtype)), 1)
+
+        rows = default_chunk_size(n, k, d, params.family)
+        ll, count = chunk_pass(x, sample_weight, k, rows, whitened, False, lowest_rows=False)
+        return ll.to(params.dtype), count
+    assert form.centre is not None and form.white is not None
+    centre, mdtype, flagged = form.centre, mo.moment_dtype(x.dtype), form.flagged
+    lay = params.spec.moment_layout(d, square=mo.square_layout(n, d, k, form.plain, None))
+    eta = mo.natural(params, centre, mdtype, lay, form.white).to(form.ndtype)  # [K, P]
+    subs = [_one_component(form.white, j) for j in flagged]
 
     def score(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
-        return torch.logsumexp(eta @ mo.products(lay, xc, centre, mdtype, None).mT, 0)
+        lj = (eta @ mo.products(lay, xc, centre, form.ndtype, None).mT).to(mdtype)  # [K, c]
+        for sub, j in zip(subs, flagged, strict=True):
+            lj[j] = density.joint_log_prob_chunk(sub, xc.to(mdtype))[:, 0]
+        return torch.logsumexp(lj, 0)
 
     ll, count = chunk_pass(x, sample_weight, k, mo.chunk_rows(n, lay, None), score, False, lowest_rows=False)
     return ll.to(params.dtype), count
+
+
+def _one_component(white: Whitening, j: int) -> Whitening:
+    """Component ``j``'s whitening alone (a [c, D] block per chunk, not a [c, D, F] one)."""
+    return white._replace(a=white.a[..., j : j + 1].contiguous(), const=white.const[j : j + 1])
 
 
 def _natural_stats(
@@ -238,7 +292,7 @@ def whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, c
 
 def _mixed_stats(
     params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor,
-    flagged: list[int], ndtype: torch.dtype, white: Whitening,
+    flagged: tuple[int, ...], ndtype: torch.dtype, white: Whitening,
 ) -> Stats:  # fmt: skip
     """The natural mode (T and its GEMMs in ``ndtype``) for every component but ``flagged``
     (plain eager tensors), whose log-densities come from whitening in float64
@@ -251,7 +305,7 @@ def _mixed_stats(
     mdtype = mo.moment_dtype(x.dtype)
     eta = mo.natural(params, centre, mdtype, lay, white).to(ndtype)  # [K, P]
     idx = torch.tensor(flagged, device=x.device)
-    subs = [white._replace(a=white.a[..., j : j + 1].contiguous(), const=white.const[j : j + 1]) for j in flagged]
+    subs = [_one_component(white, j) for j in flagged]
     means = params.means.to(mdtype).index_select(0, idx)
     raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
     direct = [torch.zeros(sh, dtype=mdtype, device=x.device) for sh in ((len(flagged),), (len(flagged), d))]
@@ -281,65 +335,6 @@ def _mixed_stats(
     moments = mo.about_centres(lay, raw, (params.means.detach() - centre).to(mdtype))
     n_k, x_k, s_k = (m.index_copy(0, idx, dm) for m, dm in zip(moments, direct))
     return to_stats((n_k, x_k, s_k), passed, params.dtype)
-
-
-def pooled_stats(
-    params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None, centre: Tensor, plain: bool,
-    white: Whitening | None = None,
-) -> Stats:  # fmt: skip
-    """The pooled mode (tied family): no per-component second moments.
-
-    The tied M-step needs only Σ_k S_k = Σ_k Σ_n ω r_nk (x_n - c_k)(x_n - c_k)ᵀ, and as
-    Σ_k r_nk = 1 its part about g is the pooled Σ_n ω y yᵀ. So per chunk: the linear
-    log-densities [K, c] (a [K, D+1] GEMM; the common quadratic part is added to log p only,
-    :func:`puregmm._moments.tied_natural`), the moments r [y, 1] [K, D+1] and the pooled
-    scatter yᵀ ω y [D, D]: O(c·(K + D)·D) instead of the full family's O(c·K·D²).
-    ``xx_sum[k]`` holds S_g / K (an equal share of the pooled scatter about the centre g)
-    shifted to c_k, so that Σ_k xx_sum[k] = Σ_k S_k exactly and every consumer that sums,
-    combines or re-centres statistics per component stays exact for the sum.
-    """
-    k, (n, d) = params.n_components, x.shape
-    mdtype = mo.moment_dtype(x.dtype)
-    u, eta = mo.tied_natural(params, centre, mdtype, white)  # [D, D], [K, D+1]
-    acc = _Pooled(k, d, centre, mdtype, x.device)
-
-    def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
-        y, lift = acc.lift(xc)
-        resp, lse = mo.responsibilities(eta @ lift.mT, inplace=plain)  # [K, c], [c]
-        acc.add(y, lift, resp.mT, ws)
-        return lse - 0.5 * (y @ u).square().sum(1)
-
-    rows = mo.chunk_rows(n, layout(1, d), chunk_size)  # sized as a [c, 2D+1] block
-    passed = chunk_pass(x, sample_weight, k, rows, add, eager=plain)
-    return to_stats(acc.about(params.means.detach() - centre), passed, params.dtype)
-
-
-class _Pooled:
-    """Accumulators of the pooled mode: Σ ω r [y, 1] [K, D+1] and Σ ω y yᵀ [D, D] about g."""
-
-    def __init__(self, k: int, d: int, centre: Tensor, dtype: torch.dtype, device: torch.device) -> None:
-        self.centre, self.dtype = centre, dtype
-        self.lin = torch.zeros(k, d + 1, dtype=dtype, device=device)
-        self.scatter = torch.zeros(d, d, dtype=dtype, device=device)
-
-    def lift(self, xc: Tensor) -> tuple[Tensor, Tensor]:
-        y = (xc - self.centre).to(self.dtype)  # [c, D]
-        return y, torch.cat([y, y.new_ones(y.shape[0], 1)], 1)  # [c, D+1]
-
-    def add(self, y: Tensor, lift: Tensor, r: Tensor, ws: Tensor | None) -> None:
-        """Rows y [c, D] with responsibilities r [c, K] (rows of r sum to one)."""
-        wd = None if ws is None else ws.to(self.dtype).unsqueeze(1)
-        self.lin = self.lin + (r if wd is None else r * wd).mT @ lift
-        self.scatter = self.scatter + (y if wd is None else y * wd).mT @ y
-
-    def about(self, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(n_k, X_k, S_k) about c_k = g + ``shift`` [K, D]; S_k takes the equal share S_g / K."""
-        k, d = self.lin.shape[0], self.lin.shape[1] - 1
-        shift = shift.to(self.dtype)
-        x_g, n = self.lin[:, :d], self.lin[:, d]
-        outer = x_g.unsqueeze(2) * shift.unsqueeze(1)  # X_g dᵀ
-        s = self.scatter / k - outer - outer.mT + n[:, None, None] * shift.unsqueeze(2) * shift.unsqueeze(1)
-        return n, x_g - n.unsqueeze(1) * shift, s
 
 
 # --- the missing mode ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class Stats(NamedTuple):
 
     ``xx_sum`` is [K, D, D] for full/tied, its diagonal [K, D] for diagonal, its trace [K] for
     isotropic/shared/constant. For tied only Σ_k ``xx_sum[k]`` is defined (what its M-step
-    uses; the per-component split is an equal share, see :func:`puregmm.estep.pooled_stats`). Rows with zero
+    uses; the per-component split is an equal share, see :func:`puregmm._pooled_mode.pooled_stats`). Rows with zero
     weight never enter ``worst_*`` (padding: +inf log-likelihood, zero point). The worst points
     re-seed empty components in :func:`puregmm.m_step`.
 

@@ -112,3 +112,47 @@ def test_small_full_fits_whiten_where_it_is_cheaper(family: str, k: int, whitens
         a, b = getattr(got, name), getattr(want, name)
         tol = 10 * x.shape[0] * EPS * max(1.0, float(b.abs().max()))  # two summation orders
         assert float((a - b).abs().max()) <= tol, name
+
+
+def _mixed_case() -> tuple[pg.GMMParams, torch.Tensor]:
+    """Two wide components near the origin and one narrow far one (only it is flagged)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300, 3, generator=g, dtype=torch.float64), 1e3 + 1e-7 * torch.randn(5, 3, generator=g)])
+    cov = torch.stack([torch.eye(3), 2 * torch.eye(3), 1e-12 * torch.eye(3)]).double()
+    means = torch.tensor([[0.0, 0, 0], [1, 1, 1], [1e3, 1e3, 1e3]], dtype=torch.float64)
+    return pg.from_moments(torch.tensor([0.5, 0.49, 0.01], dtype=torch.float64), means, cov, "diagonal"), x
+
+
+@pytest.mark.parametrize("form", ["natural", "mixed", "whitened", "float32"])
+def test_score_pass_takes_the_statistics_form(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit's final loss (``estep.log_lik``: scores only) goes through the same form as the
+    statistics (natural, one component whitened, all whitened, float32 T) and equals their
+    log-likelihood to the rounding of N summed log-densities."""
+    g = torch.Generator().manual_seed(3)
+    if form == "mixed":
+        p, x = _mixed_case()
+    else:
+        dtype = torch.float32 if form == "float32" else torch.float64
+        x = torch.randn(400, 3, generator=g, dtype=torch.float64) + 4 * torch.randint(0, 2, (400, 1), generator=g)
+        x = (x + 10).to(dtype)  # away from the origin: float32 rows' own error exceeds the form's
+        p = pg.init(x, 2, "full" if form == "whitened" else "diagonal", key=1)
+    forms: list[tuple[str, torch.dtype]] = []
+    real_form = estep._form
+
+    def spy(*args: object) -> object:
+        out = real_form(*args)  # type: ignore[arg-type]
+        forms.append((out.kind, out.ndtype))
+        return out
+
+    monkeypatch.setattr(estep, "_form", spy)
+    ll, count = estep.log_lik(p, x)
+    want = {"natural": "natural", "mixed": "mixed", "whitened": "whitened", "float32": "natural"}[form]
+    assert [kind for kind, _ in forms] == [want]
+    if form == "float32":
+        assert forms[0][1] == torch.float32  # T and the GEMM in float32 where that loses nothing
+    ref = estep.whitened_stats(p, x, None, None) if form == "mixed" else pg.sufficient_stats(p, x)
+    assert float(count) == x.shape[0]
+    eps = torch.finfo(x.dtype).eps
+    per_row = pg.log_prob(p, x).double().abs().max()
+    tol = 10 * x.shape[0] * eps * max(1.0, float(per_row))  # N rows' sums in two orders and two logsumexps
+    assert abs(float(ll) - float(ref.log_lik_sum)) <= tol, (float(ll), float(ref.log_lik_sum), tol)
