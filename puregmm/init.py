@@ -1,5 +1,6 @@
 """Initial params from data, as scikit-learn's ``GaussianMixture._initialize``: pick
-responsibilities, then run the one M-step (:func:`puregmm.em.m_step`) on them.
+responsibilities, then run the one M-step on them (:func:`puregmm.mstep.maximise`: the M-step
+without its argument checks, as both come from here).
 
 Methods (``method=``):
 
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from puregmm import _moments as mo
 from puregmm import _validate, keys
-from puregmm.em import label_stats, m_step, responsibility_stats
+from puregmm.em import label_stats, responsibility_stats
 from puregmm.families import get_family
 from puregmm.kmeans import (
     KMEANS_MAX_ITER,
@@ -57,6 +58,7 @@ from puregmm.kmeans import (
     kmeans_plusplus,
     lloyd,
 )
+from puregmm.mstep import maximise
 from puregmm.params import GMMParams
 
 __all__ = ["KMEANS_MAX_ITER", "KMEANS_TOL", "METHODS", "init", "init_batched", "kmeans_plusplus", "lloyd"]
@@ -125,7 +127,7 @@ def _finish(
         stats = label_stats(xc, labels, centres, spec.name, w, score)
     else:  # under vmap/compile: the one-hot GEMM
         stats = responsibility_stats(xc, _one_hot(labels, k, xc.dtype).mT, centres, spec.name, w, score)
-    params = m_step(stats, start, reg_covar=reg_covar)
+    params = maximise(stats, start, reg_covar)  # statistics and params built here: no argument checks
     new_means = centres if keep_means else params.means
     return GMMParams(params.logits, new_means + offset, params.scale, spec.name)
 
