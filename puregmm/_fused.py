@@ -128,7 +128,8 @@ def residual(w: Whitening, xl: Tensor, bufs: Buffers | None = None) -> Tensor:
     if w.dense:
         flat = None if out is None else out.view(c, d * k)
         return torch.mm(xl, w.a.reshape(m, d * k), out=flat).view(c, d, k)  # type: ignore[call-overload]
-    return torch.addcmul(w.a[1], xl.unsqueeze(-1), w.a[0], out=out)  # type: ignore[call-overload]
+    s, neg_t = w.a.unbind(0)  # [D, K] each
+    return torch.addcmul(neg_t, xl.unsqueeze(-1), s, out=out)  # type: ignore[call-overload]
 
 
 def _log_joint_from(w: Whitening, z: Tensor, bufs: Buffers | None, keep_z: bool) -> Tensor:
@@ -152,7 +153,7 @@ def _row_max(lj: Tensor) -> tuple[Tensor, Tensor]:
     the shift where m is finite, -inf where every ℓ of the row is -inf (a row at infinity, or so
     far that its squared distance overflows), so that its log-density is -inf, not
     log K + 3 log eps; where m is +inf or NaN the sum is +inf or NaN already, and adding m keeps it."""
-    m = lj.detach().amax(1, keepdim=True)  # its gradient cancels exactly
+    m = (lj.detach() if lj.requires_grad else lj).amax(1, keepdim=True)  # its gradient cancels exactly
     return torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0), m
 
 

@@ -150,7 +150,7 @@ class NLL(torch.autograd.Function):
         x: Tensor, center: Tensor, a: Tensor, const: Tensor, g: Tensor, dense: bool, rows: int, need_x: bool
     ) -> tuple[Tensor, ...]:
         da, dc, dx, lse = grads_loop(Whitening(a, const, center, dense), x, g, rows, need_x, inplace=True)
-        return -(g * lse).sum(), da, dc, dx, lse
+        return -torch.dot(g, lse), da, dc, dx, lse
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

@@ -66,14 +66,15 @@ def whitening(params: GMMParams, centre: Tensor | None = None) -> Whitening:
     ``centre`` c [D]: the rows' shift (default: the mean of the means). Differentiable in the
     params, except the centre and the constant family's variance, which are detached.
     """
-    spec, k, d = params.spec, params.n_components, params.dim
-    center = params.means.detach().mean(0) if centre is None else centre.detach().to(params.dtype)  # [D]
-    raw = spec.per_component_raw(params.scale, k)
+    spec, means = params.spec, params.means
+    center = means.detach().mean(0) if centre is None else centre.detach().to(means.dtype)  # [D]
+    raw = spec.per_component_raw(params.scale, means.shape[0])
     if not spec.learned:
         raw = raw.detach()
-    a, half_log_det = spec.affine_maps(raw, params.means - center)  # [D+1 | 2, D, K], [K]
-    const = torch.log_softmax(params.logits, dim=-1) + half_log_det - 0.5 * d * LOG_2PI  # [K]
-    return Whitening(a.contiguous(), const, center, spec.dense_factor)
+    a, half_log_det = spec.affine_maps(raw, means - center)  # [D+1 | 2, D, K], [K]
+    const = torch.log_softmax(params.logits, dim=-1) + half_log_det - 0.5 * means.shape[1] * LOG_2PI  # [K]
+    dense = spec.dense_factor  # a diagonal family's maps stay a view: a copy costs an operation each way
+    return Whitening(a.contiguous() if dense else a, const, center, dense)
 
 
 def joint_log_prob_chunk(w: Whitening, x: Tensor) -> Tensor:
@@ -149,10 +150,11 @@ def _loss_one(params: GMMParams, x: Tensor, sample_weight: Tensor | None, fused:
     n = x.shape[0]
     rows = chunk_rows(n, params.n_components, params.dim, x.element_size())
     fuse = (fused or n > rows) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if n <= rows and sample_weight is None and not (fuse and any(t.requires_grad for t in (w.a, w.const, x))):
+    tracked = fuse and (w.a.requires_grad or w.const.requires_grad or x.requires_grad)
+    if n <= rows and sample_weight is None and not tracked:
         return -_fused.logsumexp_rows(joint_log_prob_chunk(w, x)).mean()
-    g = x.new_full((1,), 1.0 / n).expand(n) if sample_weight is None else sample_weight / sample_weight.sum()
-    if fuse and any(t.requires_grad for t in (w.a, w.const, x, g)):
+    g = x.new_full((n,), 1.0 / n) if sample_weight is None else sample_weight / sample_weight.sum()
+    if tracked or (fuse and g.requires_grad):
         out = _fused_autograd.apply(_fused_autograd.NLL, x, w.center, w.a, w.const, g, w.dense, rows, x.requires_grad)
         return out[0]  # type: ignore[no-any-return]
     if n > rows:
