@@ -9,7 +9,13 @@ For scikit-learn's bundled data sets (standardised), each family and K, this pri
   composite ones are not counted twice);
 * one ``pg.sufficient_stats`` in the natural (exponential-family) form against the whitened form
   (per component, scikit-learn's), interleaved medians in ms, one thread: what
-  ``Family.whitening_cheaper`` decides between.
+  ``Family.whitening_cheaper`` decides between;
+* the op floor (second table): one ``pg.em_step`` against one scikit-learn EM iteration
+  (``_e_step`` + ``_m_step`` of ``pg.to_sklearn`` of the same params), interleaved medians in
+  µs, and ``em_step``'s operations times the median cost of one trivial ATen operation (a
+  3-element add, measured in the same run): what an ``em_step`` would cost if everything but
+  its operations' dispatch were free. ``sklearn / floor`` is the most any trimming of Python
+  around the same operations could reach.
 
 Usage::
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 from unittest import mock
 
@@ -94,6 +101,35 @@ def case(name: str, x: torch.Tensor, family: str, k: int, repeats: int) -> list[
     ]  # fmt: skip
 
 
+def trivial_op_us(repeats: int = 20000) -> float:
+    """Median µs of one dispatch of a trivial ATen operation (a 3-element add), in blocks."""
+    a = torch.ones(3, dtype=torch.float64)
+    blocks = []
+    for _ in range(9):
+        t0 = time.perf_counter()
+        for _ in range(repeats // 9):
+            torch.add(a, a)
+        blocks.append((time.perf_counter() - t0) / (repeats // 9) * 1e6)
+    return _common.median(blocks)
+
+
+def floor_row(name: str, x: torch.Tensor, family: str, k: int, repeats: int, op_us: float) -> list[str]:
+    """One row of the op-floor table: em_step and scikit-learn's iteration from the same params."""
+    p = pg.init(x, k, family, key=0)
+    gm, xn = pg.to_sklearn(p), x.numpy()
+
+    def sk_iteration() -> None:  # what GaussianMixture.fit runs per iteration
+        _, log_resp = gm._e_step(xn)
+        gm._m_step(xn, log_resp)
+
+    times = _common.interleaved_times({"pg": lambda: pg.em_step(p, x), "sk": sk_iteration}, repeats)
+    n_ops = ops(lambda: pg.em_step(p, x))
+    pg_us, sk_us = (_common.median(times[c]) * 1e6 for c in ("pg", "sk"))
+    floor = n_ops * op_us
+    return [name, family, str(k), str(n_ops), f"{pg_us:.0f}", f"{sk_us:.0f}", f"{floor:.0f}", f"{sk_us / pg_us:.2f}x",
+            f"{sk_us / floor:.2f}x"]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["wine"], choices=DATASETS)
@@ -111,6 +147,17 @@ def main() -> None:
     ]
     header = ["data", "N x D", "family", "K", "em_step ops", "init ops", "fit ops", "natural ms", "whitened ms"]
     print(_common.markdown_table([*header, "chosen"], rows))
+    op_us = trivial_op_us()
+    floors = [
+        floor_row(name, x, family, k, args.repeats, op_us)
+        for name in args.datasets
+        for x in [load(name)]
+        for family in args.families
+        for k in args.ks
+    ]
+    print(f"\none trivial ATen operation (a 3-element add): {op_us:.2f} us")
+    header = ["data", "family", "K", "em_step ops", "em_step us", "sklearn iteration us", "op floor us"]
+    print(_common.markdown_table([*header, "sklearn / em_step", "sklearn / floor"], floors))
     for line in _common.describe_machine():
         print(line)
     print("command:", _common.command_line())
