@@ -73,8 +73,7 @@ def whitening(params: GMMParams, centre: Tensor | None = None) -> Whitening:
         raw = raw.detach()
     a, half_log_det = spec.affine_maps(raw, means - center)  # [D+1 | 2, D, K], [K]
     const = torch.log_softmax(params.logits, dim=-1) + half_log_det - 0.5 * means.shape[1] * LOG_2PI  # [K]
-    dense = spec.dense_factor  # a diagonal family's maps stay a view: a copy costs an operation each way
-    return Whitening(a.contiguous() if dense else a, const, center, dense)
+    return Whitening(a.contiguous(), const, center, spec.dense_factor)
 
 
 def joint_log_prob_chunk(w: Whitening, x: Tensor) -> Tensor:
