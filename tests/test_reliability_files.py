@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -266,6 +267,7 @@ def test_fit_output_folders(kind: str, data_kind: str) -> None:
     ),
     value=NUMBERS,
 )
+@example(option="--tol", value="9223372036854775296")  # a float: rounds to 2**63, still a valid tol
 def test_fit_options_parse_or_exit_2(option: str, value: str) -> None:
     """Every value either parses into the documented range or is a usage error (exit 2)."""
     args = ["fit", "d.csv", "--out", "run", *(["-k", "2"] if option != "-k" else []), option, value]
@@ -281,7 +283,10 @@ def test_fit_options_parse_or_exit_2(option: str, value: str) -> None:
     v = getattr(ns, attr)
     if v == "auto":
         return
-    assert -(2**63) <= v <= 2**63 - 1 and v == v
+    if option in ("--tol", "--reg-covar"):  # floats: finite, positive (tol) or non-negative (reg)
+        assert isinstance(v, float) and math.isfinite(v) and (v > 0 if option == "--tol" else v >= 0)
+        return
+    assert isinstance(v, int) and -(2**63) <= v <= 2**63 - 1
     if option == "--threads":
         assert 1 <= v <= (os.cpu_count() or 1)
 
