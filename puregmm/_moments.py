@@ -132,7 +132,7 @@ def centre_of(params: GMMParams) -> Tensor:
     """The expansion centre g [D]: the mixture's mean Σ w_k μ_k (detached), where the data are,
     so that y = x - g stays small for the rows that matter (an empty component far away does
     not pull it, as it would pull the plain mean of the means)."""
-    return torch.softmax(params.logits.detach(), -1) @ params.means.detach()
+    return torch.mv(params.means.detach().mT, torch.softmax(params.logits.detach(), -1))
 
 
 #: Largest rounding bound (nats, :func:`rounding_bound`) at which plain eager E-steps keep the
@@ -406,11 +406,11 @@ def about_centres(lay: Layout, raw: Tensor, shift: Tensor) -> tuple[Tensor, Tens
         s = s_g - outer - outer.mT + n[:, None, None] * shift.unsqueeze(2) * shift.unsqueeze(1)
     elif lay.ndim == 1:
         s_g, x_g, n = raw[:, :d], raw[:, d : 2 * d], raw[:, 2 * d]
-        s = s_g - 2 * shift * x_g + n.unsqueeze(1) * shift.square()
+        s = torch.addcmul(torch.addcmul(s_g, shift, x_g, value=-2.0), n.unsqueeze(1), shift.square())
     else:
         s_g, x_g, n = raw[:, 0], raw[:, 1 : d + 1], raw[:, d + 1]
         s = s_g - 2 * (shift * x_g).sum(1) + n * shift.square().sum(1)
-    return n, x_g - n.unsqueeze(1) * shift, s
+    return n, torch.addcmul(x_g, n.unsqueeze(1), shift, value=-1.0), s
 
 
 def moment_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -68,18 +68,19 @@ def m_step(stats: Stats, params: GMMParams, *, reg_covar: float | Tensor = 1e-6,
 
 def maximise(stats: Stats, params: GMMParams, reg_covar: float | Tensor, return_info: bool = False) -> Any:
     """:func:`m_step` without its argument checks, for callers that checked them (em_step)."""
-    finfo = torch.finfo(params.dtype)
-    eps = finfo.eps
-    active = params.logits.detach() != -math.inf  # [K]; masked components stay as they are
-    empty = (stats.resp_sum <= eps * stats.weight_sum) & active  # [K]
+    eps = torch.finfo(params.dtype).eps
     nk = stats.resp_sum + 10 * eps  # [K], scikit-learn's guard
     shift = stats.x_sum / nk.unsqueeze(-1)  # [K, D], new mean - centre
     means = params.means.detach() + shift
     eager = mo.plain(stats.resp_sum, stats.x_sum, stats.xx_sum, params.logits, params.means, params.scale)
-    if eager and not bool((empty | ~active).any()):  # nothing to re-seed or keep: no selections
+    n_empty = None  # eager, no component empty (n_k <= eps·Σω) or masked (logit -inf): no selections
+    if eager and not bool(((stats.resp_sum <= eps * stats.weight_sum) | (params.logits == -math.inf)).any()):
         weights, nk_new = MStepWeights(nk, None, None, None, eager=True), nk
     else:
+        active = params.logits.detach() != -math.inf  # [K]; masked components stay as they are
+        empty = (stats.resp_sum <= eps * stats.weight_sum) & active  # [K]
         means, nk_new, weights = _reseed_and_mask(stats, params, empty, active, nk, means, eager)
+        n_empty = empty.sum()
     # the least variance a component can resolve at its position: below it, its rows minus its
     # mean are rounding (a collapse onto a few points with reg_covar=0); per dimension
     least = mo.position_resolution(params.dtype) ** 2 * means.detach().square()  # [K, D]
@@ -90,7 +91,7 @@ def maximise(stats: Stats, params: GMMParams, reg_covar: float | Tensor, return_
     logits = torch.log(nk_new) - torch.log(nk_new.sum())
     new = GMMParams(logits, means, scale, params.family)
     if return_info:
-        return new, empty.sum() + n_fixed
+        return new, n_fixed if n_empty is None else n_empty + n_fixed
     return new
 
 
