@@ -45,9 +45,15 @@ from puregmm._fused import Whitening
 from puregmm._masked import Plan, Segment
 from puregmm._missing_mode import incomplete_stats
 from puregmm._pooled_mode import pooled_stats
-from puregmm.families import get_family
+from puregmm.families import Family, get_family
 from puregmm.params import GMMParams
 from puregmm.stats import Stats, combine
+
+
+#: The whitened mode's moments about the means take components in groups whose [G, c, D] float64
+#: blocks stay within this (cache-sized: larger blocks were slower than one component at a time,
+#: digits full K=20 66 vs 32 ms per E-step with 6 MB blocks).
+ABOUT_MEANS_BYTES = 1 << 20
 
 
 def default_chunk_size(n: int, k: int, d: int, family: str = "full") -> int:
@@ -268,7 +274,7 @@ def whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, c
     p64 = params.to(mdtype)
     white = density.whitening(p64)
     means = p64.means
-    n_k, x_k, s_k = (torch.zeros(sh, dtype=mdtype, device=x.device) for sh in ((k,), (k, d), spec.stats_shape(k, d)))
+    acc = tuple(torch.zeros(sh, dtype=mdtype, device=x.device) for sh in ((k,), (k, d), spec.stats_shape(k, d)))
 
     def add(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
         xc = xc.to(mdtype)
@@ -277,17 +283,27 @@ def whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, c
         r = torch.exp(lj - lse.unsqueeze(1))
         if ws is not None:
             r = r * ws.to(mdtype).unsqueeze(1)
-        n_k.add_(r.sum(0))
-        for j in range(k):
-            y = xc - means[j]
-            ry = r[:, j : j + 1] * y
-            x_k[j] += ry.sum(0)
-            s_k[j] += spec.scatter(ry, y)
+        _add_about_means(spec, acc, xc, r, means)
         return lse
 
     rows = chunk_size if chunk_size is not None else default_chunk_size(n, k, d, params.family)
     passed = chunk_pass(x, sample_weight, k, int(rows), add, eager=True)
-    return to_stats((n_k, x_k, s_k), passed, params.dtype)
+    return to_stats((acc[0], acc[1], acc[2]), passed, params.dtype)
+
+
+def _add_about_means(spec: Family, acc: tuple[Tensor, ...], x: Tensor, r: Tensor, means: Tensor) -> None:
+    """``acc`` (n_k [F], X_k [F, D], S_k) += the moments of rows ``x`` [c, D] with
+    responsibilities ``r`` [c, F] about ``means`` [F, D], summed directly (no expansion about a
+    centre): y = x - μ_k for a group of components at once, each group's [G, c, D] block within
+    :data:`ABOUT_MEANS_BYTES` (all components at once for small data, one at a time for large)."""
+    c, d = x.shape
+    acc[0].add_(r.sum(0))
+    group = max(1, ABOUT_MEANS_BYTES // (8 * max(1, c * d)))
+    for j in range(0, means.shape[0], group):
+        y = x - means[j : j + group].unsqueeze(1)  # [G, c, D]
+        ry = r[:, j : j + group].mT.unsqueeze(-1) * y
+        acc[1][j : j + group] += ry.sum(1)
+        acc[2][j : j + group] += spec.scatter(ry, y)
 
 
 def _mixed_stats(
@@ -308,8 +324,8 @@ def _mixed_stats(
     subs = [_one_component(white, j) for j in flagged]
     means = params.means.to(mdtype).index_select(0, idx)
     raw = torch.zeros(k, lay.width, dtype=mdtype, device=x.device)  # Σ r T
-    direct = [torch.zeros(sh, dtype=mdtype, device=x.device) for sh in ((len(flagged),), (len(flagged), d))]
-    direct.append(torch.zeros(spec.stats_shape(len(flagged), d), dtype=mdtype, device=x.device))
+    f = len(flagged)
+    direct = tuple(torch.zeros(sh, dtype=mdtype, device=x.device) for sh in ((f,), (f, d), spec.stats_shape(f, d)))
 
     rows = mo.chunk_rows(n, lay, chunk_size)
     work = mo.Work(lay, rows, k, x, ndtype) if mo.worth_a_workspace(n, rows, lay) else None
@@ -323,12 +339,7 @@ def _mixed_stats(
         resp, lse = mo.responsibilities(lj, inplace=False)
         resp = resp if ws is None else resp * ws.to(mdtype)
         _precision.accumulate(raw, resp.to(ndtype), t)
-        for i, j in enumerate(flagged):
-            y = x64 - means[i]
-            ry = resp[j].unsqueeze(1) * y
-            direct[0][i] += resp[j].sum()
-            direct[1][i] += ry.sum(0)
-            direct[2][i] += spec.scatter(ry, y)
+        _add_about_means(spec, direct, x64, resp.index_select(0, idx).mT, means)
         return lse
 
     passed = chunk_pass(x, sample_weight, k, rows, add, eager=True)

@@ -114,13 +114,13 @@ def test_small_full_fits_whiten_where_it_is_cheaper(family: str, k: int, whitens
         assert float((a - b).abs().max()) <= tol, name
 
 
-def _mixed_case() -> tuple[pg.GMMParams, torch.Tensor]:
+def _mixed_case(family: str = "diagonal") -> tuple[pg.GMMParams, torch.Tensor]:
     """Two wide components near the origin and one narrow far one (only it is flagged)."""
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(300, 3, generator=g, dtype=torch.float64), 1e3 + 1e-7 * torch.randn(5, 3, generator=g)])
     cov = torch.stack([torch.eye(3), 2 * torch.eye(3), 1e-12 * torch.eye(3)]).double()
     means = torch.tensor([[0.0, 0, 0], [1, 1, 1], [1e3, 1e3, 1e3]], dtype=torch.float64)
-    return pg.from_moments(torch.tensor([0.5, 0.49, 0.01], dtype=torch.float64), means, cov, "diagonal"), x
+    return pg.from_moments(torch.tensor([0.5, 0.49, 0.01], dtype=torch.float64), means, cov, family), x
 
 
 @pytest.mark.parametrize("form", ["natural", "mixed", "whitened", "float32"])
@@ -156,3 +156,18 @@ def test_score_pass_takes_the_statistics_form(form: str, monkeypatch: pytest.Mon
     per_row = pg.log_prob(p, x).double().abs().max()
     tol = 10 * x.shape[0] * eps * max(1.0, float(per_row))  # N rows' sums in two orders and two logsumexps
     assert abs(float(ll) - float(ref.log_lik_sum)) <= tol, (float(ll), float(ref.log_lik_sum), tol)
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
+@pytest.mark.parametrize("group_bytes", [1, 2 * 8 * 305 * 3])  # one component per group; groups of 2, 1
+def test_whitened_moments_in_groups_equal_all_at_once(family: str, group_bytes: int, monkeypatch) -> None:
+    """The whitened mode's moments about the means do not depend on how components are grouped:
+    each component's sums are the same N terms (a batched GEMM may add them in another order)."""
+    p, x = _mixed_case(family)
+    want = estep.whitened_stats(p, x, None, None)  # small data: all components in one group
+    monkeypatch.setattr(estep, "ABOUT_MEANS_BYTES", group_bytes)
+    got = estep.whitened_stats(p, x, None, None)
+    for name in got._fields:
+        a, b = getattr(got, name), getattr(want, name)
+        tol = 10 * x.shape[0] * EPS * max(1.0, float(b.abs().max()))
+        assert float((a - b).abs().max()) <= tol, name

@@ -192,10 +192,11 @@ class Family:
         return w[:, None] * diag if self.scale_ndim == 1 else w * diag.sum(-1)
 
     def scatter(self, wy: Tensor, y: Tensor) -> Tensor:
-        """Σ_n wy_n y_nᵀ [D, D], its diagonal [D] or its trace [] (what ``Stats.xx_sum`` holds)."""
+        """Σ_n wy_n y_nᵀ [..., D, D], its diagonal [..., D] or its trace [...] (what ``Stats.xx_sum``
+        holds) for rows [..., n, D] (leading axes: components or groups, kept)."""
         if self.scale_ndim == 2:
             return wy.mT @ y
-        return (wy * y).sum(0) if self.scale_ndim == 1 else (wy * y).sum()
+        return (wy * y).sum(-2) if self.scale_ndim == 1 else (wy * y).sum((-2, -1))
 
     def m_step_scale(self, xx_sum: Tensor, w: MStepWeights, shift: Tensor, least: Tensor, reg_covar: Any,
                      old: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
