@@ -171,3 +171,32 @@ def test_whitened_moments_in_groups_equal_all_at_once(family: str, group_bytes: 
         a, b = getattr(got, name), getattr(want, name)
         tol = 10 * x.shape[0] * EPS * max(1.0, float(b.abs().max()))
         assert float((a - b).abs().max()) <= tol, name
+
+
+@pytest.mark.parametrize("n, k, whitens", [(400, 3, True), (20_000, 4, False)])  # N·K·D² 43k / 2.9M
+def test_small_tied_fits_whiten_where_it_is_cheaper(n: int, k: int, whitens: bool, monkeypatch) -> None:
+    """The tied family whitens per component on small data (N·K·D² <= TIED_WHITEN_MAX_WORK)
+    and keeps the pooled form above; both give the same pooled statistics and M-step to
+    rounding (the whitened form's S_k are each component's own, the pooled form's equal shares)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64) + 4 * torch.randint(0, 2, (n, 1), generator=g)
+    p = pg.init(x, k, "tied", key=0)
+    calls: list[int] = []
+    whitened = estep.whitened_stats
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return whitened(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(estep, "whitened_stats", counted)
+    got = pg.sufficient_stats(p, x)
+    assert bool(calls) == whitens
+    monkeypatch.setattr(Family, "whitening_cheaper", lambda self, n, k, d: False)
+    want = pg.sufficient_stats(p, x)  # the pooled form
+    pairs = [(getattr(got, f), getattr(want, f)) for f in ("resp_sum", "x_sum", "log_lik_sum", "weight_sum")]
+    pairs.append((got.xx_sum.sum(0), want.xx_sum.sum(0)))  # the pooled scatter Σ_k S_k
+    new_got, new_want = pg.m_step(got, p), pg.m_step(want, p)
+    pairs += [(new_got.means, new_want.means), (new_got.scale, new_want.scale)]
+    for a, b in pairs:
+        tol = 10 * x.shape[0] * EPS * max(1.0, float(b.abs().max()))  # two summation orders
+        assert float((a - b).abs().max()) <= tol

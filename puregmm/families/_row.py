@@ -26,6 +26,8 @@ from puregmm.families._helpers import (  # noqa: F401  (the rows' maths)
 #: Above this many rows the E-step keeps the natural form whatever the shapes (its chunks stay in
 #: cache; whitening passes over all rows once per component): see Family.whitening_cheaper.
 WHITEN_MAX_ROWS = 10_000
+#: The tied family's E-step whitens per component while N·K·D² is at most this (Family.whitening_cheaper).
+TIED_WHITEN_MAX_WORK = 650_000
 
 #: Names of the rows whose variance is fixed (filled in by :mod:`puregmm.families` from its table).
 FIXED_VARIANCE: tuple[str, ...] = ()
@@ -166,8 +168,16 @@ class Family:
         products T (~D²/2 columns per row, built element by element): dense per-component
         factors, n <= :data:`WHITEN_MAX_ROWS` and 4K <= 3(D + 1). ``benchmarks/profile_small.py``
         prints both forms' times (wine K=2 0.49 vs 0.88 ms natural, digits K=10 17.7 vs 25.9 ms);
-        the natural form wins as K approaches D and at large N (one GEMM for all components)."""
-        return self.dense_factor and self.per_component and n <= WHITEN_MAX_ROWS and 4 * k <= 3 * (d + 1)
+        the natural form wins as K approaches D and at large N (one GEMM for all components).
+        Tied: the pooled form's ~80 small operations cost more than the K products while
+        N·K·D² <= :data:`TIED_WHITEN_MAX_WORK` (``profile_small.py --families tied``: iris and
+        wine, K = 2-20, 0.77-1.01 ms natural vs 0.46-0.77 whitened; breast cancer K = 5,
+        1.18 vs 1.32)."""
+        if not self.dense_factor:
+            return False
+        if not self.per_component:
+            return n * k * d * d <= TIED_WHITEN_MAX_WORK
+        return n <= WHITEN_MAX_ROWS and 4 * k <= 3 * (d + 1)
 
     @property
     def pooled_moments(self) -> bool:
