@@ -302,8 +302,8 @@ def _add_about_means(spec: Family, acc: tuple[Tensor, ...], x: Tensor, r: Tensor
     for j in range(0, means.shape[0], group):
         y = x - means[j : j + group].unsqueeze(1)  # [G, c, D]
         ry = r[:, j : j + group].mT.unsqueeze(-1) * y
-        acc[1][j : j + group] += ry.sum(1)
-        acc[2][j : j + group] += spec.scatter(ry, y)
+        acc[1][j : j + group].add_(ry.sum(1))  # in place through the view (no write-back copy)
+        acc[2][j : j + group].add_(spec.scatter(ry, y))
 
 
 def _mixed_stats(
