@@ -120,17 +120,17 @@ def fit_in_memory(
     z = (x - shift) / s
     z_means = None if init_means is None else (init_means - shift) / s
     reg = standardised_reg(cfg.reg_covar, s)
-    starts = [  # in data units; the init runs on the standardised data
+    given = isinstance(init_params, GMMParams)
+    starts = [  # given: in data units; else the init's, on the standardised data, where the fit runs
         init_params
-        if isinstance(init_params, GMMParams)
-        else affine(
-            init(z, k, spec.name, key=rk, method=init_method, means=z_means, reg_covar=float(reg), sample_weight=w),
-            s,
-            shift,
-        )
+        if given
+        else init(z, k, spec.name, key=rk, method=init_method, means=z_means, reg_covar=float(reg), sample_weight=w)
         for rk in run_keys
     ]
-    out = run(x, w, stack(starts), torch.stack(run_keys), cfg, False, standardised=(shift, s), **loop_args)
+    out = run(
+        x, w, stack(starts), torch.stack(run_keys), cfg, False, standardised=(shift, s), starts_standardised=not given,
+        **loop_args,
+    )  # fmt: skip
     return best_of(out)
 
 
@@ -168,11 +168,14 @@ def run(
     checkpoint_every: int = 100,
     resume: Any = None,
     row: Method | None = None,
+    starts_standardised: bool = False,
 ) -> FitResult:
     """Run B stacked fits of ``cfg.method`` from ``starts`` (data units) through
     :func:`puregmm.loop.run` on standardised data; a batched :class:`FitResult` in data units.
 
     ``standardised``: the (shift, scale) already used for ``starts``' init; computed otherwise.
+    ``starts_standardised``: ``starts`` are in those standardised units already (one scale for
+    every run), not data units: no round trip through data units.
     ``reduce``: a :class:`puregmm.distributed.Collective` when ``x`` is this rank's shard: the
     standardisation, every step's statistics or gradients and the final loss are reduced over
     the ranks (runs then advance one after another: collectives do not vmap). ``meta``: more
@@ -193,7 +196,7 @@ def run(
         s = s.amax().expand(b)
     z = (x - shift[:, None, :]) / s[:, None, None] if data_batched else (x - shift[0]) / s[0]
     std_cfg = cfg._replace(reg_covar=standardised_reg(cfg.reg_covar, s[0]))  # EM: one scale for all runs
-    std = per_run(affine, b)(starts, 1.0 / s, -shift / s.unsqueeze(-1))
+    std = starts if starts_standardised else per_run(affine, b)(starts, 1.0 / s, -shift / s.unsqueeze(-1))
     if row.vmap_state and b > 1:  # the runs' states in one call
         states = torch.func.vmap(lambda p, k: row.make_state(p, k, std_cfg))(std, run_keys)
     else:

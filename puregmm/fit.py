@@ -31,7 +31,6 @@ from puregmm.methods import (
     ConvergenceWarning,
     EMState,
     FitResult,
-    affine,
     em_advance,
     em_state,
     gd_advance,
@@ -255,10 +254,10 @@ def fit_batched(
         real = None if mask is None else m  # vmapped init kernels: dataset i gets init(x[i][m[i]], key=run_keys[i])
         z = torch.where(m.unsqueeze(-1), (x - shift.unsqueeze(1)) / s[:, None, None], 0.0)
         reg = standardised_reg(cfg.reg_covar, s)  # [B]: one per dataset
-        starts = torch.func.vmap(affine)(_init_per_k(z, ks, spec.name, run_keys, init_method, real, reg), s, shift)
+        starts = _init_per_k(z, ks, spec.name, run_keys, init_method, real, reg)  # standardised units
     out = driver.run(
         x, w, starts, run_keys, cfg, True, standardised=(shift, s), progress=progress, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, resume=resume,
+        checkpoint_every=checkpoint_every, resume=resume, starts_standardised=init_params is None,
     )  # fmt: skip
     if not bool(out.converged.all()):
         warnings.warn(
