@@ -17,8 +17,8 @@ whitened (safe)    ℓ by whitening each row per component (:mod:`puregmm.densit
                    about each mean directly; plain eager tensors whose natural form would
                    round by more than 1e-8 nats (a numerically safer mode of the same pass),
                    all components or only those (the rest natural, ``_mixed_stats``); and
-                   small full-family data with few components per dimension, where its
-                   BLAS-3 products cost less (``Family.whitening_cheaper``)
+                   small data, where its few products cost less than the natural form's
+                   operations (``Family.whitening_cheaper``, per family)
 given r            responsibilities given (init; :mod:`puregmm._given_mode`): M += r T, or r [y, 1]
                    and the pooled scatter
 missing            ``observed=`` given: per pattern (or per row) the marginal density of the
@@ -48,7 +48,6 @@ from puregmm._pooled_mode import pooled_stats
 from puregmm.families import Family, get_family
 from puregmm.params import GMMParams
 from puregmm.stats import Stats, combine
-
 
 #: The whitened mode's moments about the means take components in groups whose [G, c, D] float64
 #: blocks stay within this (cache-sized: larger blocks were slower than one component at a time,
