@@ -266,8 +266,7 @@ def _check(name: str, case: Case, arg: str, label: str, bad: Any) -> None:
 
 
 # Functions whose modules do not check yet (issue 14 follow-ups, one line each: what is missing)
-KNOWN_GAPS = {
-}
+KNOWN_GAPS = {}
 
 
 @pytest.mark.parametrize(
