@@ -88,6 +88,21 @@ def test_rounding_bound_caps_the_natural_forms_error(family: str, case: str) -> 
         assert bool((old > mo.MAX_ROUNDING).all()) and not bool((bound > mo.MAX_ROUNDING).any())
 
 
+def _stats_and_whether_whitened(p: pg.GMMParams, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """``pg.sufficient_stats(p, x)`` and whether it went through the whitened mode."""
+    calls: list[int] = []
+    whitened = estep.whitened_stats
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return whitened(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(estep, "whitened_stats", counted)
+    got = pg.sufficient_stats(p, x)
+    monkeypatch.setattr(estep, "whitened_stats", whitened)
+    return got, bool(calls)
+
+
 @pytest.mark.parametrize(
     ("family", "k", "whitens"),
     [("full", 2, True), ("full", 16, False), ("diagonal", 2, True), ("isotropic", 2, True), ("diagonal", 30, False)],
@@ -99,16 +114,8 @@ def test_small_fits_whiten_where_it_is_cheaper(family: str, k: int, whitens: boo
     g = torch.Generator().manual_seed(2)
     x = torch.randn(400, 6, generator=g, dtype=torch.float64) + 4 * torch.randint(0, 2, (400, 1), generator=g)
     p = pg.init(x, k, family, key=0)
-    calls: list[int] = []
-    whitened = estep.whitened_stats
-
-    def counted(*args: object) -> object:
-        calls.append(1)
-        return whitened(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(estep, "whitened_stats", counted)
-    got = pg.sufficient_stats(p, x)
-    assert bool(calls) == whitens
+    got, whitened = _stats_and_whether_whitened(p, x, monkeypatch)
+    assert whitened == whitens
     monkeypatch.setattr(Family, "whitening_cheaper", lambda self, n, k, d: False)
     want = pg.sufficient_stats(p, x)  # the natural form
     for name in got._fields:
@@ -186,16 +193,8 @@ def test_small_tied_fits_whiten_where_it_is_cheaper(n: int, k: int, whitens: boo
     g = torch.Generator().manual_seed(4)
     x = torch.randn(n, 6, generator=g, dtype=torch.float64) + 4 * torch.randint(0, 2, (n, 1), generator=g)
     p = pg.init(x, k, "tied", key=0)
-    calls: list[int] = []
-    whitened = estep.whitened_stats
-
-    def counted(*args: object) -> object:
-        calls.append(1)
-        return whitened(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(estep, "whitened_stats", counted)
-    got = pg.sufficient_stats(p, x)
-    assert bool(calls) == whitens
+    got, whitened = _stats_and_whether_whitened(p, x, monkeypatch)
+    assert whitened == whitens
     monkeypatch.setattr(Family, "whitening_cheaper", lambda self, n, k, d: False)
     want = pg.sufficient_stats(p, x)  # the pooled form
     pairs = [(getattr(got, f), getattr(want, f)) for f in ("resp_sum", "x_sum", "log_lik_sum", "weight_sum")]
