@@ -28,7 +28,7 @@ missing            ``observed=`` given: per pattern (or per row) the marginal de
 =================  ========================================================================
 
 :func:`puregmm._given_mode.label_stats` (hard labels, eager) groups rows by label instead of
-looping over chunks. :func:`log_lik` is the natural mode's scores alone (a fit's final loss).
+looping over chunks. :func:`log_lik` is the scores alone, in the same form (a fit's final loss).
 """
 
 from __future__ import annotations
@@ -262,12 +262,13 @@ def _natural_stats(
 
 
 def whitened_stats(params: GMMParams, x: Tensor, sample_weight: Tensor | None, chunk_size: int | None) -> Stats:
-    """The whitened mode, as scikit-learn computes the statistics, for plain eager tensors whose
-    exponential-family form would round too much (:func:`puregmm._moments.rounding_bound`: a
+    """The whitened mode, as scikit-learn computes the statistics, for plain eager tensors on
+    small data (``Family.whitening_cheaper``) or whose exponential-family form would round too
+    much (:func:`puregmm._moments.rounding_bound`: a
     component narrower than ~1e-4 of its mean's distance from the centre, e.g. collapsing onto
     a few points with ``reg_covar=0``): float64 log-densities by whitening each row per
     component (:func:`puregmm.density.joint_log_prob_chunk`; rounding ~eps·‖x - μ_k‖/σ instead
-    of its square) and moments about each mean directly (K GEMMs per chunk)."""
+    of its square) and moments about each mean directly (:func:`_add_about_means`)."""
     spec, k, (n, d) = params.spec, params.n_components, x.shape
     mdtype = mo.moment_dtype(x.dtype)
     p64 = params.to(mdtype)
