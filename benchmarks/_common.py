@@ -186,3 +186,27 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     out = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [fmt.format(*(str(c) for c in r)) for r in rows]
     return "\n".join(out)
+
+
+# --- ATen operations per call ---------------------------------------------------------------------
+
+
+def op_count(call: Callable[[], Any]) -> int:
+    """ATen operations ``call()`` dispatches (a ``TorchDispatchMode`` count; the operations of a
+    composite one are not counted twice), after one uncounted call (first-call initialisation,
+    caches): the load-independent measure of a small call's fixed cost."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    call()
+    with Count() as mode:
+        call()
+    return mode.n

@@ -37,9 +37,11 @@ from collections.abc import Callable
 
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import puregmm as pg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common
 
 
 def leaves(n: int, d: int, k: int, family: str, seed: int) -> tuple[torch.Tensor, ...]:
@@ -76,25 +78,6 @@ def step_pair(x: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, scale:
     state = pg.init_state(params)
     grad = torch.func.grad(pg.loss)
     return (lambda: pg.step(state, x)), (lambda: grad(params, x))
-
-
-class _OpCount(TorchDispatchMode):
-    """Counts the ATen operations dispatched while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def op_count(call: Callable[[], object]) -> int:
-    call()  # first-call initialisation is not counted
-    with _OpCount() as mode:
-        call()
-    return mode.n
 
 
 def median_ms(times: list[float]) -> float:
@@ -153,8 +136,8 @@ def print_ops(configs: list[str], families: list[str]) -> None:
         for family in families:
             x, *rest = leaves(n, d, k, family, seed=0)
             step_fn, grad_fn = step_pair(x, *rest, family)
-            counts = [op_count(functools.partial(f, x, *rest)) for f in (ours(family), peer(family))]
-            counts += [op_count(step_fn), op_count(grad_fn)]
+            counts = [_common.op_count(functools.partial(f, x, *rest)) for f in (ours(family), peer(family))]
+            counts += [_common.op_count(step_fn), _common.op_count(grad_fn)]
             print(f"{config:>12} {family:>9} {counts[0]:11d} {counts[1]:8d} {counts[2]:9d} {counts[3]:9d}")
 
 

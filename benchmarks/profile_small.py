@@ -37,7 +37,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -47,25 +46,6 @@ from puregmm import estep  # noqa: E402
 from puregmm.families import Family  # noqa: E402
 
 DATASETS = ("iris", "wine", "breast_cancer", "digits")
-
-
-class _Count(TorchDispatchMode):
-    """Counts the ATen operations dispatched while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def ops(fn) -> int:  # type: ignore[no-untyped-def]
-    fn()  # warm caches (masks, index tables) as a repeated call finds them
-    with _Count() as c:
-        fn()
-    return c.n
 
 
 def load(name: str) -> torch.Tensor:
@@ -81,7 +61,7 @@ def case(name: str, x: torch.Tensor, family: str, k: int, repeats: int) -> list[
     p = pg.init(x, k, family, key=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit_ops = ops(lambda: pg.fit(x, k, family, method="em", key=0, tol=1e-3, max_steps=100))
+        fit_ops = _common.op_count(lambda: pg.fit(x, k, family, method="em", key=0, tol=1e-3, max_steps=100))
     has_rule = hasattr(Family, "whitening_cheaper")  # (older commits, run with PYTHONPATH, lack it)
     chosen = has_rule and p.spec.whitening_cheaper(x.shape[0], k, x.shape[1])
 
@@ -94,8 +74,8 @@ def case(name: str, x: torch.Tensor, family: str, k: int, repeats: int) -> list[
     forms = {"natural": natural_form, "whitened": lambda: estep.whitened_stats(p, x, None, None)}
     times = _common.interleaved_times(forms, repeats)
     return [
-        name, f"{tuple(x.shape)}", family, str(k), str(ops(lambda: pg.em_step(p, x))),
-        str(ops(lambda: pg.init(x, k, family, key=0))), str(fit_ops),
+        name, f"{tuple(x.shape)}", family, str(k), str(_common.op_count(lambda: pg.em_step(p, x))),
+        str(_common.op_count(lambda: pg.init(x, k, family, key=0))), str(fit_ops),
         f"{_common.median(times['natural']) * 1e3:.2f}", f"{_common.median(times['whitened']) * 1e3:.2f}",
         "whitened" if chosen else "natural",
     ]  # fmt: skip
@@ -123,7 +103,7 @@ def floor_row(name: str, x: torch.Tensor, family: str, k: int, repeats: int, op_
         gm._m_step(xn, log_resp)
 
     times = _common.interleaved_times({"pg": lambda: pg.em_step(p, x), "sk": sk_iteration}, repeats)
-    n_ops = ops(lambda: pg.em_step(p, x))
+    n_ops = _common.op_count(lambda: pg.em_step(p, x))
     pg_us, sk_us = (_common.median(times[c]) * 1e6 for c in ("pg", "sk"))
     floor = n_ops * op_us
     return [name, family, str(k), str(n_ops), f"{pg_us:.0f}", f"{sk_us:.0f}", f"{floor:.0f}", f"{sk_us / pg_us:.2f}x",
