@@ -217,8 +217,8 @@ def square_layout(n: int, d: int, k: int, plain: bool, chunk_size: int | None) -
 def worth_a_workspace(n: int, rows: int, lay: Layout) -> bool:
     """Whether a plain E-step builds T in a :class:`Work` (Tᵀ row by row, in place): always for
     several chunks (reused), and for one chunk of at least :data:`WORK_MIN_ENTRIES` entries,
-    where filling Tᵀ's contiguous rows costs a tenth of building T out of place (digits,
-    1797 x 64, diagonal: 0.26 vs 3.1 ms); smaller blocks skip the workspace's few allocations."""
+    where filling Tᵀ's contiguous rows in place avoids the out-of-place path's strided copies of
+    a block that size; smaller blocks skip the workspace's few allocations."""
     return rows < n or n * lay.width >= WORK_MIN_ENTRIES
 
 

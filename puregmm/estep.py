@@ -50,8 +50,8 @@ from puregmm.params import GMMParams
 from puregmm.stats import Stats, combine
 
 #: The whitened mode's moments about the means take components in groups whose [G, c, D] float64
-#: blocks stay within this (cache-sized: larger blocks were slower than one component at a time,
-#: digits full K=20 66 vs 32 ms per E-step with 6 MB blocks).
+#: blocks stay within this: cache-sized, as blocks of several MB were slower than one component at
+#: a time on the digits (``profile_small.py --datasets digits --families full`` prints the form's time).
 ABOUT_MEANS_BYTES = 1 << 20
 
 
@@ -201,8 +201,9 @@ def log_lik(params: GMMParams, x: Tensor, sample_weight: Tensor | None = None) -
 
     def score(xc: Tensor, ws: Tensor | None, start: int, stop: int) -> Tensor:
         lj = (eta @ mo.products(lay, xc, centre, form.ndtype, None).mT).to(mdtype)  # [K, c]
+        x64 = xc.to(mdtype) if flagged else xc  # once per chunk, only when a component needs it
         for sub, j in zip(subs, flagged, strict=True):
-            lj[j] = density.joint_log_prob_chunk(sub, xc.to(mdtype))[:, 0]
+            lj[j] = density.joint_log_prob_chunk(sub, x64)[:, 0]
         return torch.logsumexp(lj, 0)
 
     ll, count = chunk_pass(x, sample_weight, k, mo.chunk_rows(n, lay, None), score, False, lowest_rows=False)
